@@ -1,0 +1,74 @@
+// loadkit command line: dispatch and the one place that turns errors into exit codes.
+
+#include <c10/util/Exception.h>
+
+#include <iostream>
+#include <new>
+#include <string>
+#include <vector>
+
+#include "commands.h"
+#include "loadkit/error.h"
+
+namespace {
+
+constexpr const char* kUsage =
+    "usage: loadkit <command> [options]\n"
+    "  plugins list   [--plugin-dir D]... [--json]\n"
+    "  inspect        --model DIR [--json]\n"
+    "  load           --model DIR [common] [--report R.json]\n"
+    "  logits         --model DIR --tokens 1,2,3 --out F.safetensors [common]\n"
+    "common: --plugin-dir D --device cpu|cuda|cuda:N --dtype float32|bfloat16|float16\n"
+    "        --quantization none|fp8|int8 --tp-size N --load-format auto|safetensors|sharded|dummy\n"
+    "        --log-level trace|debug|info|warn|error\n";
+
+/// One line: messages never carry a newline or a backtrace onto the terminal.
+std::string one_line(std::string message) {
+  if (auto nl = message.find('\n'); nl != std::string::npos) message.resize(nl);
+  return message;
+}
+
+int report(int code, const std::string& message) {
+  std::cerr << "loadkit: error: " << one_line(message) << std::endl;
+  return code;
+}
+
+int dispatch(const std::vector<std::string>& argv) {
+  using namespace loadkit;
+  if (argv.empty() || argv[0] == "--help" || argv[0] == "-h" || argv[0] == "help") {
+    std::cout << kUsage;
+    return argv.empty() ? exit_code(ErrorKind::Usage) : 0;
+  }
+  const std::string& command = argv[0];
+  std::vector<std::string> rest(argv.begin() + 1, argv.end());
+  if (command == "plugins") {
+    if (rest.empty() || rest[0] != "list") fail(ErrorKind::Usage, "plugins: expected 'plugins list'");
+    return cli::plugins_list({rest.begin() + 1, rest.end()});
+  }
+  if (command == "inspect") return cli::inspect(rest);
+  if (command == "load") return cli::load(rest);
+  if (command == "logits") return cli::logits(rest);
+  fail(ErrorKind::Usage, "unknown command '", command, "' (run 'loadkit --help')");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  using loadkit::ErrorKind;
+  using loadkit::exit_code;
+  try {
+    return dispatch(std::vector<std::string>(argv + 1, argv + argc));
+  } catch (const loadkit::Error& e) {
+    return report(exit_code(e.kind()), e.what());
+  } catch (const c10::OutOfMemoryError& e) {
+    return report(exit_code(ErrorKind::Other), std::string("out of memory: ") + e.what_without_backtrace());
+  } catch (const c10::Error& e) {
+    return report(exit_code(ErrorKind::Other), e.what_without_backtrace());
+  } catch (const std::bad_alloc&) {
+    return report(exit_code(ErrorKind::Other), "out of host memory");
+  } catch (const std::exception& e) {
+    return report(exit_code(ErrorKind::Other), e.what());
+  } catch (...) {
+    return report(exit_code(ErrorKind::Other), "unknown failure");
+  }
+}

@@ -1,0 +1,46 @@
+#include "options.h"
+
+#include <iostream>
+
+#include "loadkit/error.h"
+#include "loadkit/runtime/log.h"
+
+namespace loadkit::cli {
+
+void add_plugin_dirs(po::options_description& desc, CommonOptions& common) {
+  desc.add_options()
+      ("plugin-dir", po::value(&common.plugin_dirs)->composing(), "plugin directory, searched first (repeatable)")
+      ("log-level", po::value(&common.log_level)->default_value("info"), "trace|debug|info|warn|error");
+}
+
+void add_common(po::options_description& desc, CommonOptions& common) {
+  add_plugin_dirs(desc, common);
+  LoadOptions& load = common.load;
+  desc.add_options()
+      ("device", po::value(&load.device)->default_value("cpu"), "cpu|cuda|cuda:N")
+      ("dtype", po::value(&load.dtype)->default_value("auto"), "auto|float32|bfloat16|float16")
+      ("quantization", po::value(&load.quantization)->default_value("none"), "none|fp8|int8")
+      ("tp-size", po::value(&load.tp_size)->default_value(1), "tensor parallel ranks")
+      ("load-format", po::value(&load.load_format)->default_value("auto"), "auto|safetensors|sharded|dummy");
+}
+
+bool parse(const std::string& command, const std::vector<std::string>& args, po::options_description& desc,
+           CommonOptions& common) {
+  desc.add_options()("help,h", "show this help");
+  po::variables_map vm;
+  try {
+    po::store(po::command_line_parser(args).options(desc).run(), vm);
+    if (vm.count("help")) {
+      std::cout << "usage: loadkit " << command << " [options]\n" << desc;
+      return false;
+    }
+    po::notify(vm);
+  } catch (const po::error& e) {
+    fail(ErrorKind::Usage, command, ": ", e.what());
+  }
+  log::set_level(log::parse_level(common.log_level));
+  if (common.load.tp_size < 1) fail(ErrorKind::Usage, "--tp-size must be at least 1");
+  return true;
+}
+
+}  // namespace loadkit::cli

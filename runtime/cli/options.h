@@ -1,0 +1,33 @@
+#pragma once
+/// \file
+/// Command-line parsing shared by the subcommands (Boost.Program_options).
+
+#include <boost/program_options.hpp>
+#include <string>
+#include <vector>
+
+#include "loadkit/runtime/engine.h"
+
+namespace loadkit::cli {
+
+namespace po = boost::program_options;
+
+/// The options every model command takes (DESIGN's "common").
+struct CommonOptions {
+  std::vector<std::string> plugin_dirs;
+  LoadOptions load;
+  std::string log_level = "info";
+};
+
+/// Adds --plugin-dir --device --dtype --quantization --tp-size --load-format --log-level.
+void add_common(po::options_description& desc, CommonOptions& common);
+/// Adds --plugin-dir and --log-level only.
+void add_plugin_dirs(po::options_description& desc, CommonOptions& common);
+
+/// Parses `args` against `desc`; unknown options, missing required ones and
+/// bad values are Usage errors. Applies --log-level. Returns false after
+/// printing help when --help was given.
+bool parse(const std::string& command, const std::vector<std::string>& args, po::options_description& desc,
+           CommonOptions& common);
+
+}  // namespace loadkit::cli

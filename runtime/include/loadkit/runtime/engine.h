@@ -1,0 +1,72 @@
+#pragma once
+/// \file
+/// The host's C++ API: load a model through its plugin, compute logits.
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace loadkit {
+
+class CausalLM;
+class Registry;
+struct ModelContext;
+
+struct LoadOptions {
+  std::string model_dir;
+  std::string device = "cpu";        ///< cpu, cuda, cuda:N
+  std::string dtype = "auto";        ///< auto (config's), float32, bfloat16, float16
+  std::string quantization = "none";
+  std::string load_format = "auto";  ///< auto, safetensors, dummy (sharded: later)
+  int tp_size = 1;
+  int tp_rank = 0;
+};
+
+struct LoadReport {
+  std::string architecture;
+  std::string plugin;  ///< file of the plugin that served it
+  std::string device;
+  std::string dtype;
+  std::string quantization;
+  uint64_t bytes = 0;    ///< checkpoint bytes read
+  size_t tensors = 0;    ///< checkpoint tensors read
+  double seconds = 0;
+  /// Peak device memory above what the finished model holds; only measured on CUDA.
+  std::optional<uint64_t> peak_extra_device_bytes;
+  bool pointers_stable = true;  ///< every parameter kept its data_ptr from build to ready
+  int layers_processed = 0;
+  int layers_delayed = 0;
+
+  double gb_per_s() const { return seconds > 0 ? static_cast<double>(bytes) / seconds / 1e9 : 0.0; }
+  std::string to_json() const;
+};
+
+class LoadedModel {
+ public:
+  /// Builds and loads the model described by `options`. Throws loadkit::Error.
+  static std::unique_ptr<LoadedModel> load(const LoadOptions& options, const Registry& registry);
+  ~LoadedModel();
+
+  /// Logits of one sequence (positions 0..n-1): float32 [n, vocab_size] on the CPU.
+  /// Every token must be inside the vocabulary (Usage error otherwise).
+  at::Tensor logits(const std::vector<int64_t>& tokens);
+
+  CausalLM& model();
+  const ModelContext& context() const;
+  const LoadReport& report() const { return report_; }
+
+ private:
+  LoadedModel();
+  struct State;
+  std::unique_ptr<State> state_;
+  LoadReport report_;
+};
+
+/// Parses "1,2,3" into token ids (Usage error naming the bad item).
+std::vector<int64_t> parse_tokens(const std::string& text);
+
+}  // namespace loadkit

@@ -1,0 +1,192 @@
+#include "loadkit/runtime/engine.h"
+
+#include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
+
+#include <chrono>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+
+#include "device.h"
+#include "formats/checkpoint_files.h"
+#include "loadkit/causal_lm.h"
+#include "loadkit/error.h"
+#include "loadkit/model_context.h"
+#include "loadkit/quant_method.h"
+#include "loadkit/runtime/log.h"
+#include "loadkit/runtime/registry.h"
+#include "weight_sources.h"
+
+namespace loadkit {
+
+namespace fs = std::filesystem;
+
+struct LoadedModel::State {
+  ModelContext ctx;
+  std::shared_ptr<CausalLM> model;
+};
+
+LoadedModel::LoadedModel() : state_(std::make_unique<State>()) {}
+LoadedModel::~LoadedModel() = default;
+CausalLM& LoadedModel::model() { return *state_->model; }
+const ModelContext& LoadedModel::context() const { return state_->ctx; }
+
+namespace {
+
+c10::ScalarType parse_dtype(const std::string& text, const ModelConfig& config) {
+  std::string name = text;
+  if (name == "auto") {
+    // transformers 5 writes "dtype", earlier versions "torch_dtype".
+    name = config.get_string("dtype", config.get_string("torch_dtype", "float32"));
+    if (name == "float") name = "float32";
+  }
+  if (name == "float32") return c10::ScalarType::Float;
+  if (name == "bfloat16") return c10::ScalarType::BFloat16;
+  if (name == "float16" || name == "half") return c10::ScalarType::Half;
+  if (text == "auto") fail(ErrorKind::Input, config.origin(), ": dtype '", name, "' is not float32, bfloat16 or float16");
+  fail(ErrorKind::Usage, "--dtype: '", text, "' is not auto, float32, bfloat16 or float16");
+}
+
+const char* dtype_label(c10::ScalarType t) {
+  switch (t) {
+    case c10::ScalarType::Float: return "float32";
+    case c10::ScalarType::BFloat16: return "bfloat16";
+    case c10::ScalarType::Half: return "float16";
+    default: return "other";
+  }
+}
+
+/// Processes every module, attention-like modules last (they may read what others produced).
+int process_all(Module& root) {
+  int processed = 0;
+  std::vector<Module*> attention;
+  for (auto& [name, module] : root.named_modules()) {
+    if (module->is_attention_like()) {
+      attention.push_back(module);
+      continue;
+    }
+    module->process_weights_after_loading();
+    ++processed;
+  }
+  for (Module* m : attention) {
+    m->process_weights_after_loading();
+    ++processed;
+  }
+  return processed;
+}
+
+}  // namespace
+
+std::unique_ptr<LoadedModel> LoadedModel::load(const LoadOptions& options, const Registry& registry) {
+  c10::AutoGradMode no_grad(false);
+  const auto start = std::chrono::steady_clock::now();
+  std::unique_ptr<LoadedModel> loaded(new LoadedModel());
+  LoadReport& report = loaded->report_;
+  ModelContext& ctx = loaded->state_->ctx;
+
+  if (options.tp_size != 1) fail(ErrorKind::Usage, "--tp-size ", options.tp_size, ": tensor parallelism is not available yet");
+  std::error_code ec;
+  if (!fs::is_directory(options.model_dir, ec))
+    fail(ErrorKind::Input, options.model_dir, ": model directory does not exist");
+  ctx.config = ModelConfig::from_file((fs::path(options.model_dir) / "config.json").string());
+  const auto architectures = ctx.config.get_strings("architectures");
+  if (architectures.empty()) fail(ErrorKind::Input, ctx.config.origin(), ": 'architectures' is empty");
+  report.architecture = architectures.front();
+  ctx.dtype = parse_dtype(options.dtype, ctx.config);
+  ctx.device = device::parse(options.device);
+  ctx.tp_rank = options.tp_rank;
+  ctx.tp_size = options.tp_size;
+  report.device = ctx.device.str();
+  report.dtype = dtype_label(ctx.dtype);
+  report.quantization = options.quantization;
+
+  const std::string& format = options.load_format;
+  if (format != "auto" && format != "safetensors" && format != "dummy")
+    fail(ErrorKind::Usage, "--load-format: '", format, "' is not auto, safetensors or dummy");
+  // Validate every header before building anything.
+  std::optional<safetensors::CheckpointFiles> files;
+  if (format != "dummy") files = safetensors::open_checkpoint(options.model_dir);
+
+  report.plugin = registry.provider(report.architecture).path;
+  if (options.quantization != "none") ctx.quant = registry.create_quant(options.quantization, ctx);
+
+  device::synchronize(ctx.device);
+  device::reset_peak(ctx.device);
+  auto model = registry.create_model(report.architecture, ctx);
+  std::vector<std::pair<Parameter*, const void*>> built;
+  for (auto& [name, p] : model->named_parameters()) built.emplace_back(p, p->data.data_ptr());
+
+  if (files) {
+    auto stream = safetensors_stream(*files);
+    reset_load_counts(*model);
+    model->load_weights(*stream);
+    check_all_initialized(*model);
+    report.bytes = files->total_bytes;
+    report.tensors = files->total_tensors;
+  } else {
+    initialize_dummy_weights(*model);
+  }
+  report.pointers_stable = std::all_of(built.begin(), built.end(), [](const auto& b) { return b.first->data.data_ptr() == b.second; });
+  report.layers_processed = process_all(*model);
+  device::synchronize(ctx.device);
+  report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  if (ctx.device.is_cuda())
+    report.peak_extra_device_bytes = device::peak_allocated_bytes(ctx.device) - device::allocated_bytes(ctx.device);
+  log::info(cat("loaded ", report.architecture, " (", report.tensors, " tensors, ", report.bytes >> 20, " MiB) on ",
+                report.device, " in ", report.seconds, " s"));
+  loaded->state_->model = std::move(model);
+  return loaded;
+}
+
+at::Tensor LoadedModel::logits(const std::vector<int64_t>& tokens) {
+  c10::AutoGradMode no_grad(false);
+  CausalLM& model = *state_->model;
+  if (tokens.empty()) fail(ErrorKind::Usage, "--tokens: at least one token is needed");
+  const int64_t vocab = model.vocab_size();
+  for (int64_t t : tokens)
+    if (t < 0 || t >= vocab) fail(ErrorKind::Usage, "--tokens: token ", t, " is outside the vocabulary [0, ", vocab, ")");
+  at::Tensor ids = at::tensor(tokens, at::kLong).to(state_->ctx.device);
+  at::Tensor out = model.forward(ids);
+  return out.narrow(-1, 0, vocab).to(at::kCPU, at::kFloat).contiguous();
+}
+
+std::string LoadReport::to_json() const {
+  nlohmann::ordered_json j;
+  j["architecture"] = architecture;
+  j["plugin"] = plugin;
+  j["device"] = device;
+  j["dtype"] = dtype;
+  j["quantization"] = quantization;
+  j["tensors"] = tensors;
+  j["bytes"] = bytes;
+  j["seconds"] = seconds;
+  j["gb_per_s"] = gb_per_s();
+  j["peak_extra_device_bytes"] = peak_extra_device_bytes ? nlohmann::ordered_json(*peak_extra_device_bytes) : nullptr;
+  j["pointers_stable"] = pointers_stable;
+  j["layers_processed"] = layers_processed;
+  j["layers_delayed"] = layers_delayed;
+  return j.dump(2);
+}
+
+std::vector<int64_t> parse_tokens(const std::string& text) {
+  std::vector<int64_t> tokens;
+  size_t start = 0;
+  while (start <= text.size()) {
+    size_t end = text.find(',', start);
+    if (end == std::string::npos) end = text.size();
+    std::string item = text.substr(start, end - start);
+    size_t used = 0;
+    long long value = 0;
+    try {
+      value = std::stoll(item, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (item.empty() || used != item.size()) fail(ErrorKind::Usage, "--tokens: '", item, "' is not an integer");
+    tokens.push_back(value);
+    start = end + 1;
+  }
+  return tokens;
+}
+
+}  // namespace loadkit

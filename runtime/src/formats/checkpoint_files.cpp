@@ -1,0 +1,107 @@
+#include "formats/checkpoint_files.h"
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+#include <unordered_map>
+
+#include "loadkit/error.h"
+
+namespace loadkit::safetensors {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+std::map<std::string, std::string> parse_index(std::string_view text, const std::string& origin) {
+  json index;
+  try {
+    index = json::parse(text.begin(), text.end());
+  } catch (const json::exception& e) {
+    fail(ErrorKind::Input, origin, ": not valid JSON (", e.what(), ")");
+  }
+  if (!index.is_object()) fail(ErrorKind::Input, origin, ": expected a JSON object");
+  auto map_it = index.find("weight_map");
+  if (map_it == index.end() || !map_it->is_object())
+    fail(ErrorKind::Input, origin, ": missing object 'weight_map'");
+  std::map<std::string, std::string> weight_map;
+  for (auto it = map_it->begin(); it != map_it->end(); ++it) {
+    if (!it.value().is_string())
+      fail(ErrorKind::Input, origin, ": weight_map entry '", it.key(), "' must be a file name string");
+    const std::string file = it.value().get<std::string>();
+    const fs::path p(file);
+    if (file.empty() || p.is_absolute() || std::any_of(p.begin(), p.end(), [](const fs::path& part) { return part == ".."; }))
+      fail(ErrorKind::Input, origin, ": weight_map entry '", it.key(), "' names '", file,
+           "', which is not a file inside the checkpoint directory");
+    weight_map.emplace(it.key(), file);
+  }
+  return weight_map;
+}
+
+namespace {
+
+std::string read_text(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) fail(ErrorKind::Input, path.string(), ": cannot open");
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+}  // namespace
+
+CheckpointFiles open_checkpoint(const std::string& directory) {
+  std::error_code ec;
+  if (!fs::exists(directory, ec)) fail(ErrorKind::Input, directory, ": model directory does not exist");
+  if (!fs::is_directory(directory, ec)) fail(ErrorKind::Input, directory, ": not a directory");
+
+  CheckpointFiles out;
+  out.directory = directory;
+  const fs::path dir(directory);
+  const fs::path index_path = dir / "model.safetensors.index.json";
+  std::map<std::string, std::string> weight_map;
+  std::vector<std::string> names;
+  if (fs::exists(index_path, ec)) {
+    out.index_path = index_path.string();
+    weight_map = parse_index(read_text(index_path), out.index_path);
+    std::set<std::string> unique;
+    for (const auto& [tensor, file] : weight_map) {
+      if (!unique.insert(file).second) continue;
+      if (!fs::is_regular_file(dir / file, ec))
+        fail(ErrorKind::Input, out.index_path, ": weight_map names missing file '", file, "' (for tensor '", tensor, "')");
+    }
+    names.assign(unique.begin(), unique.end());
+  } else {
+    fs::directory_iterator it(dir, ec);
+    if (ec) fail(ErrorKind::Input, directory, ": cannot list directory: ", ec.message());
+    for (const auto& entry : it)
+      if (entry.path().extension() == ".safetensors") names.push_back(entry.path().filename().string());
+    std::sort(names.begin(), names.end());
+    if (names.empty()) fail(ErrorKind::Input, directory, ": no *.safetensors files (and no model.safetensors.index.json)");
+  }
+
+  std::unordered_map<std::string, const SafetensorsFile*> owner;
+  for (const auto& name : names) {
+    auto file = SafetensorsFile::open((dir / name).string());
+    for (const auto& t : file->tensors()) {
+      auto [it, inserted] = owner.emplace(t.name, file.get());
+      if (!inserted)
+        fail(ErrorKind::Input, file->path(), ": tensor '", t.name, "' is also defined in ", it->second->path());
+      out.total_bytes += t.bytes();
+    }
+    out.total_tensors += file->tensors().size();
+    out.files.push_back(std::move(file));
+  }
+  for (const auto& [tensor, file] : weight_map) {
+    auto it = owner.find(tensor);
+    const std::string expected = (dir / file).string();
+    if (it == owner.end() || it->second->path() != expected)
+      fail(ErrorKind::Input, out.index_path, ": weight_map maps tensor '", tensor, "' to '", file,
+           "', which does not contain it");
+  }
+  return out;
+}
+
+}  // namespace loadkit::safetensors

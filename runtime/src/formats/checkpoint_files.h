@@ -1,0 +1,35 @@
+#pragma once
+/// \file
+/// The safetensors files of a Hugging Face checkpoint directory (torch-free).
+///
+/// With `model.safetensors.index.json` the files are those its `weight_map`
+/// names; each must exist, and each tensor the index maps to a file must be in
+/// that file. Without an index, every `*.safetensors` of the directory.
+/// Either way every file's header is validated up front, and a tensor defined
+/// in two files is an error naming both.
+
+#include <map>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "formats/safetensors_file.h"
+
+namespace loadkit::safetensors {
+
+struct CheckpointFiles {
+  std::string directory;
+  std::string index_path;  ///< empty without an index
+  std::vector<std::shared_ptr<const SafetensorsFile>> files;  ///< in name order
+  uint64_t total_bytes = 0;  ///< bytes of tensor data over all files
+  size_t total_tensors = 0;
+};
+
+/// Parses an index file's text: tensor name → file name. `origin` names it in errors.
+std::map<std::string, std::string> parse_index(std::string_view text, const std::string& origin);
+
+/// Opens and validates every file of the checkpoint in `directory`.
+CheckpointFiles open_checkpoint(const std::string& directory);
+
+}  // namespace loadkit::safetensors

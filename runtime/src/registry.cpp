@@ -1,0 +1,261 @@
+#include "loadkit/runtime/registry.h"
+
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <boost/dll/runtime_symbol_info.hpp>
+#include <boost/dll/shared_library.hpp>
+#include <cstdlib>
+#include <filesystem>
+
+#include "loadkit/error.h"
+#include "loadkit/plugin.h"
+#include "loadkit/runtime/log.h"
+
+namespace loadkit {
+
+namespace fs = std::filesystem;
+using Library = std::shared_ptr<boost::dll::shared_library>;
+
+namespace {
+
+/// Collects what one plugin registers; merged into the registry only if registration succeeds.
+class CollectingRegistrar final : public Registrar {
+ public:
+  void add_architecture(const std::string& architecture, ArchitectureFactory factory) override {
+    architectures.emplace_back(architecture, std::move(factory));
+  }
+  void add_quant_method(const std::string& name, QuantFactory factory) override {
+    quant_methods.emplace_back(name, std::move(factory));
+  }
+  std::vector<std::pair<std::string, ArchitectureFactory>> architectures;
+  std::vector<std::pair<std::string, QuantFactory>> quant_methods;
+};
+
+std::string version_string(uint32_t major, uint32_t minor, uint32_t patch) { return cat(major, ".", minor, ".", patch); }
+
+const std::string& host_sdk_version() {
+  static const std::string v = version_string(LOADKIT_VERSION_MAJOR, LOADKIT_VERSION_MINOR, LOADKIT_VERSION_PATCH);
+  return v;
+}
+
+std::string first_line(std::string s) {
+  if (auto nl = s.find('\n'); nl != std::string::npos) s.resize(nl);
+  return s;
+}
+
+}  // namespace
+
+struct Registry::Impl {
+  // Order matters for destruction: factories (code inside the libraries) go before the libraries.
+  std::vector<Library> libraries;
+  std::vector<std::string> directories;
+  std::vector<PluginInfo> plugins;
+  struct ArchEntry {
+    ArchitectureFactory factory;
+    Library library;
+    size_t plugin;
+  };
+  struct QuantEntry {
+    QuantFactory factory;
+    Library library;
+    size_t plugin;
+  };
+  std::map<std::string, ArchEntry> architectures;
+  std::map<std::string, QuantEntry> quant_methods;
+
+  ~Impl() {
+    architectures.clear();
+    quant_methods.clear();
+  }
+
+  void scan(const std::string& dir);
+  void load(const fs::path& path);
+};
+
+std::vector<std::string> Registry::search_path(const std::vector<std::string>& explicit_dirs) {
+  std::vector<std::string> dirs = explicit_dirs;
+  if (const char* env = std::getenv("LOADKIT_PLUGIN_PATH")) {
+    std::string value = env;
+    size_t start = 0;
+    while (start <= value.size()) {
+      size_t end = value.find(':', start);
+      if (end == std::string::npos) end = value.size();
+      if (end > start) dirs.push_back(value.substr(start, end - start));
+      start = end + 1;
+    }
+  }
+  // <prefix>/bin/loadkit → <prefix>/lib/loadkit/plugins, in the build tree as in an install.
+  std::error_code ec;
+  fs::path exe = boost::dll::program_location(ec);
+  if (!ec) dirs.push_back((exe.parent_path().parent_path() / "lib" / "loadkit" / "plugins").string());
+  return dirs;
+}
+
+Registry::Registry(const std::vector<std::string>& directories) : impl_(std::make_unique<Impl>()) {
+  impl_->directories = directories;
+  for (const auto& dir : directories) impl_->scan(dir);
+}
+
+Registry::~Registry() = default;
+
+void Registry::Impl::scan(const std::string& dir) {
+  std::error_code ec;
+  if (!fs::exists(dir, ec)) {
+    log::debug(cat("plugin directory ", dir, " does not exist"));
+    return;
+  }
+  fs::directory_iterator it(dir, ec);
+  if (ec) {
+    log::warn(cat("plugin directory ", dir, ": cannot list: ", ec.message()));
+    return;
+  }
+  std::vector<fs::path> files;
+  for (const auto& entry : it)
+    if (entry.path().extension() == ".so") files.push_back(entry.path());
+  std::sort(files.begin(), files.end());
+  for (const auto& file : files) load(file);
+}
+
+void Registry::Impl::load(const fs::path& path) {
+  PluginInfo info;
+  info.path = path.string();
+  auto broken = [&](const std::string& reason) {
+    info.status = "broken: " + reason;
+    log::warn(cat("plugin ", info.path, ": ", reason));
+    plugins.push_back(info);
+  };
+
+  std::error_code ec;
+  if (!fs::is_regular_file(path, ec)) return broken(ec ? ec.message() : "not a regular file");
+
+  // 1. open
+  Library library;
+  try {
+    library = std::make_shared<boost::dll::shared_library>(
+        path, boost::dll::load_mode::rtld_now | boost::dll::load_mode::rtld_local);
+  } catch (const std::exception& e) {
+    // Boost's error drops dlerror()'s detail ("invalid ELF header", a missing
+    // dependency); ask the loader once more for the reason.
+    std::string why = e.what();
+    if (void* handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL)) {
+      dlclose(handle);
+    } else if (const char* detail = dlerror()) {
+      why = detail;
+    }
+    return broken(cat("cannot open: ", first_line(why)));
+  }
+  // 2. entry symbol
+  if (!library->has(LOADKIT_PLUGIN_ENTRY_SYMBOL))
+    return broken(cat("no entry symbol '", LOADKIT_PLUGIN_ENTRY_SYMBOL, "' (not a loadkit plugin of this ABI)"));
+  auto entry = library->get<const loadkit_plugin_descriptor*()>(LOADKIT_PLUGIN_ENTRY_SYMBOL);
+  const loadkit_plugin_descriptor* d = entry();
+  if (!d) return broken("entry symbol returned no descriptor");
+  // 3. versions, each naming both sides
+  info.abi_version = d->abi_version;
+  if (d->abi_version != LOADKIT_PLUGIN_ABI_VERSION)
+    return broken(cat("Wrong ABI version on plugin '", path.filename().string(), "'. Got ", d->abi_version,
+                      ", supported ", LOADKIT_PLUGIN_ABI_VERSION, "."));
+  info.name = d->name ? d->name : "";
+  info.version = d->version ? d->version : "";
+  info.sdk_version = version_string(d->sdk_version_major, d->sdk_version_minor, d->sdk_version_patch);
+  info.torch_version = d->torch_version ? d->torch_version : "";
+  info.cxx_abi = d->cxx_abi_tag ? d->cxx_abi_tag : "";
+  info.compiler = d->compiler ? d->compiler : "";
+  if (d->sdk_version_major != LOADKIT_VERSION_MAJOR)
+    return broken(cat("Wrong SDK version on plugin '", path.filename().string(), "'. Got ", info.sdk_version,
+                      ", host has ", host_sdk_version(), " (major versions must match)."));
+  if (info.torch_version != TORCH_VERSION)
+    return broken(cat("Wrong torch version on plugin '", path.filename().string(), "'. Got ", info.torch_version,
+                      ", host has ", TORCH_VERSION, "."));
+  if (info.cxx_abi != LOADKIT_CXX_ABI_TAG)
+    return broken(cat("Wrong C++ ABI on plugin '", path.filename().string(), "'. Got '", info.cxx_abi,
+                      "', host has '", LOADKIT_CXX_ABI_TAG, "'."));
+  if (!d->register_plugin) return broken("descriptor has no registration hook");
+  // 4. registration hook
+  CollectingRegistrar registrar;
+  char error[512] = {0};
+  if (d->register_plugin(reinterpret_cast<loadkit_registrar*>(static_cast<Registrar*>(&registrar)), error,
+                         sizeof error) != 0)
+    return broken(cat("registration failed: ", error[0] ? first_line(error) : "no reason given"));
+
+  const size_t index = plugins.size();
+  info.status = "ok";
+  for (auto& [name, factory] : registrar.architectures) {
+    info.architectures.push_back(name);
+    auto it = architectures.find(name);
+    if (it != architectures.end()) {
+      info.shadowed[name] = plugins[it->second.plugin].path;
+      continue;
+    }
+    architectures.emplace(name, ArchEntry{std::move(factory), library, index});
+  }
+  for (auto& [name, factory] : registrar.quant_methods) {
+    info.quant_methods.push_back(name);
+    auto it = quant_methods.find(name);
+    if (it != quant_methods.end()) {
+      info.shadowed[name] = plugins[it->second.plugin].path;
+      continue;
+    }
+    quant_methods.emplace(name, QuantEntry{std::move(factory), library, index});
+  }
+  if (!info.shadowed.empty()) info.status = "shadowed by " + info.shadowed.begin()->second;
+  libraries.push_back(library);
+  plugins.push_back(std::move(info));
+}
+
+const std::vector<std::string>& Registry::directories() const { return impl_->directories; }
+const std::vector<PluginInfo>& Registry::plugins() const { return impl_->plugins; }
+bool Registry::serves(const std::string& architecture) const { return impl_->architectures.count(architecture) > 0; }
+
+namespace {
+
+/// What was searched, for "nothing serves X" messages.
+std::string searched(const Registry& registry) {
+  std::string dirs;
+  for (const auto& d : registry.directories()) dirs += (dirs.empty() ? "" : ", ") + d;
+  std::string broken;
+  for (const auto& p : registry.plugins())
+    if (!p.ok()) broken += cat("; ", fs::path(p.path).filename().string(), " is ", p.status);
+  return cat("searched ", dirs.empty() ? "no directories" : dirs, broken);
+}
+
+/// Keeps `library` loaded for as long as `object` lives.
+template <class T>
+std::shared_ptr<T> keep_loaded(std::shared_ptr<T> object, const Library& library) {
+  struct Holder {
+    Library library;  // destroyed last
+    std::shared_ptr<T> object;
+  };
+  auto holder = std::make_shared<Holder>(Holder{library, object});
+  return std::shared_ptr<T>(holder, holder->object.get());
+}
+
+}  // namespace
+
+const PluginInfo& Registry::provider(const std::string& architecture) const {
+  auto it = impl_->architectures.find(architecture);
+  if (it == impl_->architectures.end())
+    fail(ErrorKind::Plugin, "no plugin serves architecture '", architecture, "' (", searched(*this), ")");
+  return impl_->plugins[it->second.plugin];
+}
+
+std::shared_ptr<CausalLM> Registry::create_model(const std::string& architecture, const ModelContext& ctx) const {
+  auto it = impl_->architectures.find(architecture);
+  if (it == impl_->architectures.end())
+    fail(ErrorKind::Plugin, "no plugin serves architecture '", architecture, "' (", searched(*this), ")");
+  auto model = it->second.factory(ctx);
+  if (!model) fail(ErrorKind::Plugin, "plugin ", impl_->plugins[it->second.plugin].path, " built no model for '", architecture, "'");
+  return keep_loaded(std::move(model), it->second.library);
+}
+
+std::shared_ptr<QuantConfig> Registry::create_quant(const std::string& name, const ModelContext& ctx) const {
+  auto it = impl_->quant_methods.find(name);
+  if (it == impl_->quant_methods.end())
+    fail(ErrorKind::Plugin, "no plugin provides quantization method '", name, "' (", searched(*this), ")");
+  auto quant = it->second.factory(ctx);
+  if (!quant) fail(ErrorKind::Plugin, "plugin ", impl_->plugins[it->second.plugin].path, " made no quantization config '", name, "'");
+  return keep_loaded(std::move(quant), it->second.library);
+}
+
+}  // namespace loadkit

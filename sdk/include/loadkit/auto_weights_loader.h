@@ -1,0 +1,81 @@
+#pragma once
+/// \file
+/// Dispatches checkpoint tensors to the parameters of a module tree.
+///
+/// A plugin declares how its checkpoint names map onto its tree as data — a
+/// `WeightMapping` — and `AutoWeightsLoader` interprets it (vLLM's
+/// `AutoWeightsLoader` plus the `stacked_params_mapping` loop every vLLM
+/// model writes by hand). For each tensor, in order:
+///   1. the name mapper renames it (prefix rules, then substring rules);
+///   2. names matching `skip_prefixes` / `skip_substrs` are dropped;
+///   3. the first stacked rule whose `weight_name` occurs in the name and whose
+///      renamed form is a parameter wins: its loader gets the rule's shard id;
+///   4. otherwise the name itself must be a parameter, else
+///      `There is no module or parameter named '<prefix>' in <ModuleType>`.
+
+#include <set>
+#include <string>
+#include <vector>
+
+#include "loadkit/module.h"
+#include "loadkit/weights.h"
+
+namespace loadkit {
+
+/// Checkpoint name rewriting (vLLM's WeightsMapper): first matching prefix rule, then every substring rule.
+struct NameMapper {
+  std::vector<std::pair<std::string, std::string>> prefixes;    ///< {from, to}
+  std::vector<std::pair<std::string, std::string>> substrings;  ///< {from, to}, all applied in order
+  std::string apply(const std::string& name) const;
+};
+
+/// "`weight_name` in a checkpoint name is shard `shard` of parameter `param_name`".
+struct StackedParam {
+  std::string param_name;   ///< e.g. ".qkv_proj"
+  std::string weight_name;  ///< e.g. ".q_proj"
+  ShardId shard;            ///< e.g. {"q"}
+};
+
+struct WeightMapping {
+  NameMapper mapper;
+  std::vector<StackedParam> stacked;
+  std::vector<std::string> skip_prefixes;  ///< e.g. "lm_head." when embeddings are tied
+  std::vector<std::string> skip_substrs;   ///< e.g. "rotary_emb.inv_freq"
+};
+
+class AutoWeightsLoader {
+ public:
+  AutoWeightsLoader(Module& root, WeightMapping mapping);
+
+  /// Loads every tensor of `weights`. Returns the qualified names of the
+  /// parameters that received data. Errors name the tensor and its origin.
+  std::set<std::string> load(WeightStream& weights);
+
+  /// Loads one tensor; returns the parameter name it went to, or "" when skipped.
+  std::string load_one(const NamedWeight& weight);
+
+ private:
+  struct Target {
+    Parameter* param = nullptr;
+    std::string name;
+  };
+  bool skipped(const std::string& name) const;
+  /// Walks the tree; on failure returns no param and sets `error` when asked.
+  Target resolve(const std::string& name, std::string* error) const;
+
+  Module& root_;
+  WeightMapping mapping_;
+};
+
+/// The parameters of `root` that received fewer elements than a complete
+/// checkpoint writes (after a load with counters reset), sorted.
+std::vector<std::string> uninitialized_parameters(const Module& root);
+
+/// Resets `loaded_numel` of every parameter below `root`.
+void reset_load_counts(Module& root);
+
+/// Throws `Some weights are not initialized from checkpoints: <sorted names>` (Input)
+/// when `uninitialized_parameters(root)` is not empty.
+void check_all_initialized(const Module& root);
+
+}  // namespace loadkit

@@ -1,0 +1,126 @@
+#pragma once
+/// \file
+/// Tensor-parallel linear layers with vLLM's names, shapes and weight loaders.
+///
+/// Every loader narrows the checkpoint tensor to this rank's shard
+/// (`ctx.tp_rank` of `ctx.tp_size`), checks the full checkpoint shape first
+/// (a tensor that is too large is an error, never silently cut), and returns
+/// the number of elements written.
+
+#include <ATen/core/Tensor.h>
+
+#include <memory>
+#include <vector>
+
+#include "loadkit/model_context.h"
+#include "loadkit/module.h"
+#include "loadkit/quant_method.h"
+
+namespace loadkit {
+
+struct LinearOptions {
+  bool bias = false;
+  /// Whether the model's quantization (if any) applies to this layer. Plugins
+  /// say false for layers that must stay in the model dtype (MoE router, …).
+  bool quantize = true;
+};
+
+class LinearBase : public Module {
+ public:
+  at::Tensor forward(const at::Tensor& x);
+  void process_weights_after_loading() override;
+
+  const LinearShape& shape() const { return shape_; }
+  LinearMethod& method() { return *method_; }
+  const ModelContext& context() const { return ctx_; }
+
+ protected:
+  LinearBase(std::string type_name, const ModelContext& ctx, LinearShape shape, const LinearOptions& options);
+  /// Creates "weight" through the method, and "bias" ([output] per rank) when asked.
+  void create(WeightLoader weight_loader, ShardingInfo weight_sharding, WeightLoader bias_loader,
+              ShardingInfo bias_sharding, bool bias);
+  /// Output of the local matmul; row-parallel layers reduce before adding the bias.
+  virtual at::Tensor finish(at::Tensor y) { return y; }
+  bool bias_after_reduce_ = false;
+
+  ModelContext ctx_;
+  LinearShape shape_;
+  std::shared_ptr<LinearMethod> method_;
+};
+
+/// Weight [output/tp, input]; the output dimension is split across ranks.
+class ColumnParallelLinear : public LinearBase {
+ public:
+  ColumnParallelLinear(int64_t input_size, int64_t output_size, const ModelContext& ctx, LinearOptions options = {});
+
+ protected:
+  /// How the output rows of each fused part are split across ranks.
+  struct Layout {
+    std::vector<int64_t> total_sizes;  ///< rows of each part in the checkpoint (all ranks)
+    std::vector<int64_t> rank_sizes;   ///< rows of each part on this rank
+    std::vector<int64_t> shard_index;  ///< which slice of the part this rank holds
+  };
+  /// Each part split evenly over the ranks.
+  static Layout even_layout(std::vector<int64_t> output_sizes, const ModelContext& ctx);
+  ColumnParallelLinear(std::string type_name, int64_t input_size, Layout layout, const ModelContext& ctx,
+                       const LinearOptions& options);
+  /// Writes shard `index` of `output_sizes_` (checkpoint rows [index's total]) into its place.
+  int64_t load_part(Parameter& param, const at::Tensor& loaded, size_t index);
+  /// For a tensor holding all parts fused (no shard id): splits it and loads each part.
+  int64_t load_fused(Parameter& param, const at::Tensor& loaded);
+  virtual int64_t load(Parameter& param, const at::Tensor& loaded, const ShardId& shard);
+
+  Layout layout_;
+};
+
+/// gate_proj and up_proj stacked: shard ids "0", "1".
+class MergedColumnParallelLinear : public ColumnParallelLinear {
+ public:
+  MergedColumnParallelLinear(int64_t input_size, std::vector<int64_t> output_sizes, const ModelContext& ctx,
+                             LinearOptions options = {});
+
+ protected:
+  int64_t load(Parameter& param, const at::Tensor& loaded, const ShardId& shard) override;
+};
+
+/// q, k and v stacked: shard ids "q", "k", "v". When tp_size exceeds the
+/// number of kv heads, each kv head is replicated on tp_size / kv_heads ranks.
+class QKVParallelLinear : public ColumnParallelLinear {
+ public:
+  QKVParallelLinear(int64_t hidden_size, int64_t head_size, int64_t total_num_heads, int64_t total_num_kv_heads,
+                    const ModelContext& ctx, LinearOptions options = {});
+  int64_t num_heads() const { return layout_.rank_sizes[0] / head_size_; }     ///< on this rank
+  int64_t num_kv_heads() const { return layout_.rank_sizes[1] / head_size_; }  ///< on this rank
+  int64_t head_size() const { return head_size_; }
+
+ protected:
+  int64_t load(Parameter& param, const at::Tensor& loaded, const ShardId& shard) override;
+
+ private:
+  static Layout qkv_layout(int64_t head_size, int64_t total_num_heads, int64_t total_num_kv_heads,
+                           const ModelContext& ctx);
+  int64_t head_size_;
+};
+
+/// Weight [output, input/tp]; the input dimension is split and the partial
+/// outputs summed across ranks before the (unsplit) bias is added.
+class RowParallelLinear : public LinearBase {
+ public:
+  RowParallelLinear(int64_t input_size, int64_t output_size, const ModelContext& ctx, LinearOptions options = {});
+
+ protected:
+  at::Tensor finish(at::Tensor y) override;
+};
+
+/// Weight [output, input] on every rank.
+class ReplicatedLinear : public LinearBase {
+ public:
+  ReplicatedLinear(int64_t input_size, int64_t output_size, const ModelContext& ctx, LinearOptions options = {});
+};
+
+/// silu(x[..., :d]) * x[..., d:], the activation after a merged gate/up projection.
+at::Tensor silu_and_mul(const at::Tensor& x);
+/// gelu(x[..., :d], tanh approximation) * x[..., d:].
+at::Tensor gelu_tanh_and_mul(const at::Tensor& x);
+
+}  // namespace loadkit

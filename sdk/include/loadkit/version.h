@@ -1,0 +1,11 @@
+#pragma once
+/// \file
+/// The SDK version, the one place it is written (CMake parses it from here).
+///
+/// The major version changes whenever a header of the SDK changes in a way
+/// that breaks plugins built against an earlier one; the host refuses a
+/// plugin whose SDK major differs from its own.
+
+#define LOADKIT_VERSION_MAJOR 0
+#define LOADKIT_VERSION_MINOR 1
+#define LOADKIT_VERSION_PATCH 0

@@ -1,0 +1,131 @@
+#include "loadkit/auto_weights_loader.h"
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+
+#include "loadkit/error.h"
+
+namespace loadkit {
+
+std::string NameMapper::apply(const std::string& name) const {
+  std::string out = name;
+  for (const auto& [from, to] : prefixes) {
+    if (out.compare(0, from.size(), from) == 0) {
+      out = to + out.substr(from.size());
+      break;
+    }
+  }
+  for (const auto& [from, to] : substrings) {
+    if (auto pos = out.find(from); pos != std::string::npos) out.replace(pos, from.size(), to);
+  }
+  return out;
+}
+
+AutoWeightsLoader::AutoWeightsLoader(Module& root, WeightMapping mapping)
+    : root_(root), mapping_(std::move(mapping)) {}
+
+bool AutoWeightsLoader::skipped(const std::string& name) const {
+  for (const auto& p : mapping_.skip_prefixes)
+    if (name.compare(0, p.size(), p) == 0) return true;
+  for (const auto& s : mapping_.skip_substrs)
+    if (name.find(s) != std::string::npos) return true;
+  return false;
+}
+
+AutoWeightsLoader::Target AutoWeightsLoader::resolve(const std::string& name, std::string* error) const {
+  Module* module = &root_;
+  size_t pos = 0;
+  for (;;) {
+    if (Parameter* p = module->find_param(std::string_view(name).substr(pos))) return {p, name};
+    size_t dot = name.find('.', pos);
+    Module* child = dot == std::string::npos ? nullptr : module->find_child(std::string_view(name).substr(pos, dot - pos));
+    if (!child) {
+      if (error)
+        *error = cat("There is no module or parameter named '", name.substr(0, dot), "' in ", module->type_name());
+      return {};
+    }
+    module = child;
+    pos = dot + 1;
+  }
+}
+
+namespace {
+
+int64_t call_loader(Parameter& param, const NamedWeight& weight, const std::string& param_name, const ShardId& shard) {
+  auto context = [&] {
+    return cat(weight.origin, ": tensor '", weight.name, "' -> parameter '", param_name, "'",
+               shard.empty() ? std::string() : cat(" (shard ", shard.str(), ")"), ": ");
+  };
+  try {
+    return param.loader(param, weight.tensor, shard);
+  } catch (const Error& e) {
+    throw Error(e.kind(), context() + e.what());
+  } catch (const c10::Error& e) {
+    std::string msg = e.what_without_backtrace();
+    throw Error(ErrorKind::Input, context() + msg.substr(0, msg.find('\n')));
+  }
+}
+
+}  // namespace
+
+std::string AutoWeightsLoader::load_one(const NamedWeight& weight) {
+  const std::string name = mapping_.mapper.apply(weight.name);
+  if (skipped(name)) return "";
+
+  Target target;
+  ShardId shard;
+  for (const auto& rule : mapping_.stacked) {
+    auto pos = name.find(rule.weight_name);
+    if (pos == std::string::npos) continue;
+    std::string candidate = name;
+    candidate.replace(pos, rule.weight_name.size(), rule.param_name);
+    target = resolve(candidate, nullptr);
+    if (target.param) {
+      shard = rule.shard;
+      break;
+    }
+  }
+  if (!target.param) {
+    std::string error;
+    target = resolve(name, &error);
+    if (!target.param)
+      fail(ErrorKind::Input, error, " (checkpoint tensor '", weight.name, "' from ", weight.origin, ")");
+  }
+  Parameter& param = *target.param;
+  int64_t written = call_loader(param, weight, target.name, shard);
+  param.loaded_numel = std::min<int64_t>(param.data.numel(), param.loaded_numel + written);
+  return target.name;
+}
+
+std::set<std::string> AutoWeightsLoader::load(WeightStream& weights) {
+  std::set<std::string> loaded;
+  NamedWeight weight;
+  while (weights.next(weight)) {
+    std::string target = load_one(weight);
+    if (!target.empty()) loaded.insert(std::move(target));
+  }
+  return loaded;
+}
+
+void reset_load_counts(Module& root) {
+  for (auto& [name, p] : root.named_parameters()) p->loaded_numel = 0;
+}
+
+std::vector<std::string> uninitialized_parameters(const Module& root) {
+  std::vector<std::string> missing;
+  for (const auto& [name, p] : root.named_parameters())
+    if (p->loaded_numel < p->expected_load_numel) missing.push_back(name);
+  std::sort(missing.begin(), missing.end());
+  return missing;
+}
+
+void check_all_initialized(const Module& root) {
+  auto missing = uninitialized_parameters(root);
+  if (missing.empty()) return;
+  std::string list;
+  for (const auto& name : missing) list += (list.empty() ? "" : ", ") + name;
+  fail(ErrorKind::Input, "Some weights are not initialized from checkpoints: ", list);
+}
+
+}  // namespace loadkit

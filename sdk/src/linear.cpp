@@ -1,0 +1,220 @@
+#include "loadkit/layers/linear.h"
+
+#include <ATen/ATen.h>
+
+#include <numeric>
+
+#include "loadkit/error.h"
+
+namespace loadkit {
+
+namespace {
+
+class UnquantizedLinearMethod final : public LinearMethod {
+ public:
+  std::string name() const override { return "none"; }
+  void create_weights(LinearBase& layer, const LinearShape& shape, WeightLoader loader, ShardingInfo sharding,
+                      const ModelContext& ctx) override {
+    layer.add_parameter("weight", at::empty({shape.output_size, shape.input_size}, ctx.options()), std::move(loader),
+                        sharding);
+  }
+  void process_weights_after_loading(LinearBase&) override {}
+  at::Tensor apply(LinearBase& layer, const at::Tensor& x, const at::Tensor& bias) override {
+    return at::linear(x, layer.param("weight").data, bias);
+  }
+};
+
+int64_t split_size(int64_t total, int tp_size, const char* what) {
+  if (total % tp_size != 0)
+    fail(ErrorKind::Usage, "tensor parallel size ", tp_size, " does not divide ", what, " (", total, ")");
+  return total / tp_size;
+}
+
+/// The shape a checkpoint tensor must have: `param_shape` with dim `dim` replaced by `full`.
+std::vector<int64_t> full_shape(at::IntArrayRef param_shape, int64_t dim, int64_t full) {
+  std::vector<int64_t> shape(param_shape.begin(), param_shape.end());
+  shape[dim] = full;
+  return shape;
+}
+
+}  // namespace
+
+std::shared_ptr<LinearMethod> unquantized_linear_method() {
+  static auto method = std::make_shared<UnquantizedLinearMethod>();
+  return method;
+}
+
+// ---------------------------------------------------------------- LinearBase
+
+LinearBase::LinearBase(std::string type_name, const ModelContext& ctx, LinearShape shape, const LinearOptions& options)
+    : Module(std::move(type_name)), ctx_(ctx), shape_(shape) {
+  method_ = options.quantize && ctx.quant ? ctx.quant->linear_method() : unquantized_linear_method();
+}
+
+void LinearBase::create(WeightLoader weight_loader, ShardingInfo weight_sharding, WeightLoader bias_loader,
+                        ShardingInfo bias_sharding, bool bias) {
+  method_->create_weights(*this, shape_, std::move(weight_loader), weight_sharding, ctx_);
+  if (bias) add_parameter("bias", at::empty({shape_.output_size}, ctx_.options()), std::move(bias_loader), bias_sharding);
+}
+
+at::Tensor LinearBase::forward(const at::Tensor& x) {
+  at::Tensor bias;
+  if (Parameter* b = find_param("bias")) bias = b->data;
+  if (!bias_after_reduce_ || ctx_.tp_size == 1) return finish(method_->apply(*this, x, bias));
+  at::Tensor y = finish(method_->apply(*this, x, at::Tensor()));
+  return bias.defined() ? y.add_(bias) : y;
+}
+
+void LinearBase::process_weights_after_loading() { method_->process_weights_after_loading(*this); }
+
+// ------------------------------------------------------ ColumnParallelLinear
+
+ColumnParallelLinear::Layout ColumnParallelLinear::even_layout(std::vector<int64_t> output_sizes,
+                                                               const ModelContext& ctx) {
+  Layout layout;
+  for (int64_t total : output_sizes) {
+    layout.rank_sizes.push_back(split_size(total, ctx.tp_size, "a column-parallel output size"));
+    layout.shard_index.push_back(ctx.tp_rank);
+  }
+  layout.total_sizes = std::move(output_sizes);
+  return layout;
+}
+
+ColumnParallelLinear::ColumnParallelLinear(int64_t input_size, int64_t output_size, const ModelContext& ctx,
+                                           LinearOptions options)
+    : ColumnParallelLinear("ColumnParallelLinear", input_size, even_layout({output_size}, ctx), ctx, options) {}
+
+ColumnParallelLinear::ColumnParallelLinear(std::string type_name, int64_t input_size, Layout layout,
+                                           const ModelContext& ctx, const LinearOptions& options)
+    : LinearBase(std::move(type_name), ctx,
+                 {input_size, std::accumulate(layout.rank_sizes.begin(), layout.rank_sizes.end(), int64_t{0})},
+                 options),
+      layout_(std::move(layout)) {
+  ShardingInfo sharding{.output_dim = 0, .input_dim = 1, .tp_rank = ctx.tp_rank, .tp_size = ctx.tp_size};
+  ShardingInfo bias_sharding{.output_dim = 0, .tp_rank = ctx.tp_rank, .tp_size = ctx.tp_size};
+  // Dispatches to the most derived load() at call time (after construction).
+  auto loader = [this](Parameter& p, const at::Tensor& loaded, const ShardId& shard) { return load(p, loaded, shard); };
+  create(loader, sharding, loader, bias_sharding, options.bias);
+}
+
+int64_t ColumnParallelLinear::load_part(Parameter& param, const at::Tensor& loaded, size_t index) {
+  const int64_t size = layout_.rank_sizes[index];
+  const int64_t offset =
+      std::accumulate(layout_.rank_sizes.begin(), layout_.rank_sizes.begin() + index, int64_t{0});
+  check_shape(loaded, full_shape(param.data.sizes(), 0, layout_.total_sizes[index]), "parameter (all ranks)");
+  at::Tensor dst = param.data.narrow(0, offset, size);
+  dst.copy_(loaded.narrow(0, layout_.shard_index[index] * size, size));
+  return dst.numel();
+}
+
+int64_t ColumnParallelLinear::load_fused(Parameter& param, const at::Tensor& loaded) {
+  const auto& totals = layout_.total_sizes;
+  const int64_t total = std::accumulate(totals.begin(), totals.end(), int64_t{0});
+  check_shape(loaded, full_shape(param.data.sizes(), 0, total), "fused parameter (all ranks)");
+  int64_t written = 0, start = 0;
+  for (size_t i = 0; i < totals.size(); ++i) {
+    written += load_part(param, loaded.narrow(0, start, totals[i]), i);
+    start += totals[i];
+  }
+  return written;
+}
+
+int64_t ColumnParallelLinear::load(Parameter& param, const at::Tensor& loaded, const ShardId& shard) {
+  if (!shard.empty()) fail(ErrorKind::Input, "parameter takes no shard id, got '", shard.str(), "'");
+  return load_part(param, loaded, 0);
+}
+
+MergedColumnParallelLinear::MergedColumnParallelLinear(int64_t input_size, std::vector<int64_t> output_sizes,
+                                                       const ModelContext& ctx, LinearOptions options)
+    : ColumnParallelLinear("MergedColumnParallelLinear", input_size, even_layout(std::move(output_sizes), ctx), ctx,
+                           options) {}
+
+int64_t MergedColumnParallelLinear::load(Parameter& param, const at::Tensor& loaded, const ShardId& shard) {
+  if (shard.empty()) return load_fused(param, loaded);
+  for (size_t i = 0; i < layout_.total_sizes.size(); ++i)
+    if (shard.expert < 0 && shard.name == std::to_string(i)) return load_part(param, loaded, i);
+  fail(ErrorKind::Input, "unknown shard id '", shard.str(), "' for a merged linear of ", layout_.total_sizes.size(),
+       " parts");
+}
+
+ColumnParallelLinear::Layout QKVParallelLinear::qkv_layout(int64_t head_size, int64_t total_num_heads,
+                                                           int64_t total_num_kv_heads, const ModelContext& ctx) {
+  const int tp = ctx.tp_size;
+  const int64_t num_heads = split_size(total_num_heads, tp, "the number of attention heads");
+  int64_t num_kv_heads = 0, replicas = 1;
+  if (tp >= total_num_kv_heads) {
+    // Fewer kv heads than ranks: each rank holds one kv head, shared by tp / kv_heads ranks.
+    if (tp % total_num_kv_heads != 0)
+      fail(ErrorKind::Usage, "tensor parallel size ", tp, " is not a multiple of the ", total_num_kv_heads,
+           " kv heads");
+    num_kv_heads = 1;
+    replicas = tp / total_num_kv_heads;
+  } else {
+    num_kv_heads = split_size(total_num_kv_heads, tp, "the number of kv heads");
+  }
+  const int64_t kv_index = ctx.tp_rank / replicas;
+  return Layout{
+      .total_sizes = {total_num_heads * head_size, total_num_kv_heads * head_size, total_num_kv_heads * head_size},
+      .rank_sizes = {num_heads * head_size, num_kv_heads * head_size, num_kv_heads * head_size},
+      .shard_index = {ctx.tp_rank, kv_index, kv_index},
+  };
+}
+
+QKVParallelLinear::QKVParallelLinear(int64_t hidden_size, int64_t head_size, int64_t total_num_heads,
+                                     int64_t total_num_kv_heads, const ModelContext& ctx, LinearOptions options)
+    : ColumnParallelLinear("QKVParallelLinear", hidden_size,
+                           qkv_layout(head_size, total_num_heads, total_num_kv_heads, ctx), ctx, options),
+      head_size_(head_size) {}
+
+int64_t QKVParallelLinear::load(Parameter& param, const at::Tensor& loaded, const ShardId& shard) {
+  if (shard.empty()) return load_fused(param, loaded);
+  static const char* names[] = {"q", "k", "v"};
+  for (size_t i = 0; i < 3; ++i)
+    if (shard.expert < 0 && shard.name == names[i]) return load_part(param, loaded, i);
+  fail(ErrorKind::Input, "unknown shard id '", shard.str(), "' for a qkv linear (want q, k or v)");
+}
+
+// --------------------------------------------------------- RowParallelLinear
+
+RowParallelLinear::RowParallelLinear(int64_t input_size, int64_t output_size, const ModelContext& ctx,
+                                     LinearOptions options)
+    : LinearBase("RowParallelLinear", ctx,
+                 {split_size(input_size, ctx.tp_size, "a row-parallel input size"), output_size}, options) {
+  bias_after_reduce_ = true;
+  const int64_t full_input = input_size;
+  auto weight_loader = [this, full_input](Parameter& p, const at::Tensor& loaded, const ShardId& shard) -> int64_t {
+    if (!shard.empty()) fail(ErrorKind::Input, "parameter takes no shard id, got '", shard.str(), "'");
+    check_shape(loaded, full_shape(p.data.sizes(), 1, full_input), "parameter (all ranks)");
+    const int64_t size = shape_.input_size;
+    p.data.copy_(loaded.narrow(1, ctx_.tp_rank * size, size));
+    return p.data.numel();
+  };
+  ShardingInfo sharding{.output_dim = 0, .input_dim = 1, .tp_rank = ctx.tp_rank, .tp_size = ctx.tp_size};
+  create(weight_loader, sharding, default_weight_loader(), {}, options.bias);
+}
+
+at::Tensor RowParallelLinear::finish(at::Tensor y) {
+  if (ctx_.tp_size > 1) {
+    if (!ctx_.tp_group) fail(ErrorKind::Other, "RowParallelLinear: tensor parallel size ", ctx_.tp_size, " without a process group");
+    ctx_.tp_group->all_reduce(y);
+  }
+  return y;
+}
+
+ReplicatedLinear::ReplicatedLinear(int64_t input_size, int64_t output_size, const ModelContext& ctx,
+                                   LinearOptions options)
+    : LinearBase("ReplicatedLinear", ctx, {input_size, output_size}, options) {
+  create(default_weight_loader(), {}, default_weight_loader(), {}, options.bias);
+}
+
+at::Tensor silu_and_mul(const at::Tensor& x) {
+  const int64_t d = x.size(-1) / 2;
+  return at::silu(x.narrow(-1, 0, d)) * x.narrow(-1, d, d);
+}
+
+at::Tensor gelu_tanh_and_mul(const at::Tensor& x) {
+  const int64_t d = x.size(-1) / 2;
+  return at::gelu(x.narrow(-1, 0, d), "tanh") * x.narrow(-1, d, d);
+}
+
+}  // namespace loadkit
