@@ -34,6 +34,8 @@ c10::Device parse(const std::string& text) {
   if (!device->has_index()) device = c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(c10::cuda::current_device()));
   if (device->index() >= count)
     fail(ErrorKind::Usage, "--device ", text, ": only ", count, " CUDA device(s) present");
+  // The caching allocator (and its statistics) exist only after CUDA's lazy init.
+  at::globalContext().lazyInitDevice(c10::DeviceType::CUDA);
 #endif
   return *device;
 }

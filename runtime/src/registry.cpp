@@ -88,8 +88,18 @@ std::vector<std::string> Registry::search_path(const std::vector<std::string>& e
   // <prefix>/bin/loadkit → <prefix>/lib/loadkit/plugins, in the build tree as in an install.
   std::error_code ec;
   fs::path exe = boost::dll::program_location(ec);
-  if (!ec) dirs.push_back((exe.parent_path().parent_path() / "lib" / "loadkit" / "plugins").string());
-  return dirs;
+  if (!ec) dirs.push_back((exe.parent_path().parent_path() / "lib" / "loadkit" / "plugins").lexically_normal().string());
+  // A directory named twice is searched once, where it first appears.
+  std::vector<std::string> unique;
+  std::vector<fs::path> seen;
+  for (const auto& d : dirs) {
+    fs::path key = fs::weakly_canonical(d, ec);
+    if (ec) key = fs::path(d).lexically_normal();
+    if (std::find(seen.begin(), seen.end(), key) != seen.end()) continue;
+    seen.push_back(key);
+    unique.push_back(d);
+  }
+  return unique;
 }
 
 Registry::Registry(const std::vector<std::string>& directories) : impl_(std::make_unique<Impl>()) {

@@ -1,0 +1,153 @@
+#include "test_support.h"
+
+#include <fcntl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <fstream>
+#include <random>
+#include <sstream>
+#include <stdexcept>
+
+namespace loadkit::test {
+
+std::string cli_path() { return LOADKIT_TEST_CLI; }
+std::string plugin_dir() { return LOADKIT_TEST_PLUGIN_DIR; }
+std::string test_plugin_dir(const std::string& name) { return std::string(LOADKIT_TEST_BAD_PLUGINS_DIR) + "/" + name; }
+std::string fixtures_dir() { return LOADKIT_TEST_FIXTURES_DIR; }
+
+std::vector<std::string> CliResult::error_lines() const {
+  std::vector<std::string> lines;
+  std::istringstream in(err);
+  for (std::string line; std::getline(in, line);)
+    if (line.rfind("loadkit: error:", 0) == 0) lines.push_back(line);
+  return lines;
+}
+
+CliResult run_cli(const std::vector<std::string>& args, const std::vector<std::pair<std::string, std::string>>& env) {
+  TempDir tmp;
+  const std::string out_path = (tmp / "out").string(), err_path = (tmp / "err").string();
+  pid_t pid = fork();
+  if (pid < 0) throw std::runtime_error("fork failed");
+  if (pid == 0) {
+    for (const auto& [k, v] : env) setenv(k.c_str(), v.c_str(), 1);
+    int out = open(out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    int err = open(err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    dup2(out, 1);
+    dup2(err, 2);
+    std::vector<std::string> argv_s{cli_path()};
+    argv_s.insert(argv_s.end(), args.begin(), args.end());
+    std::vector<char*> argv;
+    for (auto& a : argv_s) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    execv(argv[0], argv.data());
+    _exit(127);
+  }
+  int status = 0;
+  waitpid(pid, &status, 0);
+  CliResult r;
+  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  r.out = read_bytes(out_path);
+  r.err = read_bytes(err_path);
+  return r;
+}
+
+std::string Fixture::tokens_arg() const {
+  std::string s;
+  for (int64_t t : tokens) s += (s.empty() ? "" : ",") + std::to_string(t);
+  return s;
+}
+
+const std::vector<Fixture>& fixtures() {
+  static const std::vector<Fixture> all = [] {
+    std::vector<Fixture> out;
+    const std::string manifest = fixtures_dir() + "/fixtures.json";
+    std::ifstream in(manifest);
+    if (!in) throw std::runtime_error("fixture manifest missing: " + manifest + " (run the fixtures.generate test)");
+    auto j = nlohmann::json::parse(in);
+    for (const auto& f : j.at("fixtures")) {
+      Fixture fx;
+      fx.name = f.at("name");
+      fx.dir = f.at("dir");
+      fx.reference = f.at("reference");
+      fx.dtype = f.at("dtype");
+      fx.vocab_size = f.at("vocab_size");
+      fx.tokens = f.at("tokens").get<std::vector<int64_t>>();
+      out.push_back(std::move(fx));
+    }
+    return out;
+  }();
+  return all;
+}
+
+const Fixture& fixture(const std::string& name) {
+  for (const auto& f : fixtures())
+    if (f.name == name) return f;
+  throw std::runtime_error("no fixture named " + name);
+}
+
+TempDir::TempDir() {
+  std::random_device rd;
+  const char* base = std::getenv("TMPDIR");
+  for (;;) {
+    path_ = fs::path(base ? base : "/tmp") / ("loadkit-test-" + std::to_string(rd()));
+    if (fs::create_directory(path_)) break;
+  }
+}
+
+TempDir::~TempDir() {
+  std::error_code ec;
+  fs::permissions(path_, fs::perms::owner_all, fs::perm_options::add, ec);
+  fs::remove_all(path_, ec);
+}
+
+fs::path copy_fixture(const Fixture& fixture, const fs::path& dest) {
+  fs::create_directories(dest);
+  for (const auto& entry : fs::directory_iterator(fixture.dir))
+    fs::copy_file(fs::canonical(entry.path()), dest / entry.path().filename(), fs::copy_options::overwrite_existing);
+  return dest;
+}
+
+std::string read_bytes(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+void write_bytes(const fs::path& path, const std::string& bytes) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+}
+
+std::string safetensors_bytes(const std::string& header_text, const std::string& data) {
+  std::string out(8, '\0');
+  uint64_t n = header_text.size();
+  for (int i = 0; i < 8; ++i) out[i] = static_cast<char>((n >> (8 * i)) & 0xff);
+  return out + header_text + data;
+}
+
+RawSafetensors RawSafetensors::read(const fs::path& path) {
+  std::string bytes = read_bytes(path);
+  uint64_t n = 0;
+  for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<uint8_t>(bytes[i]);
+  RawSafetensors raw;
+  raw.header = nlohmann::ordered_json::parse(bytes.substr(8, n));
+  raw.data = bytes.substr(8 + n);
+  return raw;
+}
+
+void RawSafetensors::write(const fs::path& path) const { write_bytes(path, safetensors_bytes(header_text(), data)); }
+
+fs::path file_holding(const fs::path& dir, const std::string& tensor) {
+  std::vector<fs::path> files;
+  for (const auto& e : fs::directory_iterator(dir))
+    if (e.path().extension() == ".safetensors") files.push_back(e.path());
+  std::sort(files.begin(), files.end());
+  for (const auto& f : files)
+    if (RawSafetensors::read(f).header.contains(tensor)) return f;
+  throw std::runtime_error("no file in " + dir.string() + " holds " + tensor);
+}
+
+}  // namespace loadkit::test

@@ -1,0 +1,79 @@
+#pragma once
+/// \file
+/// Test helpers (torch-free): running the CLI, the fixture manifest, temporary
+/// directories, and raw safetensors surgery written independently of the
+/// reader under test.
+
+#include <cstdint>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace loadkit::test {
+
+namespace fs = std::filesystem;
+
+// Paths baked in by tests/CMakeLists.txt.
+std::string cli_path();
+std::string plugin_dir();      ///< the build tree's plugin directory
+std::string test_plugin_dir(const std::string& name);  ///< a directory holding one test plugin
+std::string fixtures_dir();
+
+struct CliResult {
+  int code = -1;
+  std::string out, err;
+  /// Lines of stderr that carry an error (start with "loadkit: error:").
+  std::vector<std::string> error_lines() const;
+};
+
+/// Runs the loadkit CLI with `args` (plugin dir not added), capturing both streams.
+CliResult run_cli(const std::vector<std::string>& args,
+                  const std::vector<std::pair<std::string, std::string>>& env = {});
+
+struct Fixture {
+  std::string name, dir, reference, dtype;
+  int64_t vocab_size = 0;
+  std::vector<int64_t> tokens;
+  std::string tokens_arg() const;  ///< "1,2,3"
+};
+const std::vector<Fixture>& fixtures();
+const Fixture& fixture(const std::string& name);
+
+class TempDir {
+ public:
+  TempDir();
+  ~TempDir();
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  const fs::path& path() const { return path_; }
+  fs::path operator/(const std::string& name) const { return path_ / name; }
+
+ private:
+  fs::path path_;
+};
+
+/// Copies a fixture directory (following symlinks) to `dest` and returns it.
+fs::path copy_fixture(const Fixture& fixture, const fs::path& dest);
+
+/// A safetensors file as header JSON + raw data bytes, edited and written back
+/// byte for byte by the test, never through loadkit's reader or writer.
+struct RawSafetensors {
+  nlohmann::ordered_json header;
+  std::string data;
+  static RawSafetensors read(const fs::path& path);
+  void write(const fs::path& path) const;
+  /// Header text, as written (no padding).
+  std::string header_text() const { return header.dump(); }
+};
+
+void write_bytes(const fs::path& path, const std::string& bytes);
+std::string read_bytes(const fs::path& path);
+/// 8-byte little-endian length + header text + data.
+std::string safetensors_bytes(const std::string& header_text, const std::string& data);
+
+/// The first safetensors file of a checkpoint directory that holds `tensor`.
+fs::path file_holding(const fs::path& dir, const std::string& tensor);
+
+}  // namespace loadkit::test

@@ -1,0 +1,222 @@
+// The safetensors reader and checkpoint index validation (torch-free).
+// Files are built byte by byte here, never with loadkit's writer.
+
+#include <gtest/gtest.h>
+
+#include "formats/checkpoint_files.h"
+#include "formats/safetensors_file.h"
+#include "loadkit/error.h"
+#include "test_support.h"
+
+namespace loadkit::test {
+namespace {
+
+using safetensors::SafetensorsFile;
+using json = nlohmann::ordered_json;
+
+/// Two tensors: "a" F32 [2, 3] at [0, 24), "b" I64 [2] at [24, 40).
+json good_header() {
+  return json{{"a", {{"dtype", "F32"}, {"shape", {2, 3}}, {"data_offsets", {0, 24}}}},
+              {"b", {{"dtype", "I64"}, {"shape", {2}}, {"data_offsets", {24, 40}}}}};
+}
+std::string good_data() { return std::string(40, '\x01'); }
+
+class ReaderTest : public ::testing::Test {
+ protected:
+  fs::path write(const std::string& bytes) {
+    fs::path p = tmp_ / "model.safetensors";
+    write_bytes(p, bytes);
+    return p;
+  }
+  fs::path write(const json& header, const std::string& data) { return write(safetensors_bytes(header.dump(), data)); }
+
+  /// Opening must fail with an Input error whose message contains every fragment.
+  void expect_rejected(const fs::path& path, std::initializer_list<std::string> fragments) {
+    try {
+      SafetensorsFile::open(path.string());
+      FAIL() << "accepted " << path;
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::Input);
+      std::string msg = e.what();
+      EXPECT_NE(msg.find(path.string()), std::string::npos) << msg;
+      for (const auto& f : fragments) EXPECT_NE(msg.find(f), std::string::npos) << "'" << f << "' not in: " << msg;
+      EXPECT_EQ(msg.find('\n'), std::string::npos) << msg;
+    }
+  }
+  TempDir tmp_;
+};
+
+TEST_F(ReaderTest, ValidFileListsTensorsInDataOrder) {
+  json h = good_header();
+  h["__metadata__"] = {{"format", "pt"}};
+  auto file = SafetensorsFile::open(write(h, good_data()).string());
+  ASSERT_EQ(file->tensors().size(), 2u);
+  EXPECT_EQ(file->tensors()[0].name, "a");
+  EXPECT_EQ(file->tensors()[0].shape, (std::vector<int64_t>{2, 3}));
+  EXPECT_EQ(file->tensors()[1].dtype, safetensors::DType::I64);
+  EXPECT_EQ(file->metadata().at("format"), "pt");
+  EXPECT_EQ(file->data(*file->find("b")) - file->data(*file->find("a")), 24);
+}
+
+TEST_F(ReaderTest, ZeroByteFileFails) { expect_rejected(write(""), {"empty file"}); }
+
+TEST_F(ReaderTest, HeaderLengthZeroFails) { expect_rejected(write(std::string(8, '\0') + "{}"), {"header length is 0"}); }
+
+TEST_F(ReaderTest, HeaderLengthBeyondFileFails) {
+  std::string bytes = safetensors_bytes(good_header().dump(), good_data());
+  bytes[0] = '\xff';
+  bytes[1] = '\xff';
+  expect_rejected(write(bytes), {"header length", "past the end"});
+}
+
+TEST_F(ReaderTest, HeaderNotJsonFails) { expect_rejected(write(safetensors_bytes("{not json", "")), {"not valid JSON"}); }
+
+TEST_F(ReaderTest, DuplicateTensorNameFails) {
+  std::string header = R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})";
+  expect_rejected(write(safetensors_bytes(header, std::string(8, '\0'))), {"'a'", "defined twice"});
+}
+
+TEST_F(ReaderTest, MetadataOfWrongTypeFails) {
+  json h = good_header();
+  h["__metadata__"] = json::array({1, 2});
+  expect_rejected(write(h, good_data()), {"__metadata__"});
+}
+
+TEST_F(ReaderTest, UnknownDtypeFails) {
+  json h = good_header();
+  h["a"]["dtype"] = "F7";
+  expect_rejected(write(h, good_data()), {"'a'", "unknown dtype 'F7'"});
+}
+
+TEST_F(ReaderTest, NegativeDimensionFails) {
+  json h = good_header();
+  h["a"]["shape"] = {-2, 3};
+  expect_rejected(write(h, good_data()), {"'a'", "negative"});
+}
+
+TEST_F(ReaderTest, HugeShapeOverflowFailsWithoutAllocating) {
+  json h = good_header();
+  h["a"]["shape"] = {uint64_t{1} << 40, uint64_t{1} << 40};
+  expect_rejected(write(h, good_data()), {"'a'", "overflow"});
+}
+
+TEST_F(ReaderTest, HundredGigabyteTensorInTinyFileFailsFast) {
+  json h = good_header();
+  h["a"]["shape"] = {25000000000LL};  // 100 GB of F32
+  h["a"]["data_offsets"] = {0, 100000000000LL};
+  h["b"]["data_offsets"] = {100000000000LL, 100000000016LL};
+  expect_rejected(write(h, good_data()), {"'a'", "data section holds only 40 bytes"});
+}
+
+TEST_F(ReaderTest, ReversedOffsetsFail) {
+  json h = good_header();
+  h["a"]["data_offsets"] = {24, 0};
+  expect_rejected(write(h, good_data()), {"'a'", "reversed"});
+}
+
+TEST_F(ReaderTest, BytesNotMatchingShapeFail) {
+  json h = good_header();
+  h["a"]["shape"] = {2, 2};
+  expect_rejected(write(h, good_data()), {"'a'", "span 24 bytes", "16 bytes"});
+}
+
+TEST_F(ReaderTest, OverlappingOffsetsFail) {
+  json h = good_header();
+  h["a"]["shape"] = {4};
+  h["a"]["data_offsets"] = {0, 16};
+  h["b"]["data_offsets"] = {8, 24};
+  expect_rejected(write(h, good_data().substr(0, 24)), {"overlap"});
+}
+
+TEST_F(ReaderTest, OffsetsOutsideDataSectionFail) {
+  json h = good_header();
+  h["b"]["data_offsets"] = {32, 48};
+  expect_rejected(write(h, good_data()), {"'b'", "data section holds only 40 bytes"});
+}
+
+TEST_F(ReaderTest, GapBetweenTensorsFails) {
+  json h = good_header();
+  h["b"]["data_offsets"] = {32, 48};
+  expect_rejected(write(h, std::string(48, '\0')), {"'b'", "gap"});
+}
+
+TEST_F(ReaderTest, TruncatedMidTensorFails) {
+  expect_rejected(write(good_header(), good_data().substr(0, 30)), {"'b'", "truncated"});
+}
+
+TEST_F(ReaderTest, TrailingBytesFail) {
+  expect_rejected(write(good_header(), good_data() + "xx"), {"cover 40 bytes", "42 bytes"});
+}
+
+// ---------------------------------------------------------------- index
+
+class IndexTest : public ReaderTest {
+ protected:
+  void write_file(const std::string& name, const json& header, const std::string& data) {
+    write_bytes(tmp_ / name, safetensors_bytes(header.dump(), data));
+  }
+  void write_index(const json& weight_map) {
+    write_bytes(tmp_ / "model.safetensors.index.json", json{{"metadata", json::object()}, {"weight_map", weight_map}}.dump());
+  }
+  void two_shards() {
+    write_file("s1.safetensors", json{{"x", {{"dtype", "U8"}, {"shape", {2}}, {"data_offsets", {0, 2}}}}}, "ab");
+    write_file("s2.safetensors", json{{"y", {{"dtype", "U8"}, {"shape", {1}}, {"data_offsets", {0, 1}}}}}, "c");
+  }
+  void expect_checkpoint_rejected(std::initializer_list<std::string> fragments) {
+    try {
+      safetensors::open_checkpoint(tmp_.path().string());
+      FAIL() << "accepted";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::Input);
+      for (const auto& f : fragments) EXPECT_NE(std::string(e.what()).find(f), std::string::npos) << e.what();
+    }
+  }
+};
+
+TEST_F(IndexTest, IndexedShardsOpenInNameOrder) {
+  two_shards();
+  write_index({{"x", "s1.safetensors"}, {"y", "s2.safetensors"}});
+  auto ck = safetensors::open_checkpoint(tmp_.path().string());
+  ASSERT_EQ(ck.files.size(), 2u);
+  EXPECT_EQ(ck.total_tensors, 2u);
+  EXPECT_EQ(ck.total_bytes, 3u);
+}
+
+TEST_F(IndexTest, IndexNamingMissingFileFails) {
+  two_shards();
+  write_index({{"x", "s1.safetensors"}, {"y", "s9.safetensors"}});
+  expect_checkpoint_rejected({"model.safetensors.index.json", "missing file 's9.safetensors'", "'y'"});
+}
+
+TEST_F(IndexTest, IndexNamingTensorNotInFileFails) {
+  two_shards();
+  write_index({{"x", "s1.safetensors"}, {"y", "s1.safetensors"}});
+  expect_checkpoint_rejected({"tensor 'y'", "s1.safetensors", "does not contain it"});
+}
+
+TEST_F(IndexTest, TwoShardsDefiningOneTensorFail) {
+  two_shards();
+  write_file("s3.safetensors", json{{"x", {{"dtype", "U8"}, {"shape", {1}}, {"data_offsets", {0, 1}}}}}, "d");
+  expect_checkpoint_rejected({"tensor 'x'", "s1.safetensors", "s3.safetensors"});
+}
+
+TEST_F(IndexTest, IndexEscapingTheDirectoryFails) {
+  two_shards();
+  write_index({{"x", "../s1.safetensors"}});
+  expect_checkpoint_rejected({"not a file inside the checkpoint directory"});
+}
+
+TEST_F(IndexTest, DirectoryWithoutSafetensorsFails) { expect_checkpoint_rejected({"no *.safetensors files"}); }
+
+TEST_F(IndexTest, MissingDirectoryFails) {
+  try {
+    safetensors::open_checkpoint((tmp_ / "nope").string());
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::Input);
+    EXPECT_NE(std::string(e.what()).find("nope"), std::string::npos);
+  }
+}
+
+}  // namespace
+}  // namespace loadkit::test
