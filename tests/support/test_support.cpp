@@ -1,6 +1,8 @@
 #include "test_support.h"
 
 #include <fcntl.h>
+#include <ftw.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -97,9 +99,17 @@ TempDir::TempDir() {
 }
 
 TempDir::~TempDir() {
-  std::error_code ec;
-  fs::permissions(path_, fs::perms::owner_all, fs::perm_options::add, ec);
-  fs::remove_all(path_, ec);
+  // Plain POSIX on purpose: libtorch's wheels export an older copy of
+  // std::filesystem whose remove_all crashed when it won symbol resolution.
+  chmod(path_.c_str(), 0700);
+  nftw(
+      path_.c_str(),
+      [](const char* p, const struct stat* st, int, struct FTW*) {
+        if (S_ISDIR(st->st_mode)) chmod(p, 0700);
+        ::remove(p);
+        return 0;  // keep going: remove what can be removed
+      },
+      16, FTW_DEPTH | FTW_PHYS);
 }
 
 fs::path copy_fixture(const Fixture& fixture, const fs::path& dest) {
