@@ -18,7 +18,8 @@ namespace {
 const std::vector<std::string> kLlamaFixtures = {
     "llama_fp32_gqa_sharded", "llama_legacy_name",  "aquila_model",     "aquila_causal_lm",
     "llama_fp32_llama3_tied", "llama_fp32_llama3_legacy_config",      "llama_bf16_mqa",
-    "llama_bf16_gqa_tied",    "mistral_fp32_window", "internlm_fp32_bias",
+    "llama_bf16_gqa_tied",    "mistral_fp32_window", "internlm_fp32_bias",  "llama_fp32_gqa_b",
+    "llama_bf16_gqa_tied_b",
 };
 
 bool cuda_here() { return at::hasCUDA(); }

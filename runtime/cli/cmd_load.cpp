@@ -47,6 +47,38 @@ int load(const std::vector<std::string>& args) {
   return 0;
 }
 
+int reload(const std::vector<std::string>& args) {
+  CommonOptions common;
+  std::string from, tokens_text, out_path, report_path;
+  bool no_process = false;
+  po::options_description desc("reload");
+  add_common(desc, common);
+  desc.add_options()
+      ("model", po::value(&common.load.model_dir)->required(), "checkpoint directory to load first")
+      ("from", po::value(&from)->required(), "checkpoint directory to reload from, in place")
+      ("no-process", po::bool_switch(&no_process), "the source is already in kernel format: copy it straight in")
+      ("tokens", po::value(&tokens_text), "comma-separated token ids for logits after the reload")
+      ("out", po::value(&out_path), "safetensors file for those logits")
+      ("report", po::value(&report_path), "write the reload report (JSON) here");
+  if (!parse("reload", args, desc, common)) return 0;
+  if (tokens_text.empty() != out_path.empty()) fail(ErrorKind::Usage, "reload: --tokens and --out go together");
+  const auto tokens = tokens_text.empty() ? std::vector<int64_t>{} : parse_tokens(tokens_text);
+
+  Registry registry(Registry::search_path(common.plugin_dirs));
+  auto model = LoadedModel::load(common.load, registry);
+  const LoadReport& r = model->reload(from, !no_process);
+  std::cout << "reloaded " << r.architecture << " from " << from << ": " << r.tensors << " tensors, " << r.bytes
+            << " bytes in " << r.seconds << " s (" << r.gb_per_s() << " GB/s), pointers "
+            << (r.pointers_stable ? "stable" : "CHANGED") << "\n";
+  if (!report_path.empty()) write_report(report_path, r);
+  if (!out_path.empty()) {
+    at::Tensor logits = model->logits(tokens);
+    save_tensors(out_path, {{"logits", logits}});
+    std::cout << "wrote logits [" << logits.size(0) << ", " << logits.size(1) << "] to " << out_path << "\n";
+  }
+  return 0;
+}
+
 int logits(const std::vector<std::string>& args) {
   CommonOptions common;
   std::string tokens_text, out_path;

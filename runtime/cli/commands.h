@@ -12,5 +12,6 @@ int plugins_list(const std::vector<std::string>& args);
 int inspect(const std::vector<std::string>& args);
 int load(const std::vector<std::string>& args);
 int logits(const std::vector<std::string>& args);
+int reload(const std::vector<std::string>& args);
 
 }  // namespace loadkit::cli

@@ -18,6 +18,8 @@ constexpr const char* kUsage =
     "  inspect        --model DIR [--json]\n"
     "  load           --model DIR [common] [--report R.json]\n"
     "  logits         --model DIR --tokens 1,2,3 --out F.safetensors [common]\n"
+    "  reload         --model DIR --from DIR2 [--tokens ... --out F.safetensors] [--no-process] [common]\n"
+    "                 [--report R.json]\n"
     "common: --plugin-dir D --device cpu|cuda|cuda:N --dtype float32|bfloat16|float16\n"
     "        --quantization none|fp8|int8 --tp-size N --load-format auto|safetensors|sharded|dummy\n"
     "        --log-level trace|debug|info|warn|error\n";
@@ -48,6 +50,7 @@ int dispatch(const std::vector<std::string>& argv) {
   if (command == "inspect") return cli::inspect(rest);
   if (command == "load") return cli::load(rest);
   if (command == "logits") return cli::logits(rest);
+  if (command == "reload") return cli::reload(rest);
   fail(ErrorKind::Usage, "unknown command '", command, "' (run 'loadkit --help')");
 }
 

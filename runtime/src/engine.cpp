@@ -15,6 +15,7 @@
 #include "loadkit/quant_method.h"
 #include "loadkit/runtime/log.h"
 #include "loadkit/runtime/registry.h"
+#include "reload_engine.h"
 #include "weight_sources.h"
 
 namespace loadkit {
@@ -23,7 +24,12 @@ namespace fs = std::filesystem;
 
 struct LoadedModel::State {
   ModelContext ctx;
+  std::string model_dir;
   std::shared_ptr<CausalLM> model;
+  std::unique_ptr<ReloadEngine> reload;  // metadata recorded at build time
+  std::chrono::steady_clock::time_point update_start;
+  uint64_t update_bytes = 0;
+  uint64_t allocated_at_start = 0;
 };
 
 LoadedModel::LoadedModel() : state_(std::make_unique<State>()) {}
@@ -113,6 +119,8 @@ std::unique_ptr<LoadedModel> LoadedModel::load(const LoadOptions& options, const
   device::synchronize(ctx.device);
   device::reset_peak(ctx.device);
   auto model = registry.create_model(report.architecture, ctx);
+  loaded->state_->reload = std::make_unique<ReloadEngine>(*model, ctx.device);
+  loaded->state_->model_dir = options.model_dir;
   std::vector<std::pair<Parameter*, const void*>> built;
   for (auto& [name, p] : model->named_parameters()) built.emplace_back(p, p->data.data_ptr());
 
@@ -136,6 +144,78 @@ std::unique_ptr<LoadedModel> LoadedModel::load(const LoadOptions& options, const
                 report.device, " in ", report.seconds, " s"));
   loaded->state_->model = std::move(model);
   return loaded;
+}
+
+namespace {
+/// Starts timing and device-memory accounting for a reload.
+void start_measuring(const c10::Device& device, uint64_t& allocated_at_start) {
+  device::synchronize(device);
+  device::reset_peak(device);
+  allocated_at_start = device::allocated_bytes(device);
+}
+
+void finish_measuring(LoadReport& report, const c10::Device& device, uint64_t allocated_at_start,
+                      std::chrono::steady_clock::time_point start, const ReloadStats& stats) {
+  device::synchronize(device);
+  report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  report.peak_extra_device_bytes.reset();
+  if (device.is_cuda()) {
+    const uint64_t peak = device::peak_allocated_bytes(device);
+    report.peak_extra_device_bytes = peak > allocated_at_start ? peak - allocated_at_start : 0;
+  }
+  report.pointers_stable = stats.pointers_stable;
+  report.layers_processed = stats.layers_processed;
+  report.layers_delayed = stats.layers_delayed;
+  report.untouched_modules = stats.untouched_modules;
+}
+}  // namespace
+
+const LoadReport& LoadedModel::reload(const std::string& source_dir, bool process) {
+  c10::AutoGradMode no_grad(false);
+  State& s = *state_;
+  const auto start = std::chrono::steady_clock::now();
+  const std::string dir = source_dir.empty() ? s.model_dir : source_dir;
+  if (s.reload->updating()) fail(ErrorKind::Usage, "reload during an unfinished update");
+  const auto files = safetensors::open_checkpoint(dir);  // every header validated first
+  start_measuring(s.ctx.device, s.allocated_at_start);
+  auto open = [&] { return safetensors_stream(files); };
+  ReloadStats stats;
+  if (process) {
+    stats = s.reload->reload(open, [&](WeightStream& w) { s.model->load_weights(w); });
+  } else {
+    stats = s.reload->copy_kernel_format(open, /*complete=*/true);
+  }
+  report_.bytes = files.total_bytes;
+  report_.tensors = files.total_tensors;
+  finish_measuring(report_, s.ctx.device, s.allocated_at_start, start, stats);
+  log::info(cat("reloaded ", report_.tensors, " tensors from ", dir, " in ", report_.seconds, " s"));
+  return report_;
+}
+
+void LoadedModel::begin_update() {
+  State& s = *state_;
+  s.reload->begin_update();
+  s.update_start = std::chrono::steady_clock::now();
+  s.update_bytes = 0;
+  report_.tensors = 0;
+  start_measuring(s.ctx.device, s.allocated_at_start);
+}
+
+void LoadedModel::update(const std::vector<NamedWeight>& chunk) {
+  c10::AutoGradMode no_grad(false);
+  State& s = *state_;
+  s.reload->update(chunk, [&](WeightStream& w) { s.model->load_weights(w); });
+  for (const auto& w : chunk) s.update_bytes += w.tensor.nbytes();
+  report_.tensors += chunk.size();
+}
+
+const LoadReport& LoadedModel::finish_update() {
+  c10::AutoGradMode no_grad(false);
+  State& s = *state_;
+  ReloadStats stats = s.reload->finish_update();
+  report_.bytes = s.update_bytes;
+  finish_measuring(report_, s.ctx.device, s.allocated_at_start, s.update_start, stats);
+  return report_;
 }
 
 at::Tensor LoadedModel::logits(const std::vector<int64_t>& tokens) {
@@ -165,6 +245,7 @@ std::string LoadReport::to_json() const {
   j["pointers_stable"] = pointers_stable;
   j["layers_processed"] = layers_processed;
   j["layers_delayed"] = layers_delayed;
+  j["untouched_modules"] = untouched_modules;
   return j.dump(2);
 }
 

@@ -57,6 +57,10 @@ int64_t call_loader(Parameter& param, const NamedWeight& weight, const std::stri
     return cat(weight.origin, ": tensor '", weight.name, "' -> parameter '", param_name, "'",
                shard.empty() ? std::string() : cat(" (shard ", shard.str(), ")"), ": ");
   };
+  if (param.data.is_floating_point() != weight.tensor.is_floating_point())
+    throw Error(ErrorKind::Input, context() + cat("dtype ", c10::toString(weight.tensor.scalar_type()),
+                                                  " cannot load into a ", c10::toString(param.data.scalar_type()),
+                                                  " parameter"));
   try {
     return param.loader(param, weight.tensor, shard);
   } catch (const Error& e) {

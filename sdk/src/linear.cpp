@@ -18,7 +18,8 @@ class UnquantizedLinearMethod final : public LinearMethod {
     layer.add_parameter("weight", at::empty({shape.output_size, shape.input_size}, ctx.options()), std::move(loader),
                         sharding);
   }
-  void process_weights_after_loading(LinearBase&) override {}
+  bool transforms_weights() const override { return false; }
+  void process_weights_after_loading(LinearBase&, const KernelTargets&) override {}
   at::Tensor apply(LinearBase& layer, const at::Tensor& x, const at::Tensor& bias) override {
     return at::linear(x, layer.param("weight").data, bias);
   }
@@ -65,7 +66,9 @@ at::Tensor LinearBase::forward(const at::Tensor& x) {
   return bias.defined() ? y.add_(bias) : y;
 }
 
-void LinearBase::process_weights_after_loading() { method_->process_weights_after_loading(*this); }
+void LinearBase::process_weights_after_loading(const KernelTargets& targets) {
+  method_->process_weights_after_loading(*this, targets);
+}
 
 // ------------------------------------------------------ ColumnParallelLinear
 

@@ -160,4 +160,111 @@ fs::path file_holding(const fs::path& dir, const std::string& tensor) {
   throw std::runtime_error("no file in " + dir.string() + " holds " + tensor);
 }
 
+namespace {
+
+using ojson = nlohmann::ordered_json;
+const std::string kQ = "model.layers.1.self_attn.q_proj.weight";
+
+/// Rewrites a file without `tensor`, keeping the data contiguous, and drops it from the index.
+void drop_tensor(const fs::path& model, const std::string& tensor) {
+  fs::path shard = file_holding(model, tensor);
+  auto raw = RawSafetensors::read(shard);
+  ojson header = ojson::object();
+  std::string data;
+  for (auto& [k, v] : raw.header.items()) {
+    if (k == "__metadata__" || k == tensor) continue;
+    uint64_t b = v["data_offsets"][0], e = v["data_offsets"][1];
+    ojson entry = v;
+    entry["data_offsets"] = {data.size(), data.size() + (e - b)};
+    data += raw.data.substr(b, e - b);
+    header[k] = entry;
+  }
+  raw.header = header;
+  raw.data = data;
+  raw.write(shard);
+  auto index_path = model / "model.safetensors.index.json";
+  ojson index = ojson::parse(read_bytes(index_path));
+  index["weight_map"].erase(tensor);
+  write_bytes(index_path, index.dump());
+}
+
+}  // namespace
+
+const std::vector<std::pair<Corruption, std::string>>& all_corruptions() {
+  static const std::vector<std::pair<Corruption, std::string>> all = {
+      {Corruption::TruncatedShard, "TruncatedShard"},
+      {Corruption::HeaderLengthBeyondFile, "HeaderLengthBeyondFile"},
+      {Corruption::OverlappingOffsets, "OverlappingOffsets"},
+      {Corruption::UnknownDtype, "UnknownDtype"},
+      {Corruption::NumelBytesMismatch, "NumelBytesMismatch"},
+      {Corruption::IndexNamesMissingFile, "IndexNamesMissingFile"},
+      {Corruption::UnexpectedTensorName, "UnexpectedTensorName"},
+      {Corruption::MissingWeight, "MissingWeight"},
+      {Corruption::WrongShape, "WrongShape"},
+  };
+  return all;
+}
+
+std::vector<std::string> corrupt(const fs::path& model, Corruption kind) {
+  const fs::path shard = file_holding(model, kQ);
+  switch (kind) {
+    case Corruption::TruncatedShard:
+      fs::resize_file(shard, fs::file_size(shard) - 7);
+      return {shard.string(), "truncated"};
+    case Corruption::HeaderLengthBeyondFile: {
+      std::string bytes = read_bytes(shard);
+      bytes[5] = '\x01';
+      write_bytes(shard, bytes);
+      return {shard.string(), "header length"};
+    }
+    case Corruption::OverlappingOffsets: {
+      auto raw = RawSafetensors::read(shard);
+      raw.header["model.layers.1.extra.weight"] = raw.header[kQ];  // a second tensor over the same bytes
+      raw.write(shard);
+      return {shard.string(), "overlap"};
+    }
+    case Corruption::UnknownDtype: {
+      auto raw = RawSafetensors::read(shard);
+      raw.header[kQ]["dtype"] = "F12";
+      raw.write(shard);
+      return {shard.string(), kQ, "unknown dtype 'F12'"};
+    }
+    case Corruption::NumelBytesMismatch: {
+      auto raw = RawSafetensors::read(shard);
+      auto shape = raw.header[kQ]["shape"];
+      raw.header[kQ]["shape"] = {shape[0].get<int64_t>() - 1, shape[1]};
+      raw.write(shard);
+      return {shard.string(), kQ, "bytes"};
+    }
+    case Corruption::IndexNamesMissingFile:
+      fs::remove(shard);
+      return {"model.safetensors.index.json", shard.filename().string(), "missing file"};
+    case Corruption::UnexpectedTensorName: {
+      auto raw = RawSafetensors::read(shard);
+      ojson renamed = ojson::object();
+      for (auto& [k, v] : raw.header.items()) renamed[k == kQ ? "model.layers.1.self_attn.query.weight" : k] = v;
+      raw.header = renamed;
+      raw.write(shard);
+      auto index_path = model / "model.safetensors.index.json";
+      ojson index = ojson::parse(read_bytes(index_path));
+      index["weight_map"]["model.layers.1.self_attn.query.weight"] = index["weight_map"][kQ];
+      index["weight_map"].erase(kQ);
+      write_bytes(index_path, index.dump());
+      return {"There is no module or parameter named 'model.layers.1.self_attn.query' in LlamaAttention", shard.string()};
+    }
+    case Corruption::MissingWeight:
+      drop_tensor(model, "model.norm.weight");
+      return {"Some weights are not initialized from checkpoints: model.norm.weight"};
+    case Corruption::WrongShape: {
+      auto raw = RawSafetensors::read(shard);
+      auto shape = raw.header[kQ]["shape"];
+      const int64_t rows = shape[0], cols = shape[1];
+      raw.header[kQ]["shape"] = {rows / 2, cols * 2};  // same bytes, wrong shape
+      raw.write(shard);
+      return {kQ, "[" + std::to_string(rows / 2) + ", " + std::to_string(cols * 2) + "]"};
+    }
+  }
+  return {};
+}
+
 }  // namespace loadkit::test

@@ -76,4 +76,21 @@ std::string safetensors_bytes(const std::string& header_text, const std::string&
 /// The first safetensors file of a checkpoint directory that holds `tensor`.
 fs::path file_holding(const fs::path& dir, const std::string& tensor);
 
+/// Ways to break an indexed Llama checkpoint (a copy), each still a set of
+/// files a careless reader might accept.
+enum class Corruption {
+  TruncatedShard,
+  HeaderLengthBeyondFile,
+  OverlappingOffsets,
+  UnknownDtype,
+  NumelBytesMismatch,
+  IndexNamesMissingFile,
+  UnexpectedTensorName,
+  MissingWeight,
+  WrongShape,
+};
+const std::vector<std::pair<Corruption, std::string>>& all_corruptions();  ///< with a test-name suffix each
+/// Breaks the checkpoint in `model`; returns fragments its error message must contain.
+std::vector<std::string> corrupt(const fs::path& model, Corruption kind);
+
 }  // namespace loadkit::test

@@ -16,6 +16,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -63,6 +64,12 @@ class Parameter {
   /// Elements written by loaders since the counter was last reset (capped at numel).
   int64_t loaded_numel = 0;
 };
+
+/// Kernel-format tensors that a reload wants processing to write into, by
+/// parameter name: processing that honours them writes its results in place
+/// (same storage, so captured CUDA graphs stay valid, and no second copy of the
+/// layer is allocated). Empty on a fresh load.
+using KernelTargets = std::map<std::string, at::Tensor, std::less<>>;
 
 /// Copies `loaded` into all of `param.data`; shapes must be equal.
 WeightLoader default_weight_loader();
@@ -118,9 +125,14 @@ class Module {
 
   /// True for attention-like modules, which are processed after all others.
   virtual bool is_attention_like() const { return false; }
+  /// True when processing changes this module's own parameters (their shapes,
+  /// dtypes or set); a reload then restores the load format around it. When
+  /// false, load format is kernel format and a reload writes straight into it.
+  virtual bool transforms_weights() const { return false; }
   /// Converts this module's own parameters from load format to kernel format
-  /// once all of them are loaded (quantization, repacking). Default: nothing.
-  virtual void process_weights_after_loading() {}
+  /// once all of them are loaded (quantization, repacking). Writes into
+  /// `targets` where it can (see KernelTargets). Default: nothing.
+  virtual void process_weights_after_loading(const KernelTargets& targets = {}) { (void)targets; }
 
  private:
   void add_child(std::string name, std::shared_ptr<Module> child);

@@ -36,8 +36,11 @@ class LinearMethod {
   /// `layer`, using `loader` and `sharding` for it.
   virtual void create_weights(LinearBase& layer, const LinearShape& shape, WeightLoader loader,
                               ShardingInfo sharding, const ModelContext& ctx) = 0;
-  /// Converts `layer`'s loaded parameters to kernel format.
-  virtual void process_weights_after_loading(LinearBase& layer) = 0;
+  /// True when processing changes the layer's parameters (false for plain weights).
+  virtual bool transforms_weights() const = 0;
+  /// Converts `layer`'s loaded parameters to kernel format, writing into
+  /// `targets` (same names, shapes and dtypes as its own results) when given.
+  virtual void process_weights_after_loading(LinearBase& layer, const KernelTargets& targets) = 0;
   /// y = x Wᵀ (+ bias when defined), from kernel format.
   virtual at::Tensor apply(LinearBase& layer, const at::Tensor& x, const at::Tensor& bias) = 0;
 };

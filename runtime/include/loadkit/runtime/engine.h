@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include "loadkit/weights.h"
+
 namespace loadkit {
 
 class CausalLM;
@@ -40,6 +42,8 @@ struct LoadReport {
   bool pointers_stable = true;  ///< every parameter kept its data_ptr from build to ready
   int layers_processed = 0;
   int layers_delayed = 0;
+  /// Reloads and updates: modules that received no weight (kept as they were).
+  std::vector<std::string> untouched_modules;
 
   double gb_per_s() const { return seconds > 0 ? static_cast<double>(bytes) / seconds / 1e9 : 0.0; }
   std::string to_json() const;
@@ -50,6 +54,21 @@ class LoadedModel {
   /// Builds and loads the model described by `options`. Throws loadkit::Error.
   static std::unique_ptr<LoadedModel> load(const LoadOptions& options, const Registry& registry);
   ~LoadedModel();
+
+  /// Reloads every weight in place from a checkpoint directory (empty: the
+  /// model's own). The whole checkpoint is validated against the model first
+  /// — names, shapes, dtypes, completeness — and nothing is touched if that
+  /// fails. With `process` false the checkpoint is already in kernel format
+  /// (the model's parameter names and shapes) and is copied straight in.
+  const LoadReport& reload(const std::string& source_dir = "", bool process = true);
+
+  /// Streaming reload for trainers: weights arrive in chunks of (name, tensor)
+  /// in checkpoint naming. Each chunk is validated whole before it is applied;
+  /// a module is processed as soon as its last weight arrives. Tensors must
+  /// stay unchanged until finish_update(). A partial update is allowed.
+  void begin_update();
+  void update(const std::vector<NamedWeight>& chunk);
+  const LoadReport& finish_update();
 
   /// Logits of one sequence (positions 0..n-1): float32 [n, vocab_size] on the CPU.
   /// Every token must be inside the vocabulary (Usage error otherwise).

@@ -28,7 +28,8 @@ struct LinearOptions {
 class LinearBase : public Module {
  public:
   at::Tensor forward(const at::Tensor& x);
-  void process_weights_after_loading() override;
+  bool transforms_weights() const override { return method_->transforms_weights(); }
+  void process_weights_after_loading(const KernelTargets& targets = {}) override;
 
   const LinearShape& shape() const { return shape_; }
   LinearMethod& method() { return *method_; }

@@ -1,0 +1,172 @@
+// Online quantization of 16/32-bit checkpoints, provided to every architecture
+// through the registry: `fp8` (per-tensor dynamic e4m3 weights, at::_scaled_mm
+// on Hopper) and `int8` (weight-only, per output channel).
+//
+// Both quantize in row chunks with float32 arithmetic, so that processing a
+// layer needs the layer's load-format weight plus a bounded scratch, and both
+// write straight into a reload's kernel tensors when given them.
+
+#include <ATen/ATen.h>
+
+#include <loadkit/error.h>
+#include <loadkit/layers/linear.h>
+#include <loadkit/plugin.h>
+
+namespace {
+
+using namespace loadkit;
+
+constexpr double kFp8Max = 448.0;           // largest finite float8_e4m3fn
+constexpr double kMinScale = 1e-12;         // an all-zero weight quantizes to zeros, never inf/NaN
+constexpr int64_t kChunkElements = 1 << 24;  // scratch bound for chunked quantization
+
+int64_t rows_per_chunk(int64_t cols) { return std::max<int64_t>(1, kChunkElements / std::max<int64_t>(1, cols)); }
+
+/// `targets[name]` when it is there with this shape and dtype, else a fresh tensor.
+at::Tensor target_or(const KernelTargets& targets, const char* name, at::IntArrayRef shape, at::ScalarType dtype,
+                     const std::function<at::Tensor()>& make) {
+  auto it = targets.find(name);
+  if (it != targets.end() && it->second.sizes() == shape && it->second.scalar_type() == dtype) return it->second;
+  return make();
+}
+
+/// Replaces the layer's load-format "weight" by kernel-format tensors.
+void install(LinearBase& layer, at::Tensor weight, at::Tensor scale) {
+  WeightLoader loader = layer.param("weight").loader;
+  ShardingInfo sharding = layer.param("weight").sharding;
+  layer.remove_parameter("weight");
+  layer.remove_parameter("weight_scale");
+  layer.add_parameter("weight", std::move(weight), loader, sharding);
+  layer.add_parameter("weight_scale", std::move(scale));
+}
+
+class Fp8LinearMethod final : public LinearMethod {
+ public:
+  std::string name() const override { return "fp8"; }
+  bool transforms_weights() const override { return true; }
+
+  void create_weights(LinearBase& layer, const LinearShape& shape, WeightLoader loader, ShardingInfo sharding,
+                      const ModelContext& ctx) override {
+    layer.add_parameter("weight", at::empty({shape.output_size, shape.input_size}, ctx.options()), std::move(loader),
+                        sharding);
+  }
+
+  void process_weights_after_loading(LinearBase& layer, const KernelTargets& targets) override {
+    const at::Tensor w = layer.param("weight").data;  // load format [out, in]
+    if (w.scalar_type() == at::kFloat8_e4m3fn) return;  // already kernel format
+    const int64_t out = w.size(0), in = w.size(1);
+    auto [lo, hi] = at::aminmax(w);  // no full-size |w| temporary
+    at::Tensor amax = at::maximum(lo.abs(), hi.abs()).to(at::kFloat);
+    at::Tensor scale = target_or(targets, "weight_scale", {1}, at::kFloat,
+                                 [&] { return at::empty({1}, w.options().dtype(at::kFloat)); });
+    scale.copy_((amax / kFp8Max).clamp_min(kMinScale).reshape({1}));
+    // Kernel layout: [in, out], column-major (the transpose of a contiguous [out, in]), as _scaled_mm wants.
+    at::Tensor weight = target_or(targets, "weight", {in, out}, at::kFloat8_e4m3fn, [&] {
+      return at::empty({out, in}, w.options().dtype(at::kFloat8_e4m3fn)).t();
+    });
+    at::Tensor rows = weight.t();  // [out, in] view of the same storage
+    const int64_t step = rows_per_chunk(in);
+    for (int64_t r = 0; r < out; r += step) {
+      const int64_t n = std::min(step, out - r);
+      rows.narrow(0, r, n).copy_((w.narrow(0, r, n).to(at::kFloat) / scale).clamp_(-kFp8Max, kFp8Max));
+    }
+    install(layer, weight, scale);
+  }
+
+  at::Tensor apply(LinearBase& layer, const at::Tensor& x, const at::Tensor& bias) override {
+    const at::Tensor& w = layer.param("weight").data;  // [in, out] fp8
+    const at::Tensor& scale = layer.param("weight_scale").data;
+    if (scaled_mm_fits(x, w)) return scaled_mm(x, w, scale, bias);
+    // Elsewhere (CPU, shapes _scaled_mm cannot take): dequantize and multiply.
+    at::Tensor dequant = (w.t().to(at::kFloat) * scale).to(x.scalar_type());
+    return at::linear(x, dequant, bias);
+  }
+
+ private:
+  /// Hopper's fp8 GEMM wants K and N multiples of 16 and a 16-bit or float output.
+  static bool scaled_mm_fits(const at::Tensor& x, const at::Tensor& w) {
+    if (!x.is_cuda()) return false;
+    return w.size(0) % 16 == 0 && w.size(1) % 16 == 0;
+  }
+
+  static at::Tensor scaled_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
+                              const at::Tensor& bias) {
+    const int64_t in = w.size(0), out = w.size(1);
+    at::Tensor x2 = x.reshape({-1, in});
+    const int64_t m = x2.size(0), padded = (m + 15) / 16 * 16;
+    // Dynamic per-tensor activation scale, computed on the device (no host sync: graph-capturable).
+    at::Tensor x_scale = (x2.abs().amax().to(at::kFloat) / kFp8Max).clamp_min(kMinScale);
+    at::Tensor xq = (x2.to(at::kFloat) / x_scale).clamp_(-kFp8Max, kFp8Max).to(at::kFloat8_e4m3fn);
+    if (padded != m) xq = at::constant_pad_nd(xq.view(at::kByte), {0, 0, 0, padded - m}).view(at::kFloat8_e4m3fn);
+    at::Tensor y = at::_scaled_mm(xq, w, x_scale.reshape({}), w_scale.reshape({}), std::nullopt, std::nullopt,
+                                  x.scalar_type());
+    if (padded != m) y = y.narrow(0, 0, m);
+    if (bias.defined()) y = y + bias;
+    auto shape = x.sizes().vec();
+    shape.back() = out;
+    return y.reshape(shape);
+  }
+};
+
+class Int8LinearMethod final : public LinearMethod {
+ public:
+  std::string name() const override { return "int8"; }
+  bool transforms_weights() const override { return true; }
+
+  void create_weights(LinearBase& layer, const LinearShape& shape, WeightLoader loader, ShardingInfo sharding,
+                      const ModelContext& ctx) override {
+    layer.add_parameter("weight", at::empty({shape.output_size, shape.input_size}, ctx.options()), std::move(loader),
+                        sharding);
+  }
+
+  void process_weights_after_loading(LinearBase& layer, const KernelTargets& targets) override {
+    const at::Tensor w = layer.param("weight").data;  // [out, in]
+    if (w.scalar_type() == at::kChar) return;
+    const int64_t out = w.size(0), in = w.size(1);
+    at::Tensor weight = target_or(targets, "weight", {out, in}, at::kChar,
+                                  [&] { return at::empty({out, in}, w.options().dtype(at::kChar)); });
+    at::Tensor scale = target_or(targets, "weight_scale", {out}, at::kFloat,
+                                 [&] { return at::empty({out}, w.options().dtype(at::kFloat)); });
+    const int64_t step = rows_per_chunk(in);
+    for (int64_t r = 0; r < out; r += step) {
+      const int64_t n = std::min(step, out - r);
+      at::Tensor chunk = w.narrow(0, r, n).to(at::kFloat);
+      at::Tensor s = (chunk.abs().amax(1) / 127.0).clamp_min(kMinScale);
+      scale.narrow(0, r, n).copy_(s);
+      weight.narrow(0, r, n).copy_((chunk / s.unsqueeze(1)).round_().clamp_(-127, 127));
+    }
+    install(layer, weight, scale);
+  }
+
+  at::Tensor apply(LinearBase& layer, const at::Tensor& x, const at::Tensor& bias) override {
+    const at::Tensor& w = layer.param("weight").data;
+    const at::Tensor& scale = layer.param("weight_scale").data;
+    at::Tensor dequant = (w.to(at::kFloat) * scale.unsqueeze(1)).to(x.scalar_type());
+    return at::linear(x, dequant, bias);
+  }
+};
+
+template <class Method>
+class SingleMethodConfig final : public QuantConfig {
+ public:
+  explicit SingleMethodConfig(std::string name) : name_(std::move(name)), method_(std::make_shared<Method>()) {}
+  std::string name() const override { return name_; }
+  std::shared_ptr<LinearMethod> linear_method() override { return method_; }
+
+ private:
+  std::string name_;
+  std::shared_ptr<LinearMethod> method_;
+};
+
+void register_quant(Registrar& registrar) {
+  registrar.add_quant_method("fp8", [](const ModelContext&) {
+    return std::make_shared<SingleMethodConfig<Fp8LinearMethod>>("fp8");
+  });
+  registrar.add_quant_method("int8", [](const ModelContext&) {
+    return std::make_shared<SingleMethodConfig<Int8LinearMethod>>("int8");
+  });
+}
+
+}  // namespace
+
+LOADKIT_PLUGIN("quant", "1.0.0", register_quant)

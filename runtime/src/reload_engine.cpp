@@ -1,0 +1,406 @@
+#include "reload_engine.h"
+
+#include <ATen/ATen.h>
+
+#include <unordered_map>
+#include <unordered_set>
+
+#include "loadkit/error.h"
+#include "loadkit/module.h"
+#include "loadkit/runtime/log.h"
+
+namespace loadkit {
+
+namespace {
+
+/// One parameter as built (load format), managed by its first owner module.
+struct ParamRecord {
+  std::string name;       ///< inside its module
+  std::string qualified;  ///< from the root
+  std::shared_ptr<Parameter> original;
+  std::vector<int64_t> shape;
+  at::ScalarType dtype;
+  WeightLoader loader;  ///< the loader it was built with
+  ShardingInfo sharding;
+  int64_t expected = 0;
+  // Per session.
+  int64_t applied = 0;
+  int64_t validated = 0;
+};
+
+struct Call {
+  size_t param;
+  at::Tensor loaded;
+  ShardId shard;
+};
+
+struct ModuleRecord {
+  std::string name;
+  Module* module = nullptr;
+  std::vector<ParamRecord> params;
+  bool attention_like = false;
+  // Per session.
+  bool transforms = false;  ///< processing changes the parameters: load format restored on meta
+  std::vector<std::pair<std::string, std::shared_ptr<Parameter>>> kernel_objects;
+  std::vector<std::pair<std::string, at::Tensor>> kernel_data;
+  std::vector<std::pair<std::string, at::Tensor>> kernel_buffers;
+  std::vector<Call> calls;
+  int64_t total = 0;
+  int64_t applied = 0;
+  bool done = false;
+};
+
+struct TensorFacts {
+  const void* ptr;
+  std::vector<int64_t> sizes, strides;
+  at::ScalarType dtype;
+  bool operator==(const TensorFacts&) const = default;
+};
+
+TensorFacts facts(const at::Tensor& t) {
+  return {t.data_ptr(), t.sizes().vec(), t.strides().vec(), t.scalar_type()};
+}
+
+bool same_tensor(const at::Tensor& a, const at::Tensor& b) { return facts(a) == facts(b); }
+
+at::Tensor meta_tensor(const std::vector<int64_t>& shape, at::ScalarType dtype) {
+  return at::empty(shape, at::TensorOptions().dtype(dtype).device(at::kMeta));
+}
+
+}  // namespace
+
+struct ReloadEngine::Impl {
+  Module& root;
+  c10::Device device;
+  std::vector<ModuleRecord> modules;
+  bool active = false;
+  bool validating = false;
+  ReloadStats stats;
+  std::vector<std::pair<std::string, TensorFacts>> pointer_snapshot;
+
+  Impl(Module& r, c10::Device d) : root(r), device(d) {
+    std::unordered_set<const Parameter*> seen;
+    for (auto& [name, module] : root.named_modules()) {
+      ModuleRecord rec;
+      rec.name = name;
+      rec.module = module;
+      rec.attention_like = module->is_attention_like();
+      for (const auto& [pname, p] : module->parameters()) {
+        if (!seen.insert(p.get()).second) continue;  // managed by its first owner (tied weights)
+        rec.params.push_back(ParamRecord{pname, name.empty() ? pname : name + "." + pname, p, p->data.sizes().vec(),
+                                         p->data.scalar_type(), p->loader, p->sharding, p->expected_load_numel});
+      }
+      if (!rec.params.empty()) modules.push_back(std::move(rec));
+    }
+  }
+
+  // ------------------------------------------------------------ sessions
+
+  void begin() {
+    if (active) fail(ErrorKind::Usage, "a weight update is already in progress");
+    stats = {};
+    pointer_snapshot.clear();
+    for (size_t m = 0; m < modules.size(); ++m) {
+      ModuleRecord& mod = modules[m];
+      Module& module = *mod.module;
+      mod.kernel_objects = module.parameters();
+      mod.kernel_data.clear();
+      for (auto& [name, p] : mod.kernel_objects) {
+        mod.kernel_data.emplace_back(name, p->data);
+        pointer_snapshot.emplace_back(mod.name + "." + name, facts(p->data));
+      }
+      mod.kernel_buffers = module.buffers();
+      for (auto& [name, b] : mod.kernel_buffers) pointer_snapshot.emplace_back(mod.name + "." + name, facts(b));
+      mod.calls.clear();
+      mod.total = mod.applied = 0;
+      mod.done = false;
+      mod.transforms = module.transforms_weights() || !kernel_matches_records(mod);
+      for (auto& rec : mod.params) {
+        rec.applied = rec.validated = 0;
+        mod.total += rec.expected;
+      }
+      if (mod.transforms) {
+        // Load format back, on the meta device: nothing allocated until the module is complete.
+        for (auto& [name, p] : mod.kernel_objects) module.remove_parameter(name);
+        for (auto& rec : mod.params) {
+          rec.original->data = meta_tensor(rec.shape, rec.dtype);
+          module.add_parameter(rec.name, rec.original);
+        }
+      }
+      for (size_t i = 0; i < mod.params.size(); ++i) active_param(mod, i).loader = wrap(m, i);
+    }
+    active = true;
+  }
+
+  /// Plain modules: the kernel parameters are the recorded ones, unchanged in shape and dtype.
+  static bool kernel_matches_records(const ModuleRecord& mod) {
+    for (const auto& rec : mod.params) {
+      Parameter* p = mod.module->find_param(rec.name);
+      if (!p || p->data.sizes() != at::IntArrayRef(rec.shape) || p->data.scalar_type() != rec.dtype) return false;
+    }
+    return true;
+  }
+
+  Parameter& active_param(ModuleRecord& mod, size_t i) {
+    return mod.transforms ? *mod.params[i].original : mod.module->param(mod.params[i].name);
+  }
+
+  WeightLoader wrap(size_t m, size_t i) {
+    return [this, m, i](Parameter& param, const at::Tensor& loaded, const ShardId& shard) -> int64_t {
+      ModuleRecord& mod = modules[m];
+      ParamRecord& rec = mod.params[i];
+      if (validating) {
+        // The original loader against a meta stand-in: shapes checked, nothing written.
+        Parameter standin(meta_tensor(rec.shape, rec.dtype), rec.loader, rec.sharding);
+        const int64_t n = rec.loader(standin, loaded, shard);
+        if (rec.applied + rec.validated + n > rec.expected)
+          fail(ErrorKind::Input, "parameter '", rec.qualified, "' would receive more than its ", rec.expected,
+               " elements (a weight given twice, or after its module '", mod.name, "' was complete)");
+        rec.validated += n;
+        return n;
+      }
+      if (mod.done)
+        fail(ErrorKind::Input, "a weight for '", rec.qualified, "' arrived after module '", mod.name, "' was complete");
+      const int64_t n = rec.loader(param, loaded, shard);  // kernel storage, or meta for transformed modules
+      rec.applied = std::min(rec.expected, rec.applied + n);
+      mod.applied = 0;
+      for (const auto& r : mod.params) mod.applied += r.applied;
+      if (!mod.transforms) {
+        if (mod.applied >= mod.total) {
+          mod.done = true;
+          ++stats.layers_processed;
+        }
+        return n;
+      }
+      mod.calls.push_back({i, loaded, shard});
+      if (mod.applied >= mod.total && !mod.attention_like) process(mod);
+      return n;
+    };
+  }
+
+  /// Materializes `mod`'s load format, replays its loads, processes into its kernel tensors, frees.
+  void process(ModuleRecord& mod) {
+    Module& module = *mod.module;
+    for (auto& rec : mod.params) rec.original->data = at::empty(rec.shape, at::TensorOptions().dtype(rec.dtype).device(device));
+    for (const Call& call : mod.calls) {
+      ParamRecord& rec = mod.params[call.param];
+      rec.loader(*rec.original, call.loaded, call.shard);
+    }
+    mod.calls.clear();
+    KernelTargets targets(mod.kernel_data.begin(), mod.kernel_data.end());
+    module.process_weights_after_loading(targets);
+    for (auto& [name, kernel] : mod.kernel_data) {
+      Parameter* produced = module.find_param(name);
+      if (!produced) fail(ErrorKind::Other, "processing module '", mod.name, "' did not produce parameter '", name, "'");
+      copy_into(kernel, produced->data, mod.name + "." + name);
+    }
+    for (auto& [name, kernel] : mod.kernel_buffers)
+      if (at::Tensor* produced = module.find_buffer(name)) copy_into(kernel, *produced, mod.name + "." + name);
+    place_kernel(mod);
+    for (auto& rec : mod.params) rec.original->data = meta_tensor(rec.shape, rec.dtype);  // free at once
+    mod.done = true;
+    ++stats.layers_processed;
+  }
+
+  static void copy_into(at::Tensor& kernel, const at::Tensor& produced, const std::string& name) {
+    if (same_tensor(kernel, produced)) return;  // processing wrote in place
+    if (kernel.sizes() != produced.sizes() || kernel.scalar_type() != produced.scalar_type())
+      fail(ErrorKind::Other, "reprocessing '", name, "' produced ", shape_str(produced.sizes()), " ",
+           c10::toString(produced.scalar_type()), ", the kernel tensor is ", shape_str(kernel.sizes()), " ",
+           c10::toString(kernel.scalar_type()));
+    kernel.copy_(produced);
+  }
+
+  /// The module's kernel parameters (the very objects and storage it had) back in place.
+  void place_kernel(ModuleRecord& mod) {
+    if (!mod.transforms) return;
+    Module& module = *mod.module;
+    std::vector<std::string> current;
+    for (const auto& [name, p] : module.parameters()) current.push_back(name);
+    for (const auto& name : current) module.remove_parameter(name);
+    for (size_t k = 0; k < mod.kernel_objects.size(); ++k) {
+      auto& [name, object] = mod.kernel_objects[k];
+      object->data = mod.kernel_data[k].second;
+      module.add_parameter(name, object);
+    }
+    for (auto& [name, b] : mod.kernel_buffers) module.add_buffer(name, b);
+  }
+
+  void restore_loaders(ModuleRecord& mod) {
+    for (auto& rec : mod.params) {
+      rec.original->loader = rec.loader;
+      if (Parameter* p = mod.module->find_param(rec.name)) p->loader = rec.loader;
+    }
+  }
+
+  ReloadStats finish() {
+    std::vector<std::string> partial;
+    for (auto& mod : modules) {
+      if (mod.transforms && !mod.done) {
+        if (mod.applied == 0) {
+          place_kernel(mod);
+        } else if (mod.applied >= mod.total) {
+          process(mod);  // attention-like: after all others
+          ++stats.layers_delayed;
+        } else {
+          partial.push_back(cat(mod.name, " (", mod.applied, " of ", mod.total, " elements)"));
+          mod.calls.clear();
+          place_kernel(mod);
+        }
+      } else if (!mod.transforms && !mod.done && mod.applied > 0) {
+        ++stats.layers_processed;  // partial update of plain weights: the rest keeps its values
+      }
+      if (mod.applied == 0) stats.untouched_modules.push_back(mod.name);
+      restore_loaders(mod);
+    }
+    active = false;
+    stats.pointers_stable = pointers_unchanged();
+    if (!partial.empty()) {
+      std::string list;
+      for (const auto& p : partial) list += (list.empty() ? "" : ", ") + p;
+      fail(ErrorKind::Input, "update left processed modules incomplete, kept unchanged: ", list);
+    }
+    return stats;
+  }
+
+  /// Puts every module back as it was (nothing was written: validation failed).
+  void abort() {
+    for (auto& mod : modules) {
+      mod.calls.clear();
+      if (mod.transforms && !mod.done) place_kernel(mod);
+      restore_loaders(mod);
+    }
+    active = false;
+  }
+
+  bool pointers_unchanged() {
+    std::unordered_map<std::string, TensorFacts> now;
+    for (auto& mod : modules) {
+      for (const auto& [name, p] : mod.module->parameters()) now.emplace(mod.name + "." + name, facts(p->data));
+      for (const auto& [name, b] : mod.module->buffers()) now.emplace(mod.name + "." + name, facts(b));
+    }
+    for (const auto& [name, before] : pointer_snapshot) {
+      auto it = now.find(name);
+      if (it == now.end() || !(it->second == before)) {
+        log::warn(cat("kernel tensor '", name, "' changed storage or layout during the reload"));
+        return false;
+      }
+    }
+    return true;
+  }
+
+  std::vector<std::string> incomplete_after_validation() const {
+    std::vector<std::string> missing;
+    for (const auto& mod : modules)
+      for (const auto& rec : mod.params)
+        if (rec.validated < rec.expected) missing.push_back(rec.qualified);
+    std::sort(missing.begin(), missing.end());
+    return missing;
+  }
+
+  void validate(WeightStream& stream, const Loader& load_weights) {
+    for (auto& mod : modules)
+      for (auto& rec : mod.params) rec.validated = 0;
+    validating = true;
+    try {
+      load_weights(stream);
+    } catch (...) {
+      validating = false;
+      throw;
+    }
+    validating = false;
+  }
+};
+
+ReloadEngine::ReloadEngine(Module& root, c10::Device device) : impl_(std::make_unique<Impl>(root, device)) {}
+ReloadEngine::~ReloadEngine() = default;
+
+ReloadStats ReloadEngine::reload(const StreamFactory& open, const Loader& load_weights) {
+  impl_->begin();
+  try {
+    impl_->validate(*open(), load_weights);
+    auto missing = impl_->incomplete_after_validation();
+    if (!missing.empty()) {
+      std::string list;
+      for (const auto& m : missing) list += (list.empty() ? "" : ", ") + m;
+      fail(ErrorKind::Input, "Some weights are not initialized from checkpoints: ", list);
+    }
+    load_weights(*open());
+    return impl_->finish();
+  } catch (...) {
+    if (impl_->active) impl_->abort();
+    throw;
+  }
+}
+
+void ReloadEngine::begin_update() { impl_->begin(); }
+bool ReloadEngine::updating() const { return impl_->active; }
+
+void ReloadEngine::update(const std::vector<NamedWeight>& chunk, const Loader& load_weights) {
+  if (!impl_->active) fail(ErrorKind::Usage, "update() without begin_update()");
+  VectorWeightStream check(chunk);
+  impl_->validate(check, load_weights);  // a bad chunk is rejected whole; earlier chunks stay applied
+  VectorWeightStream apply(chunk);
+  try {
+    load_weights(apply);
+  } catch (...) {
+    impl_->abort();
+    throw;
+  }
+}
+
+ReloadStats ReloadEngine::finish_update() {
+  if (!impl_->active) fail(ErrorKind::Usage, "finish_update() without begin_update()");
+  return impl_->finish();
+}
+
+ReloadStats ReloadEngine::copy_kernel_format(const StreamFactory& open, bool complete) {
+  std::unordered_map<std::string, Parameter*> params;
+  for (auto& [name, p] : impl_->root.named_parameters()) params.emplace(name, p);
+  std::unordered_map<std::string, TensorFacts> before;
+  for (auto& [name, p] : params) before.emplace(name, facts(p->data));
+
+  auto check = [&](const NamedWeight& w) -> Parameter& {
+    auto it = params.find(w.name);
+    if (it == params.end())
+      fail(ErrorKind::Input, w.origin, ": tensor '", w.name, "' is not a parameter of the model (kernel format)");
+    const at::Tensor& data = it->second->data;
+    if (w.tensor.sizes() != data.sizes() || w.tensor.scalar_type() != data.scalar_type())
+      fail(ErrorKind::Input, w.origin, ": tensor '", w.name, "' is ", shape_str(w.tensor.sizes()), " ",
+           c10::toString(w.tensor.scalar_type()), ", the parameter is ", shape_str(data.sizes()), " ",
+           c10::toString(data.scalar_type()));
+    return *it->second;
+  };
+  std::unordered_set<std::string> seen;
+  {
+    auto stream = open();
+    NamedWeight w;
+    while (stream->next(w)) {
+      check(w);
+      if (!seen.insert(w.name).second) fail(ErrorKind::Input, w.origin, ": tensor '", w.name, "' given twice");
+    }
+  }
+  if (complete) {
+    std::vector<std::string> missing;
+    for (auto& [name, p] : params)
+      if (!seen.count(name)) missing.push_back(name);
+    std::sort(missing.begin(), missing.end());
+    if (!missing.empty()) {
+      std::string list;
+      for (const auto& m : missing) list += (list.empty() ? "" : ", ") + m;
+      fail(ErrorKind::Input, "Some weights are not initialized from checkpoints: ", list);
+    }
+  }
+  ReloadStats stats;
+  auto stream = open();
+  NamedWeight w;
+  while (stream->next(w)) {
+    check(w).data.copy_(w.tensor);
+    ++stats.layers_processed;
+  }
+  for (auto& [name, p] : params)
+    if (!(facts(p->data) == before.at(name))) stats.pointers_stable = false;
+  return stats;
+}
+
+}  // namespace loadkit

@@ -1,0 +1,73 @@
+#pragma once
+/// \file
+/// In-place reloading (DESIGN §7): restore each module's load format on the
+/// meta device, run the model's own load_weights through wrapped loaders,
+/// process a module the moment all its weights have arrived, and copy the
+/// results into the original kernel tensors (same storage).
+///
+/// Beyond vLLM's layerwise reload:
+///  - transactional: a checkpoint is first run through the same loaders
+///    against meta tensors (names, shard shapes, dtypes, duplicates,
+///    completeness) and only then applied; a failed validation leaves every
+///    tensor as it was;
+///  - modules whose processing changes nothing (plain weights) are written
+///    straight into their kernel tensors: no staging copy at all;
+///  - quantization writes into the kernel tensors in place (KernelTargets),
+///    so a layer costs its load-format size in extra memory, then is freed;
+///  - pointer stability is measured, not assumed.
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "loadkit/weights.h"
+
+namespace loadkit {
+
+class Module;
+
+struct ReloadStats {
+  int layers_processed = 0;  ///< modules that received weights and were written
+  int layers_delayed = 0;    ///< modules processed only at the end (attention-like)
+  bool pointers_stable = true;
+  std::vector<std::string> untouched_modules;  ///< modules that received nothing
+};
+
+class ReloadEngine {
+ public:
+  /// Records every parameter's and buffer's load-format metadata. Call right
+  /// after the model is built, before anything is loaded or processed.
+  ReloadEngine(Module& root, c10::Device device);
+  ~ReloadEngine();
+
+  using StreamFactory = std::function<std::unique_ptr<WeightStream>()>;
+  using Loader = std::function<void(WeightStream&)>;  ///< the model's load_weights
+
+  /// Reloads from a complete checkpoint: validates the whole of `open()`'s
+  /// stream first (nothing is touched if it fails, including a missing
+  /// weight), then streams it again into the model.
+  ReloadStats reload(const StreamFactory& open, const Loader& load_weights);
+
+  /// Streaming form for trainers: chunks are validated one by one and
+  /// applied; a module may be completed by a later chunk. A partial update is
+  /// allowed; the stats list the modules that received nothing.
+  void begin_update();
+  void update(const std::vector<NamedWeight>& chunk, const Loader& load_weights);
+  ReloadStats finish_update();
+  bool updating() const;
+
+  /// Copies kernel-format tensors (named as the model's parameters) straight
+  /// in, no loaders, no processing. Validates every name, shape and dtype (and,
+  /// when `complete`, that every parameter is present) before writing.
+  ReloadStats copy_kernel_format(const StreamFactory& open, bool complete);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace loadkit
