@@ -32,6 +32,23 @@ print(f"logits {list(ours.shape)}; next-token argmax per position: {ours.argmax(
 print(f"transformers agrees on every argmax: {bool((ours.argmax(-1) == ref.argmax(-1)).all())}; "
       f"max |loadkit - transformers| = {(ours - ref).abs().max().item():.2e}")
 PY
+
+B="$FIXTURES/llama_fp32_gqa_b"
+echo
+echo "== reload in place from $B (fp8 online quantization), logits after"
+"$LOADKIT" reload --model "$MODEL" --from "$B" --quantization fp8 --tokens "$TOKENS" \
+  --out "$OUT/logits_reloaded.safetensors" --report "$OUT/reload_report.json" --log-level warn
+"$PY" - "$OUT/logits_reloaded.safetensors" "$FIXTURES/references/llama_fp32_gqa_b.safetensors" <<'PY'
+import sys, torch
+from safetensors.torch import load_file
+ours = load_file(sys.argv[1])["logits"]
+ref = load_file(sys.argv[2])["logits"]
+cos = torch.nn.functional.cosine_similarity(ours, ref, dim=-1).min().item()
+print(f"after reload (fp8): argmax {ours.argmax(-1).tolist()}; min cosine vs transformers on the new weights {cos:.4f}")
+PY
 echo
 echo "== load report"
 cat "$OUT/load_report.json"
+echo
+echo "== reload report"
+cat "$OUT/reload_report.json"
