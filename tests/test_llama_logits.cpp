@@ -10,6 +10,7 @@
 #include "loadkit/runtime/engine.h"
 #include "loadkit/runtime/registry.h"
 #include "tensor_io.h"
+#include "device_skip.h"
 #include "test_support.h"
 
 namespace loadkit::test {
@@ -22,9 +23,6 @@ const std::vector<std::string> kLlamaFixtures = {
     "llama_bf16_gqa_tied_b",
 };
 
-bool cuda_here() { return at::hasCUDA(); }
-#define SKIP_WITHOUT(device) \
-  if ((device) != "cpu" && !cuda_here()) GTEST_SKIP() << "no CUDA device here; runs on the GPU machine"
 
 at::Tensor reference_logits(const Fixture& f) {
   for (auto& [name, t] : load_tensors(f.reference))

@@ -161,6 +161,8 @@ void finish_measuring(LoadReport& report, const c10::Device& device, uint64_t al
   report.peak_extra_device_bytes.reset();
   if (device.is_cuda()) {
     const uint64_t peak = device::peak_allocated_bytes(device);
+    log::debug(cat("device memory: ", allocated_at_start, " bytes allocated at the start, peak ", peak, ", now ",
+                   device::allocated_bytes(device)));
     report.peak_extra_device_bytes = peak > allocated_at_start ? peak - allocated_at_start : 0;
   }
   report.pointers_stable = stats.pointers_stable;

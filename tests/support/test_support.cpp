@@ -83,10 +83,10 @@ const std::vector<Fixture>& fixtures() {
   return all;
 }
 
-const Fixture& fixture(const std::string& name) {
+const Fixture& fixture(std::string_view name) {
   for (const auto& f : fixtures())
     if (f.name == name) return f;
-  throw std::runtime_error("no fixture named " + name);
+  throw std::runtime_error("no fixture named " + std::string(name));
 }
 
 TempDir::TempDir() {

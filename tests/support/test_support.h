@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -39,7 +40,7 @@ struct Fixture {
   std::string tokens_arg() const;  ///< "1,2,3"
 };
 const std::vector<Fixture>& fixtures();
-const Fixture& fixture(const std::string& name);
+const Fixture& fixture(std::string_view name);
 
 class TempDir {
  public:
