@@ -16,6 +16,7 @@
 #include "loadkit/runtime/engine.h"
 #include "loadkit/runtime/registry.h"
 #include "tensor_io.h"
+#include "device.h"
 #include "device_skip.h"
 #include "test_support.h"
 
@@ -350,6 +351,21 @@ TEST(ReloadCli, BadSourceIsExit3) {
 // ------------------------------------------------------------------ GPU
 
 #if LOADKIT_CUDA
+TEST(ReloadGpu, DeviceStatisticsTrackAllocations) {
+  SKIP_WITHOUT(std::string("cuda"));
+  const c10::Device cuda("cuda:0");
+  at::Tensor warm = at::empty({16}, at::TensorOptions().device(cuda));
+  device::reset_peak(cuda);
+  const uint64_t start = device::allocated_bytes(cuda);
+  {
+    at::Tensor big = at::empty({64 << 20}, at::TensorOptions().device(cuda).dtype(at::kByte));
+    std::cout << "[ MEASURE  ] start " << start << " with 64 MiB live " << device::allocated_bytes(cuda) << std::endl;
+  }
+  std::cout << "[ MEASURE  ] peak " << device::peak_allocated_bytes(cuda) << " now " << device::allocated_bytes(cuda)
+            << std::endl;
+  EXPECT_GE(device::peak_allocated_bytes(cuda) - start, uint64_t{64} << 20);
+}
+
 TEST(ReloadGpu, CapturedCudaGraphSeesTheReloadedWeights) {
   SKIP_WITHOUT(std::string("cuda"));
   for (const std::string quant : {"none", "fp8"}) {

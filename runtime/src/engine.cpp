@@ -136,6 +136,7 @@ std::unique_ptr<LoadedModel> LoadedModel::load(const LoadOptions& options, const
   }
   report.pointers_stable = std::all_of(built.begin(), built.end(), [](const auto& b) { return b.first->data.data_ptr() == b.second; });
   report.layers_processed = process_all(*model);
+  loaded->state_->reload->release_load_format();
   device::synchronize(ctx.device);
   report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   if (ctx.device.is_cuda())

@@ -315,6 +315,12 @@ struct ReloadEngine::Impl {
 ReloadEngine::ReloadEngine(Module& root, c10::Device device) : impl_(std::make_unique<Impl>(root, device)) {}
 ReloadEngine::~ReloadEngine() = default;
 
+void ReloadEngine::release_load_format() {
+  for (auto& mod : impl_->modules)
+    for (auto& rec : mod.params)
+      if (mod.module->find_param(rec.name) != rec.original.get()) rec.original->data = meta_tensor(rec.shape, rec.dtype);
+}
+
 ReloadStats ReloadEngine::reload(const StreamFactory& open, const Loader& load_weights) {
   impl_->begin();
   try {

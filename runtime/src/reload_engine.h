@@ -44,6 +44,11 @@ class ReloadEngine {
   ReloadEngine(Module& root, c10::Device device);
   ~ReloadEngine();
 
+  /// After a fresh load has been processed: lets go of the load-format
+  /// tensors that processing replaced (the records keep only their shapes),
+  /// so a quantized model holds its kernel format and nothing more.
+  void release_load_format();
+
   using StreamFactory = std::function<std::unique_ptr<WeightStream>()>;
   using Loader = std::function<void(WeightStream&)>;  ///< the model's load_weights
 
