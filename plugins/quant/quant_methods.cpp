@@ -18,7 +18,7 @@ using namespace loadkit;
 
 constexpr double kFp8Max = 448.0;           // largest finite float8_e4m3fn
 constexpr double kMinScale = 1e-12;         // an all-zero weight quantizes to zeros, never inf/NaN
-constexpr int64_t kChunkElements = 1 << 24;  // scratch bound for chunked quantization
+constexpr int64_t kChunkElements = 1 << 20;  // float32 scratch per chunk: 4 MiB
 
 int64_t rows_per_chunk(int64_t cols) { return std::max<int64_t>(1, kChunkElements / std::max<int64_t>(1, cols)); }
 
@@ -68,7 +68,8 @@ class Fp8LinearMethod final : public LinearMethod {
     const int64_t step = rows_per_chunk(in);
     for (int64_t r = 0; r < out; r += step) {
       const int64_t n = std::min(step, out - r);
-      rows.narrow(0, r, n).copy_((w.narrow(0, r, n).to(at::kFloat) / scale).clamp_(-kFp8Max, kFp8Max));
+      // One float32 scratch per chunk, transformed in place, then narrowed to fp8 straight into the kernel tensor.
+      rows.narrow(0, r, n).copy_(w.narrow(0, r, n).to(at::kFloat).div_(scale).clamp_(-kFp8Max, kFp8Max));
     }
     install(layer, weight, scale);
   }
@@ -130,10 +131,11 @@ class Int8LinearMethod final : public LinearMethod {
     const int64_t step = rows_per_chunk(in);
     for (int64_t r = 0; r < out; r += step) {
       const int64_t n = std::min(step, out - r);
-      at::Tensor chunk = w.narrow(0, r, n).to(at::kFloat);
-      at::Tensor s = (chunk.abs().amax(1) / 127.0).clamp_min(kMinScale);
+      at::Tensor chunk = w.narrow(0, r, n).to(at::kFloat);  // the one float32 scratch
+      auto [lo, hi] = at::aminmax(chunk, 1);                 // per row, no |chunk| temporary
+      at::Tensor s = (at::maximum(lo.abs(), hi.abs()) / 127.0).clamp_min(kMinScale);
       scale.narrow(0, r, n).copy_(s);
-      weight.narrow(0, r, n).copy_((chunk / s.unsqueeze(1)).round_().clamp_(-127, 127));
+      weight.narrow(0, r, n).copy_(chunk.div_(s.unsqueeze(1)).round_().clamp_(-127, 127));
     }
     install(layer, weight, scale);
   }
