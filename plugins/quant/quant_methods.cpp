@@ -40,16 +40,21 @@ void install(LinearBase& layer, at::Tensor weight, at::Tensor scale) {
   layer.add_parameter("weight_scale", std::move(scale));
 }
 
-class Fp8LinearMethod final : public LinearMethod {
+/// Online quantization: the checkpoint holds plain 16/32-bit weights, so the
+/// load format is the plain [out, in] weight; processing makes the kernel format.
+class OnlineQuantMethod : public LinearMethod {
  public:
-  std::string name() const override { return "fp8"; }
   bool transforms_weights() const override { return true; }
-
   void create_weights(LinearBase& layer, const LinearShape& shape, WeightLoader loader, ShardingInfo sharding,
                       const ModelContext& ctx) override {
     layer.add_parameter("weight", at::empty({shape.output_size, shape.input_size}, ctx.options()), std::move(loader),
                         sharding);
   }
+};
+
+class Fp8LinearMethod final : public OnlineQuantMethod {
+ public:
+  std::string name() const override { return "fp8"; }
 
   void process_weights_after_loading(LinearBase& layer, const KernelTargets& targets) override {
     const at::Tensor w = layer.param("weight").data;  // load format [out, in]
@@ -109,16 +114,9 @@ class Fp8LinearMethod final : public LinearMethod {
   }
 };
 
-class Int8LinearMethod final : public LinearMethod {
+class Int8LinearMethod final : public OnlineQuantMethod {
  public:
   std::string name() const override { return "int8"; }
-  bool transforms_weights() const override { return true; }
-
-  void create_weights(LinearBase& layer, const LinearShape& shape, WeightLoader loader, ShardingInfo sharding,
-                      const ModelContext& ctx) override {
-    layer.add_parameter("weight", at::empty({shape.output_size, shape.input_size}, ctx.options()), std::move(loader),
-                        sharding);
-  }
 
   void process_weights_after_loading(LinearBase& layer, const KernelTargets& targets) override {
     const at::Tensor w = layer.param("weight").data;  // [out, in]
