@@ -5,6 +5,7 @@
 #include <unordered_map>
 #include <unordered_set>
 
+#include "loadkit/auto_weights_loader.h"
 #include "loadkit/error.h"
 #include "loadkit/module.h"
 #include "loadkit/runtime/log.h"
@@ -294,7 +295,6 @@ struct ReloadEngine::Impl {
     for (const auto& mod : modules)
       for (const auto& rec : mod.params)
         if (rec.validated < rec.expected) missing.push_back(rec.qualified);
-    std::sort(missing.begin(), missing.end());
     return missing;
   }
 
@@ -325,12 +325,7 @@ ReloadStats ReloadEngine::reload(const StreamFactory& open, const Loader& load_w
   impl_->begin();
   try {
     impl_->validate(*open(), load_weights);
-    auto missing = impl_->incomplete_after_validation();
-    if (!missing.empty()) {
-      std::string list;
-      for (const auto& m : missing) list += (list.empty() ? "" : ", ") + m;
-      fail(ErrorKind::Input, "Some weights are not initialized from checkpoints: ", list);
-    }
+    fail_if_missing(impl_->incomplete_after_validation());
     load_weights(*open());
     return impl_->finish();
   } catch (...) {
@@ -390,12 +385,7 @@ ReloadStats ReloadEngine::copy_kernel_format(const StreamFactory& open, bool com
     std::vector<std::string> missing;
     for (auto& [name, p] : params)
       if (!seen.count(name)) missing.push_back(name);
-    std::sort(missing.begin(), missing.end());
-    if (!missing.empty()) {
-      std::string list;
-      for (const auto& m : missing) list += (list.empty() ? "" : ", ") + m;
-      fail(ErrorKind::Input, "Some weights are not initialized from checkpoints: ", list);
-    }
+    fail_if_missing(std::move(missing));
   }
   ReloadStats stats;
   auto stream = open();

@@ -124,12 +124,14 @@ std::vector<std::string> uninitialized_parameters(const Module& root) {
   return missing;
 }
 
-void check_all_initialized(const Module& root) {
-  auto missing = uninitialized_parameters(root);
+void fail_if_missing(std::vector<std::string> missing) {
   if (missing.empty()) return;
+  std::sort(missing.begin(), missing.end());
   std::string list;
   for (const auto& name : missing) list += (list.empty() ? "" : ", ") + name;
   fail(ErrorKind::Input, "Some weights are not initialized from checkpoints: ", list);
 }
+
+void check_all_initialized(const Module& root) { fail_if_missing(uninitialized_parameters(root)); }
 
 }  // namespace loadkit

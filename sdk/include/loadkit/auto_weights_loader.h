@@ -78,4 +78,8 @@ void reset_load_counts(Module& root);
 /// when `uninitialized_parameters(root)` is not empty.
 void check_all_initialized(const Module& root);
 
+/// The one place that words a missing-weights error: throws it (Input) naming
+/// `missing`, sorted, unless it is empty.
+void fail_if_missing(std::vector<std::string> missing);
+
 }  // namespace loadkit
