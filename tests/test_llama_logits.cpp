@@ -1,5 +1,6 @@
-// The Llama family against transformers: logits through the C++ API and the
-// CLI, on the CPU and (on the GPU machine) on CUDA.
+// What is particular to the Llama plugin: vLLM's parameter names, padded and
+// tied embeddings, dtype conversion, the dummy format and the load report.
+// Its logits against transformers are in test_architectures (tests/archs/llama.cpp).
 
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
@@ -11,81 +12,15 @@
 #include "loadkit/runtime/registry.h"
 #include "tensor_io.h"
 #include "device_skip.h"
+#include "model_checks.h"
 #include "test_support.h"
 
 namespace loadkit::test {
 namespace {
 
-const std::vector<std::string> kLlamaFixtures = {
-    "llama_fp32_gqa_sharded", "llama_legacy_name",  "aquila_model",     "aquila_causal_lm",
-    "llama_fp32_llama3_tied", "llama_fp32_llama3_legacy_config",      "llama_bf16_mqa",
-    "llama_bf16_gqa_tied",    "mistral_fp32_window", "internlm_fp32_bias",  "llama_fp32_gqa_b",
-    "llama_bf16_gqa_tied_b",
-};
-
-
-at::Tensor reference_logits(const Fixture& f) {
-  for (auto& [name, t] : load_tensors(f.reference))
-    if (name == "logits") return t;
-  throw std::runtime_error("reference without logits: " + f.reference);
-}
-
-/// DESIGN's tolerances: fp32 max abs diff ≤ 1e-4; 16-bit cosine ≥ 0.999 per row and argmax agreement.
-void expect_close(const at::Tensor& ours, const at::Tensor& ref, const std::string& dtype) {
-  ASSERT_EQ(ours.sizes(), ref.sizes());
-  ASSERT_EQ(ours.scalar_type(), at::kFloat);
-  if (dtype == "float32") {
-    EXPECT_LE((ours - ref).abs().max().item<double>(), 1e-4);
-  } else {
-    at::Tensor cos = at::cosine_similarity(ours, ref, 1);
-    EXPECT_GE(cos.min().item<double>(), 0.999);
-    EXPECT_TRUE(at::equal(ours.argmax(-1), ref.argmax(-1)));
-  }
-}
-
 std::unique_ptr<LoadedModel> load(const std::string& dir, const std::string& device = "cpu",
                                   const std::string& dtype = "auto", const std::string& format = "auto") {
-  static Registry registry({plugin_dir()});
-  LoadOptions options;
-  options.model_dir = dir;
-  options.device = device;
-  options.dtype = dtype;
-  options.load_format = format;
-  return LoadedModel::load(options, registry);
-}
-
-class LlamaLogits : public ::testing::TestWithParam<std::tuple<std::string, std::string>> {
- protected:
-  const Fixture& fx() const { return fixture(std::get<0>(GetParam())); }
-  const std::string& device() const { return std::get<1>(GetParam()); }
-};
-
-TEST_P(LlamaLogits, ApiMatchesTransformers) {
-  SKIP_WITHOUT(device());
-  auto model = load(fx().dir, device());
-  expect_close(model->logits(fx().tokens), reference_logits(fx()), fx().dtype);
-}
-
-TEST_P(LlamaLogits, CliMatchesTransformers) {
-  SKIP_WITHOUT(device());
-  TempDir tmp;
-  const std::string out = (tmp / "logits.safetensors").string();
-  auto r = run_cli({"logits", "--model", fx().dir, "--tokens", fx().tokens_arg(), "--out", out, "--device", device(),
-                    "--plugin-dir", plugin_dir()});
-  ASSERT_EQ(r.code, 0) << r.err;
-  auto tensors = load_tensors(out);
-  ASSERT_EQ(tensors.size(), 1u);
-  EXPECT_EQ(tensors[0].first, "logits");
-  expect_close(tensors[0].second, reference_logits(fx()), fx().dtype);
-}
-
-INSTANTIATE_TEST_SUITE_P(Fixtures, LlamaLogits,
-                         ::testing::Combine(::testing::ValuesIn(kLlamaFixtures), ::testing::Values("cpu", "cuda")),
-                         [](const auto& info) { return std::get<0>(info.param) + "_" + std::get<1>(info.param); });
-
-TEST(LlamaFixtures, EveryGeneratedFixtureIsCovered) {
-  for (const auto& f : fixtures())
-    EXPECT_NE(std::find(kLlamaFixtures.begin(), kLlamaFixtures.end(), f.name), kLlamaFixtures.end()) << f.name;
+  return load_model(dir, device, "none", dtype, format);
 }
 
 TEST(LlamaModel, ParameterNamesAreVllms) {

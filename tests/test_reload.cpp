@@ -18,6 +18,7 @@
 #include "tensor_io.h"
 #include "device.h"
 #include "device_skip.h"
+#include "model_checks.h"
 #include "test_support.h"
 
 #if LOADKIT_CUDA
@@ -30,28 +31,11 @@
 namespace loadkit::test {
 namespace {
 
-Registry& registry() {
-  static Registry r({plugin_dir()});
-  return r;
-}
-
+Registry& registry() { return build_registry(); }
+using test::load_model;
 std::unique_ptr<LoadedModel> load(const std::string& dir, const std::string& device = "cpu",
                                   const std::string& quant = "none") {
-  LoadOptions o;
-  o.model_dir = dir;
-  o.device = device;
-  o.quantization = quant;
-  return LoadedModel::load(o, registry());
-}
-
-/// Every kernel tensor (parameters and buffers), cloned.
-std::map<std::string, at::Tensor> kernel_state(LoadedModel& m) {
-  std::map<std::string, at::Tensor> out;
-  for (auto& [name, module] : m.model().named_modules()) {
-    for (auto& [p, param] : module->parameters()) out[name.empty() ? p : name + "." + p] = param->data.clone();
-    for (auto& [b, buf] : module->buffers()) out[name.empty() ? b : name + "." + b] = buf.clone();
-  }
-  return out;
+  return load_model(dir, device, quant);
 }
 
 struct Facts {
@@ -67,25 +51,6 @@ std::map<std::string, Facts> storage_facts(LoadedModel& m) {
       out[name + "." + p] = {param->data.data_ptr(), param->data.sizes().vec(), param->data.strides().vec(),
                              param->data.scalar_type()};
   return out;
-}
-
-void expect_identical(const std::map<std::string, at::Tensor>& a, const std::map<std::string, at::Tensor>& b) {
-  ASSERT_EQ(a.size(), b.size());
-  for (const auto& [name, t] : a) {
-    auto it = b.find(name);
-    ASSERT_NE(it, b.end()) << name;
-    ASSERT_EQ(t.scalar_type(), it->second.scalar_type()) << name;
-    ASSERT_EQ(t.sizes(), it->second.sizes()) << name;
-    // Bit-identical: compare the raw bytes (works for fp8 and NaN-free or not).
-    EXPECT_TRUE(at::equal(t.contiguous().view(at::kByte), it->second.contiguous().view(at::kByte))) << name;
-  }
-}
-
-
-at::Tensor reference_logits(const Fixture& f) {
-  for (auto& [name, t] : load_tensors(f.reference))
-    if (name == "logits") return t;
-  throw std::runtime_error("no logits in " + f.reference);
 }
 
 // ------------------------------------------------------------------ matrix
@@ -280,43 +245,6 @@ TEST(ReloadKernelFormat, WrongShapeIsRefusedBeforeAnyCopy) {
   expect_identical(kernel_state(*model), before);
 }
 
-// ------------------------------------------------------- quantized logits
-
-class QuantizedLogits : public ::testing::TestWithParam<std::tuple<std::string, std::string, std::string>> {};
-
-TEST_P(QuantizedLogits, CloseToUnquantizedTransformers) {
-  const auto& [name, quant, device] = GetParam();
-  SKIP_WITHOUT(device);
-  const auto& f = fixture(name);
-  auto model = load(f.dir, device, quant);
-  at::Tensor cos = at::cosine_similarity(model->logits(f.tokens), reference_logits(f), 1);
-  EXPECT_GE(cos.min().item<double>(), quant == "fp8" ? 0.99 : 0.995);
-}
-
-INSTANTIATE_TEST_SUITE_P(Fixtures, QuantizedLogits,
-                         ::testing::Combine(::testing::Values("llama_fp32_gqa_sharded", "llama_bf16_gqa_tied",
-                                                              "llama_bf16_mqa", "internlm_fp32_bias"),
-                                            ::testing::Values("fp8", "int8"), ::testing::Values("cpu", "cuda")),
-                         [](const auto& info) {
-                           return std::get<0>(info.param) + "_" + std::get<1>(info.param) + "_" + std::get<2>(info.param);
-                         });
-
-TEST(Fp8, AllZeroWeightGivesFiniteScaleAndZeros) {
-  ModelContext ctx;
-  ctx.config = ModelConfig::parse("{}", "test");
-  ctx.quant = registry().create_quant("fp8", ctx);
-  ReplicatedLinear layer(32, 16, ctx);
-  layer.param("weight").data.zero_();
-  layer.process_weights_after_loading();
-  at::Tensor scale = layer.param("weight_scale").data;
-  EXPECT_TRUE(at::isfinite(scale).all().item<bool>());
-  EXPECT_GT(scale.item<float>(), 0.0f);
-  EXPECT_EQ(layer.param("weight").data.scalar_type(), at::kFloat8_e4m3fn);
-  EXPECT_EQ(layer.param("weight").data.sizes(), (std::vector<int64_t>{32, 16}));  // kernel layout [in, out]
-  at::Tensor y = layer.forward(at::randn({3, 32}));
-  EXPECT_TRUE(at::equal(y, at::zeros({3, 16})));
-}
-
 // ------------------------------------------------------------------ CLI
 
 TEST(ReloadCli, LogitsAfterReloadMatchTransformersForTheNewWeights) {
@@ -349,6 +277,24 @@ TEST(ReloadCli, BadSourceIsExit3) {
 }
 
 // ------------------------------------------------------------------ GPU
+
+// ------------------------------------------------------- fp8 details
+
+TEST(Fp8, AllZeroWeightGivesFiniteScaleAndZeros) {
+  ModelContext ctx;
+  ctx.config = ModelConfig::parse("{}", "test");
+  ctx.quant = registry().create_quant("fp8", ctx);
+  ReplicatedLinear layer(32, 16, ctx);
+  layer.param("weight").data.zero_();
+  layer.process_weights_after_loading();
+  at::Tensor scale = layer.param("weight_scale").data;
+  EXPECT_TRUE(at::isfinite(scale).all().item<bool>());
+  EXPECT_GT(scale.item<float>(), 0.0f);
+  EXPECT_EQ(layer.param("weight").data.scalar_type(), at::kFloat8_e4m3fn);
+  EXPECT_EQ(layer.param("weight").data.sizes(), (std::vector<int64_t>{32, 16}));  // kernel layout [in, out]
+  at::Tensor y = layer.forward(at::randn({3, 32}));
+  EXPECT_TRUE(at::equal(y, at::zeros({3, 16})));
+}
 
 #if LOADKIT_CUDA
 TEST(ReloadGpu, DeviceStatisticsTrackAllocations) {

@@ -76,6 +76,8 @@ const std::vector<Fixture>& fixtures() {
       fx.dtype = f.at("dtype");
       fx.vocab_size = f.at("vocab_size");
       fx.tokens = f.at("tokens").get<std::vector<int64_t>>();
+      fx.architecture = f.value("architecture", "");
+      fx.reload_target = f.value("reload_target", "");
       out.push_back(std::move(fx));
     }
     return out;

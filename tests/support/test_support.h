@@ -35,6 +35,8 @@ CliResult run_cli(const std::vector<std::string>& args,
 
 struct Fixture {
   std::string name, dir, reference, dtype;
+  std::string architecture;   ///< config.json's architectures[0]
+  std::string reload_target;  ///< a fixture of the same shapes with other weights, or ""
   int64_t vocab_size = 0;
   std::vector<int64_t> tokens;
   std::string tokens_arg() const;  ///< "1,2,3"
