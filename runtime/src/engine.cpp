@@ -16,6 +16,7 @@
 #include "loadkit/runtime/log.h"
 #include "loadkit/runtime/registry.h"
 #include "reload_engine.h"
+#include "staging/staged_stream.h"
 #include "weight_sources.h"
 
 namespace loadkit {
@@ -125,7 +126,7 @@ std::unique_ptr<LoadedModel> LoadedModel::load(const LoadOptions& options, const
   for (auto& [name, p] : model->named_parameters()) built.emplace_back(p, p->data.data_ptr());
 
   if (files) {
-    auto stream = safetensors_stream(*files);
+    auto stream = staging_enabled(ctx.device) ? staged_safetensors_stream(*files, ctx.device) : safetensors_stream(*files);
     reset_load_counts(*model);
     model->load_weights(*stream);
     check_all_initialized(*model);
@@ -181,7 +182,11 @@ const LoadReport& LoadedModel::reload(const std::string& source_dir, bool proces
   if (s.reload->updating()) fail(ErrorKind::Usage, "reload during an unfinished update");
   const auto files = safetensors::open_checkpoint(dir);  // every header validated first
   start_measuring(s.ctx.device, s.allocated_at_start);
-  auto open = [&] { return safetensors_stream(files); };
+  const c10::Device device = s.ctx.device;
+  auto open = [&](ReloadEngine::StreamUse use) {
+    return use == ReloadEngine::StreamUse::Apply && staging_enabled(device) ? staged_safetensors_stream(files, device)
+                                                                            : safetensors_stream(files);
+  };
   ReloadStats stats;
   if (process) {
     stats = s.reload->reload(open, [&](WeightStream& w) { s.model->load_weights(w); });

@@ -324,9 +324,9 @@ void ReloadEngine::release_load_format() {
 ReloadStats ReloadEngine::reload(const StreamFactory& open, const Loader& load_weights) {
   impl_->begin();
   try {
-    impl_->validate(*open(), load_weights);
+    impl_->validate(*open(StreamUse::Validate), load_weights);
     fail_if_missing(impl_->incomplete_after_validation());
-    load_weights(*open());
+    load_weights(*open(StreamUse::Apply));
     return impl_->finish();
   } catch (...) {
     if (impl_->active) impl_->abort();
@@ -374,7 +374,7 @@ ReloadStats ReloadEngine::copy_kernel_format(const StreamFactory& open, bool com
   };
   std::unordered_set<std::string> seen;
   {
-    auto stream = open();
+    auto stream = open(StreamUse::Validate);
     NamedWeight w;
     while (stream->next(w)) {
       check(w);
@@ -388,7 +388,7 @@ ReloadStats ReloadEngine::copy_kernel_format(const StreamFactory& open, bool com
     fail_if_missing(std::move(missing));
   }
   ReloadStats stats;
-  auto stream = open();
+  auto stream = open(StreamUse::Apply);
   NamedWeight w;
   while (stream->next(w)) {
     check(w).data.copy_(w.tensor);

@@ -49,7 +49,10 @@ class ReloadEngine {
   /// so a quantized model holds its kernel format and nothing more.
   void release_load_format();
 
-  using StreamFactory = std::function<std::unique_ptr<WeightStream>()>;
+  /// What a stream is opened for: validation looks at names, shapes and dtypes
+  /// only (no data is read); applying reads the data (the staged fast path).
+  enum class StreamUse { Validate, Apply };
+  using StreamFactory = std::function<std::unique_ptr<WeightStream>(StreamUse)>;
   using Loader = std::function<void(WeightStream&)>;  ///< the model's load_weights
 
   /// Reloads from a complete checkpoint: validates the whole of `open()`'s

@@ -57,6 +57,8 @@ class SafetensorsFile {
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
   /// First byte of `info`'s data inside the mapping.
   const uint8_t* data(const TensorInfo& info) const { return bytes_ + data_start_ + info.begin; }
+  /// Offset of `info`'s first byte from the start of the file (for reading it with pread).
+  uint64_t file_offset(const TensorInfo& info) const { return data_start_ + info.begin; }
   /// Hints the kernel that the whole data section will be read soon.
   void will_need() const;
 
