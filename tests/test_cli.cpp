@@ -161,5 +161,21 @@ TEST(CliPlugins, JsonListsStatusOfEachFile) {
   EXPECT_EQ(status["junk.so"].rfind("broken: cannot open", 0), 0u) << status["junk.so"];
 }
 
+TEST(CliPlugins, ListsQwen2AndGemmaWithTheirPlugins) {
+  auto r = run_cli({"plugins", "list", "--json", "--plugin-dir", plugin_dir()});
+  ASSERT_EQ(r.code, 0) << r.err;
+  std::map<std::string, std::string> plugin_of;  // architecture → plugin file
+  auto j = nlohmann::json::parse(r.out);
+  for (auto& p : j["plugins"])
+    for (auto& arch : p["architectures"])
+      plugin_of[arch.get<std::string>()] = fs::path(p["file"].get<std::string>()).filename();
+  EXPECT_EQ(plugin_of["Qwen2ForCausalLM"], "qwen2.so");
+  EXPECT_EQ(plugin_of["GemmaForCausalLM"], "gemma.so");
+  EXPECT_EQ(plugin_of["Gemma2ForCausalLM"], "gemma.so");
+  auto text = run_cli({"plugins", "list", "--plugin-dir", plugin_dir()});
+  ASSERT_EQ(text.code, 0) << text.err;
+  EXPECT_NE(text.out.find("Gemma2ForCausalLM"), std::string::npos) << text.out;
+}
+
 }  // namespace
 }  // namespace loadkit::test
