@@ -197,8 +197,10 @@ struct ReloadEngine::Impl {
     }
     for (auto& [name, kernel] : mod.kernel_buffers)
       if (at::Tensor* produced = module.find_buffer(name)) copy_into(kernel, *produced, mod.name + "." + name);
+    // Free at once, before the kernel objects are put back: a parameter that processing keeps
+    // (a bias beside an fp8 weight) is its own kernel object, and must end up with kernel data.
+    for (auto& rec : mod.params) rec.original->data = meta_tensor(rec.shape, rec.dtype);
     place_kernel(mod);
-    for (auto& rec : mod.params) rec.original->data = meta_tensor(rec.shape, rec.dtype);  // free at once
     mod.done = true;
     ++stats.layers_processed;
   }
