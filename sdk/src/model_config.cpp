@@ -163,6 +163,14 @@ std::vector<int64_t> ModelConfig::get_ints(std::string_view key) const {
   return out;
 }
 
+std::vector<double> ModelConfig::get_doubles(std::string_view key) const {
+  const json& v = require(*impl_, key);
+  if (!v.is_array()) wrong_type(*impl_, key, "an array of numbers", v);
+  std::vector<double> out;
+  for (const json& item : v) out.push_back(as_double(*impl_, key, item));
+  return out;
+}
+
 ModelConfig ModelConfig::get_object(std::string_view key) const {
   const json& v = require(*impl_, key);
   if (!v.is_object()) wrong_type(*impl_, key, "an object", v);

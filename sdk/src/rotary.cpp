@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <vector>
 
 #include "loadkit/error.h"
 
@@ -39,6 +40,48 @@ at::Tensor llama3_inv_freq(const at::Tensor& inv_freq, const ModelConfig& s) {
   return at::where(medium, smoothed, scaled);
 }
 
+/// LongRoPE (Phi3): per-frequency factors divide the default frequencies; the
+/// short set serves sequences up to `original_max`, the long set longer ones.
+struct LongRope {
+  at::Tensor short_inv_freq, long_inv_freq;
+  int64_t original_max = 0;
+  double attention_factor = 1.0;
+};
+
+LongRope longrope_inv_freq(const at::Tensor& exponents, const RopeParameters& rope, const ModelConfig& config,
+                           int64_t rotary_dim) {
+  const ModelConfig& s = rope.scaling;
+  LongRope out;
+  // As transformers' standardize_rope_params: a top-level original_max_position_embeddings (Phi3
+  // saves it there) wins over the scaling object's, which defaults to max_position_embeddings.
+  out.original_max = config.get_int("original_max_position_embeddings",
+                                    s.get_int("original_max_position_embeddings",
+                                              config.get_int("max_position_embeddings")));
+  if (out.original_max <= 1)
+    fail(ErrorKind::Input, config.origin(), ": longrope original_max_position_embeddings must exceed 1, got ",
+         out.original_max);
+  // Without an explicit factor, the context extension ratio sets the default attention factor.
+  const double factor = s.has("factor") ? s.get_double("factor")
+                                        : static_cast<double>(config.get_int("max_position_embeddings")) /
+                                              static_cast<double>(out.original_max);
+  out.attention_factor =
+      s.has("attention_factor") ? s.get_double("attention_factor")
+      : factor <= 1.0           ? 1.0
+                                : std::sqrt(1.0 + std::log(factor) / std::log(static_cast<double>(out.original_max)));
+  auto factors = [&](const char* key) {
+    std::vector<double> values = s.get_doubles(key);
+    if (static_cast<int64_t>(values.size()) != rotary_dim / 2)
+      fail(ErrorKind::Input, config.origin(), ": longrope ", key, " has ", values.size(), " entries, want ",
+           rotary_dim / 2, " (rotary dims / 2)");
+    return at::tensor(values, at::kDouble).to(at::kFloat);
+  };
+  // 1 / (factor * theta^(2i/d)), in float32 as transformers computes it.
+  at::Tensor base = at::pow(rope.theta, exponents);
+  out.short_inv_freq = 1.0 / (factors("short_factor") * base);
+  out.long_inv_freq = 1.0 / (factors("long_factor") * base);
+  return out;
+}
+
 }  // namespace
 
 RotaryEmbedding::RotaryEmbedding(int64_t head_size, int64_t rotary_dim, const RopeParameters& rope,
@@ -51,6 +94,12 @@ RotaryEmbedding::RotaryEmbedding(int64_t head_size, int64_t rotary_dim, const Ro
     inv_freq = inv_freq / rope.scaling.get_double("factor");
   } else if (rope.type == "llama3") {
     inv_freq = llama3_inv_freq(inv_freq, rope.scaling);
+  } else if (rope.type == "longrope") {
+    LongRope longrope = longrope_inv_freq(exponents, rope, ctx.config, rotary_dim);
+    inv_freq = longrope.short_inv_freq;
+    add_buffer("long_inv_freq", longrope.long_inv_freq.to(ctx.device));
+    long_context_after_ = longrope.original_max;
+    attention_scaling_ = longrope.attention_factor;
   } else if (rope.type != "default") {
     fail(ErrorKind::Input, ctx.config.origin(), ": rope type '", rope.type, "' is not supported");
   }
@@ -74,7 +123,12 @@ at::Tensor RotaryEmbedding::rotate(const at::Tensor& x, const at::Tensor& cos, c
 
 std::pair<at::Tensor, at::Tensor> RotaryEmbedding::forward(const at::Tensor& positions, const at::Tensor& q,
                                                            const at::Tensor& k) const {
-  const at::Tensor& inv_freq = const_cast<RotaryEmbedding*>(this)->buffer("inv_freq");
+  auto* self = const_cast<RotaryEmbedding*>(this);
+  // longrope: like transformers, the whole sequence switches to the long factors once it
+  // (max position + 1) exceeds the original context.
+  const bool long_context =
+      long_context_after_ > 0 && positions.numel() > 0 && positions.max().item<int64_t>() + 1 > long_context_after_;
+  const at::Tensor& inv_freq = self->buffer(long_context ? "long_inv_freq" : "inv_freq");
   at::Tensor freqs = at::outer(positions.to(at::kFloat), inv_freq);  // [n, rotary_dim / 2]
   at::Tensor emb = neox_style_ ? at::cat({freqs, freqs}, -1) : at::repeat_interleave(freqs, 2, -1);
   // [n, 1, rotary_dim], broadcast over heads; cast like transformers before multiplying.

@@ -39,6 +39,7 @@ class ModelConfig {
   std::string get_string(std::string_view key, const std::string& fallback) const;
   std::vector<std::string> get_strings(std::string_view key) const;
   std::vector<int64_t> get_ints(std::string_view key) const;
+  std::vector<double> get_doubles(std::string_view key) const;
   /// A nested object (e.g. `rope_scaling`); its errors name `parent.key`.
   ModelConfig get_object(std::string_view key) const;
 

@@ -18,7 +18,7 @@ namespace loadkit {
 
 struct RopeParameters {
   double theta = 10000.0;
-  std::string type = "default";  ///< default, linear, llama3
+  std::string type = "default";  ///< default, linear, llama3, longrope
   ModelConfig scaling;           ///< the scaling object (empty for default), for type-specific keys
 };
 
@@ -39,6 +39,8 @@ class RotaryEmbedding : public Module {
   int64_t head_size_, rotary_dim_;
   bool neox_style_;
   double attention_scaling_ = 1.0;
+  /// longrope: sequences longer than this (original_max_position_embeddings) use "long_inv_freq"; 0 = none.
+  int64_t long_context_after_ = 0;
 };
 
 }  // namespace loadkit
