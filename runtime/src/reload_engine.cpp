@@ -198,7 +198,9 @@ struct ReloadEngine::Impl {
     for (auto& [name, kernel] : mod.kernel_buffers)
       if (at::Tensor* produced = module.find_buffer(name)) copy_into(kernel, *produced, mod.name + "." + name);
     place_kernel(mod);
-    for (auto& rec : mod.params) rec.original->data = meta_tensor(rec.shape, rec.dtype);  // free at once
+    // Free the load format at once, except parameters processing kept (a bias): those are kernel tensors.
+    for (auto& rec : mod.params)
+      if (module.find_param(rec.name) != rec.original.get()) rec.original->data = meta_tensor(rec.shape, rec.dtype);
     mod.done = true;
     ++stats.layers_processed;
   }
