@@ -3,11 +3,13 @@
 // tensor parallel size 2, every rank must hold exactly what separate q, k and v tensors give it:
 // the same as a QKVParallelLinear loaded shard by shard, and the same as slicing q, k, v by hand.
 // The model trees are built with tp_rank/tp_size and no process group: nothing runs forward.
+// Then the bad inputs particular to these layouts: each one Input error naming what is wrong.
 
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
 #include "loadkit/causal_lm.h"
+#include "loadkit/error.h"
 #include "loadkit/layers/linear.h"
 #include "loadkit/model_context.h"
 #include "loadkit/runtime/registry.h"
@@ -122,6 +124,76 @@ TEST(FusedQkvShards, BigCodeMultiHeadRegroupsPerHeadQkvIntoEachRanksShards) {
     EXPECT_TRUE(at::equal(w, separate_qkv(q, k, v, kHeads, rank))) << "rank " << rank;
     EXPECT_TRUE(at::equal(w, sliced(q, k, v, rank))) << "rank " << rank;
     EXPECT_TRUE(at::equal(b, sliced(bq, bk, bv, rank).squeeze(1))) << "rank " << rank;
+  }
+}
+
+// ------------------------------------------------------------ bad inputs
+
+template <class F>
+std::string input_error(F&& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::Input) << e.what();
+    return e.what();
+  }
+  ADD_FAILURE() << "no error";
+  return "";
+}
+
+std::shared_ptr<CausalLM> single_rank(const Registry& registry, const std::string& arch, const std::string& json) {
+  ModelContext ctx;
+  ctx.config = ModelConfig::parse(json, "test-config.json");
+  return registry.create_model(arch, ctx);
+}
+
+void load(CausalLM& model, const std::string& name, const at::Tensor& tensor) {
+  VectorWeightStream stream({{name, tensor, "test.safetensors"}});
+  model.load_weights(stream);
+}
+
+TEST(Gpt2BigCodeInputs, UnknownActivationNamesFileKeyAndValue) {
+  Registry registry({plugin_dir()});
+  for (const char* arch : {"GPT2LMHeadModel", "GPTBigCodeForCausalLM"}) {
+    auto msg = input_error([&] { single_rank(registry, arch, config(R"(, "activation_function": "gelu_wobbly")")); });
+    EXPECT_NE(msg.find("test-config.json"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("activation_function 'gelu_wobbly'"), std::string::npos) << msg;
+  }
+}
+
+TEST(Gpt2BigCodeInputs, Conv1DWeightThatIsNotTwoDimensionalNamesTheTensor) {
+  Registry registry({plugin_dir()});
+  auto model = single_rank(registry, "GPT2LMHeadModel", config(""));
+  auto msg = input_error([&] { load(*model, "h.0.mlp.c_fc.weight", at::zeros({8, 32, 1})); });
+  EXPECT_NE(msg.find("'h.0.mlp.c_fc.weight'"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("2-D"), std::string::npos) << msg;
+}
+
+TEST(Gpt2BigCodeInputs, Conv1DWeightStoredOutInIsAShapeError) {
+  // A checkpoint that already holds [out, in] (not GPT-2's Conv1D layout) must not load silently.
+  Registry registry({plugin_dir()});
+  auto model = single_rank(registry, "GPT2LMHeadModel", config(""));
+  auto msg = input_error([&] { load(*model, "transformer.h.0.mlp.c_fc.weight", at::zeros({32, 8})); });
+  EXPECT_NE(msg.find("'transformer.h.0.mlp.c_fc.weight'"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("[8, 32]"), std::string::npos) << msg;
+}
+
+TEST(Gpt2BigCodeInputs, PerHeadCAttnOfWrongSizeNamesTheTensor) {
+  Registry registry({plugin_dir()});
+  auto model = single_rank(registry, "GPTBigCodeForCausalLM", config(R"(, "multi_query": false)"));
+  // The multi-query size (hidden + 2 * head_dim rows) in a multi-head checkpoint.
+  auto msg = input_error([&] { load(*model, "transformer.h.0.attn.c_attn.weight", at::zeros({12, 8})); });
+  EXPECT_NE(msg.find("'transformer.h.0.attn.c_attn.weight'"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("[12, 8]"), std::string::npos) << msg;
+}
+
+TEST(Gpt2BigCodeInputs, MoreTokensThanLearnedPositionsIsAnError) {
+  Registry registry({plugin_dir()});
+  for (const char* arch : {"GPT2LMHeadModel", "GPTBigCodeForCausalLM"}) {
+    auto model = single_rank(registry, arch, config(""));
+    auto msg = input_error([&] { model->forward(at::zeros({17}, at::kLong)); });
+    EXPECT_NE(msg.find("17 tokens"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("16"), std::string::npos) << msg;
   }
 }
 
