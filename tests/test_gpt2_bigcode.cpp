@@ -3,11 +3,13 @@
 // tensor parallel size 2, every rank must hold exactly what separate q, k and v tensors give it:
 // the same as a QKVParallelLinear loaded shard by shard, and the same as slicing q, k, v by hand.
 // The model trees are built with tp_rank/tp_size and no process group: nothing runs forward.
-// Then the bad inputs particular to these layouts: each one Input error naming what is wrong.
+// Also the SDK mechanism they rely on (WeightMapping::layouts), and the bad inputs particular
+// to these layouts: each one Input error naming what is wrong.
 
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include "loadkit/auto_weights_loader.h"
 #include "loadkit/causal_lm.h"
 #include "loadkit/error.h"
 #include "loadkit/layers/linear.h"
@@ -127,10 +129,8 @@ TEST(FusedQkvShards, BigCodeMultiHeadRegroupsPerHeadQkvIntoEachRanksShards) {
   }
 }
 
-// ------------------------------------------------------------ bad inputs
-
 template <class F>
-std::string input_error(F&& f) {
+std::string input_error_of(F&& f) {
   try {
     f();
   } catch (const Error& e) {
@@ -140,6 +140,41 @@ std::string input_error(F&& f) {
   ADD_FAILURE() << "no error";
   return "";
 }
+
+// ------------------------------------- SDK: checkpoint layouts (WeightMapping::layouts)
+
+TEST(TensorLayouts, TransposedSuffixLoadsTheTransposeAndLeavesOtherTensorsAlone) {
+  ModelContext ctx = context(config(""), 0);
+  ctx.tp_size = 1;
+  Module root("Root");
+  root.add_module("fc", std::make_shared<ColumnParallelLinear>(3, 4, ctx, LinearOptions{.bias = true}));
+  root.add_module("proj", std::make_shared<ColumnParallelLinear>(3, 4, ctx));
+  WeightMapping mapping;
+  mapping.layouts = {transposed("fc.weight")};  // proj.weight does not end with it
+  AutoWeightsLoader loader(root, mapping);
+  at::Tensor stored = rows(3, 4, 0);  // [in, out]
+  loader.load_one({"fc.weight", stored, "test.safetensors"});
+  loader.load_one({"fc.bias", at::arange(4, at::kFloat), "test.safetensors"});
+  loader.load_one({"proj.weight", rows(4, 3, 50), "test.safetensors"});
+  EXPECT_TRUE(at::equal(root.find_child("fc")->param("weight").data, stored.t()));
+  EXPECT_TRUE(at::equal(root.find_child("fc")->param("bias").data, at::arange(4, at::kFloat)));
+  EXPECT_TRUE(at::equal(root.find_child("proj")->param("weight").data, rows(4, 3, 50)));
+}
+
+TEST(TensorLayouts, ConversionErrorNamesFileTensorAndParameter) {
+  ModelContext ctx = context(config(""), 0);
+  ctx.tp_size = 1;
+  Module root("Root");
+  root.add_module("fc", std::make_shared<ColumnParallelLinear>(3, 4, ctx));
+  WeightMapping mapping;
+  mapping.layouts = {transposed("fc.weight")};
+  auto msg = input_error_of(
+      [&] { AutoWeightsLoader(root, mapping).load_one({"fc.weight", at::zeros({12}), "a.safetensors"}); });
+  EXPECT_NE(msg.find("a.safetensors: tensor 'fc.weight' -> parameter 'fc.weight'"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("2-D"), std::string::npos) << msg;
+}
+
+// ------------------------------------------------------------ bad inputs
 
 std::shared_ptr<CausalLM> single_rank(const Registry& registry, const std::string& arch, const std::string& json) {
   ModelContext ctx;
@@ -155,7 +190,7 @@ void load(CausalLM& model, const std::string& name, const at::Tensor& tensor) {
 TEST(Gpt2BigCodeInputs, UnknownActivationNamesFileKeyAndValue) {
   Registry registry({plugin_dir()});
   for (const char* arch : {"GPT2LMHeadModel", "GPTBigCodeForCausalLM"}) {
-    auto msg = input_error([&] { single_rank(registry, arch, config(R"(, "activation_function": "gelu_wobbly")")); });
+    auto msg = input_error_of([&] { single_rank(registry, arch, config(R"(, "activation_function": "gelu_wobbly")")); });
     EXPECT_NE(msg.find("test-config.json"), std::string::npos) << msg;
     EXPECT_NE(msg.find("activation_function 'gelu_wobbly'"), std::string::npos) << msg;
   }
@@ -164,7 +199,7 @@ TEST(Gpt2BigCodeInputs, UnknownActivationNamesFileKeyAndValue) {
 TEST(Gpt2BigCodeInputs, Conv1DWeightThatIsNotTwoDimensionalNamesTheTensor) {
   Registry registry({plugin_dir()});
   auto model = single_rank(registry, "GPT2LMHeadModel", config(""));
-  auto msg = input_error([&] { load(*model, "h.0.mlp.c_fc.weight", at::zeros({8, 32, 1})); });
+  auto msg = input_error_of([&] { load(*model, "h.0.mlp.c_fc.weight", at::zeros({8, 32, 1})); });
   EXPECT_NE(msg.find("'h.0.mlp.c_fc.weight'"), std::string::npos) << msg;
   EXPECT_NE(msg.find("2-D"), std::string::npos) << msg;
 }
@@ -173,7 +208,7 @@ TEST(Gpt2BigCodeInputs, Conv1DWeightStoredOutInIsAShapeError) {
   // A checkpoint that already holds [out, in] (not GPT-2's Conv1D layout) must not load silently.
   Registry registry({plugin_dir()});
   auto model = single_rank(registry, "GPT2LMHeadModel", config(""));
-  auto msg = input_error([&] { load(*model, "transformer.h.0.mlp.c_fc.weight", at::zeros({32, 8})); });
+  auto msg = input_error_of([&] { load(*model, "transformer.h.0.mlp.c_fc.weight", at::zeros({32, 8})); });
   EXPECT_NE(msg.find("'transformer.h.0.mlp.c_fc.weight'"), std::string::npos) << msg;
   EXPECT_NE(msg.find("[8, 32]"), std::string::npos) << msg;
 }
@@ -182,7 +217,7 @@ TEST(Gpt2BigCodeInputs, PerHeadCAttnOfWrongSizeNamesTheTensor) {
   Registry registry({plugin_dir()});
   auto model = single_rank(registry, "GPTBigCodeForCausalLM", config(R"(, "multi_query": false)"));
   // The multi-query size (hidden + 2 * head_dim rows) in a multi-head checkpoint.
-  auto msg = input_error([&] { load(*model, "transformer.h.0.attn.c_attn.weight", at::zeros({12, 8})); });
+  auto msg = input_error_of([&] { load(*model, "transformer.h.0.attn.c_attn.weight", at::zeros({12, 8})); });
   EXPECT_NE(msg.find("'transformer.h.0.attn.c_attn.weight'"), std::string::npos) << msg;
   EXPECT_NE(msg.find("[12, 8]"), std::string::npos) << msg;
 }
@@ -191,7 +226,7 @@ TEST(Gpt2BigCodeInputs, MoreTokensThanLearnedPositionsIsAnError) {
   Registry registry({plugin_dir()});
   for (const char* arch : {"GPT2LMHeadModel", "GPTBigCodeForCausalLM"}) {
     auto model = single_rank(registry, arch, config(""));
-    auto msg = input_error([&] { model->forward(at::zeros({17}, at::kLong)); });
+    auto msg = input_error_of([&] { model->forward(at::zeros({17}, at::kLong)); });
     EXPECT_NE(msg.find("17 tokens"), std::string::npos) << msg;
     EXPECT_NE(msg.find("16"), std::string::npos) << msg;
   }
