@@ -234,7 +234,14 @@ at::Tensor LoadedModel::logits(const std::vector<int64_t>& tokens) {
   for (int64_t t : tokens)
     if (t < 0 || t >= vocab) fail(ErrorKind::Usage, "--tokens: token ", t, " is outside the vocabulary [0, ", vocab, ")");
   at::Tensor ids = at::tensor(tokens, at::kLong).to(state_->ctx.device);
-  at::Tensor out = model.forward(ids);
+  at::Tensor out;
+  try {
+    out = model.forward(ids);
+  } catch (const Error& e) {
+    // Thrown by plugin code: its vtable lives in the plugin, which may be unloaded while the
+    // exception unwinds past the model's owner. A copy made here outlives the plugin.
+    throw Error(e.kind(), e.what());
+  }
   return out.narrow(-1, 0, vocab).to(at::kCPU, at::kFloat).contiguous();
 }
 

@@ -22,6 +22,13 @@ std::string NameMapper::apply(const std::string& name) const {
   return out;
 }
 
+TensorLayout transposed(std::string suffix) {
+  return {std::move(suffix), [](const at::Tensor& t) {
+            if (t.dim() != 2) fail(ErrorKind::Input, "want a 2-D [in, out] tensor, got shape ", shape_str(t.sizes()));
+            return t.t();
+          }};
+}
+
 AutoWeightsLoader::AutoWeightsLoader(Module& root, WeightMapping mapping)
     : root_(root), mapping_(std::move(mapping)) {}
 
@@ -52,7 +59,8 @@ AutoWeightsLoader::Target AutoWeightsLoader::resolve(const std::string& name, st
 
 namespace {
 
-int64_t call_loader(Parameter& param, const NamedWeight& weight, const std::string& param_name, const ShardId& shard) {
+int64_t call_loader(Parameter& param, const NamedWeight& weight, const std::string& param_name, const ShardId& shard,
+                    const TensorLayout* layout) {
   auto context = [&] {
     return cat(weight.origin, ": tensor '", weight.name, "' -> parameter '", param_name, "'",
                shard.empty() ? std::string() : cat(" (shard ", shard.str(), ")"), ": ");
@@ -62,6 +70,7 @@ int64_t call_loader(Parameter& param, const NamedWeight& weight, const std::stri
                                                   " cannot load into a ", c10::toString(param.data.scalar_type()),
                                                   " parameter"));
   try {
+    if (layout) return param.loader(param, layout->convert(weight.tensor), shard);
     return param.loader(param, weight.tensor, shard);
   } catch (const Error& e) {
     throw Error(e.kind(), context() + e.what());
@@ -97,7 +106,13 @@ std::string AutoWeightsLoader::load_one(const NamedWeight& weight) {
       fail(ErrorKind::Input, error, " (checkpoint tensor '", weight.name, "' from ", weight.origin, ")");
   }
   Parameter& param = *target.param;
-  int64_t written = call_loader(param, weight, target.name, shard);
+  const TensorLayout* layout = nullptr;
+  for (const auto& rule : mapping_.layouts)
+    if (std::string_view(name).ends_with(rule.suffix)) {
+      layout = &rule;
+      break;
+    }
+  int64_t written = call_loader(param, weight, target.name, shard, layout);
   param.loaded_numel = std::min<int64_t>(param.data.numel(), param.loaded_numel + written);
   return target.name;
 }

@@ -11,8 +11,11 @@
 ///   3. the first stacked rule whose `weight_name` occurs in the name and whose
 ///      renamed form is a parameter wins: its loader gets the rule's shard id;
 ///   4. otherwise the name itself must be a parameter, else
-///      `There is no module or parameter named '<prefix>' in <ModuleType>`.
+///      `There is no module or parameter named '<prefix>' in <ModuleType>`;
+///   5. the first `layouts` rule whose suffix ends the (renamed) name converts
+///      the tensor before the parameter's loader sees it.
 
+#include <functional>
 #include <set>
 #include <string>
 #include <vector>
@@ -36,11 +39,24 @@ struct StackedParam {
   ShardId shard;            ///< e.g. {"q"}
 };
 
+/// "A checkpoint tensor whose (renamed) name ends with `suffix` is stored in another
+/// layout than its parameter's loader takes": `convert` gives the loader's layout
+/// (a view where it can), or throws `loadkit::Error` naming what is wrong with it.
+struct TensorLayout {
+  std::string suffix;  ///< e.g. ".c_fc.weight"
+  std::function<at::Tensor(const at::Tensor&)> convert;
+};
+
+/// A 2-D checkpoint tensor stored [in, out] (GPT-2's Conv1D), loaded as its [out, in] transpose.
+TensorLayout transposed(std::string suffix);
+
 struct WeightMapping {
   NameMapper mapper;
   std::vector<StackedParam> stacked;
   std::vector<std::string> skip_prefixes;  ///< e.g. "lm_head." when embeddings are tied
   std::vector<std::string> skip_substrs;   ///< e.g. "rotary_emb.inv_freq"
+  /// Checkpoint layouts other than the loaders', first match by suffix (applied after renaming).
+  std::vector<TensorLayout> layouts;
 };
 
 class AutoWeightsLoader {

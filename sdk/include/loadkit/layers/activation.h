@@ -1,0 +1,23 @@
+#pragma once
+/// \file
+/// Element-wise activations chosen by their transformers name (`ACT2FN`), for
+/// configs that name one (`activation_function`, `hidden_act`).
+
+#include <ATen/core/Tensor.h>
+
+#include <string>
+#include <string_view>
+
+#include "loadkit/model_config.h"
+
+namespace loadkit {
+
+using ActivationFn = at::Tensor (*)(const at::Tensor&);
+
+/// The activation `config[key]` names, `fallback` when the key is absent:
+/// gelu (erf); gelu_new, gelu_fast, gelu_pytorch_tanh (tanh approximation);
+/// quick_gelu; relu; silu, swish. Any other name is an Input error naming the
+/// file, the key and the names supported.
+ActivationFn activation(const ModelConfig& config, std::string_view key, const std::string& fallback);
+
+}  // namespace loadkit

@@ -1,0 +1,37 @@
+#include "loadkit/layers/activation.h"
+
+#include <ATen/ATen.h>
+
+#include <utility>
+
+#include "loadkit/error.h"
+
+namespace loadkit {
+
+namespace {
+
+at::Tensor gelu_erf(const at::Tensor& x) { return at::gelu(x); }
+// transformers' gelu_new and gelu_fast write the tanh formula out; it is the same function.
+at::Tensor gelu_tanh(const at::Tensor& x) { return at::gelu(x, "tanh"); }
+at::Tensor quick_gelu(const at::Tensor& x) { return x * at::sigmoid(1.702 * x); }
+at::Tensor relu(const at::Tensor& x) { return at::relu(x); }
+at::Tensor silu(const at::Tensor& x) { return at::silu(x); }
+
+constexpr std::pair<std::string_view, ActivationFn> kActivations[] = {
+    {"gelu", gelu_erf},       {"gelu_new", gelu_tanh}, {"gelu_fast", gelu_tanh}, {"gelu_pytorch_tanh", gelu_tanh},
+    {"quick_gelu", quick_gelu}, {"relu", relu},        {"silu", silu},           {"swish", silu},
+};
+
+}  // namespace
+
+ActivationFn activation(const ModelConfig& config, std::string_view key, const std::string& fallback) {
+  const std::string name = config.get_string(key, fallback);
+  std::string known;
+  for (const auto& [n, fn] : kActivations) {
+    if (n == name) return fn;
+    known += cat(known.empty() ? "" : ", ", n);
+  }
+  fail(ErrorKind::Input, config.origin(), ": ", key, " '", name, "' is not supported (want one of ", known, ")");
+}
+
+}  // namespace loadkit
