@@ -52,7 +52,7 @@ class JobRunner {
     std::cout << "job " << (job_.name.empty() ? job_.file : job_.name) << ": " << n << " steps\n";
     for (size_t i = 0; i < n; ++i) {
       const Step& s = job_.steps[i];
-      const std::string label = cat("step ", i + 1, "/", n, " '", jobs::step_name(s.kind), "' (", jobs::where(job_, s.mark), ")");
+      const std::string label = cat(jobs::where(job_, s.mark), ": step ", i + 1, "/", n, " '", jobs::step_name(s.kind), "'");
       std::cout << "[" << i + 1 << "/" << n << "] " << jobs::step_name(s.kind) << "\n" << std::flush;
       try {
         run_step(s);
