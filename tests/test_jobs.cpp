@@ -5,6 +5,7 @@
 
 #include <cstdlib>
 #include <fstream>
+#include <typeinfo>
 
 #include "jobs/job.h"
 #include "loadkit/error.h"
@@ -160,6 +161,43 @@ const BadJob kBadJobs[] = {
 
 INSTANTIATE_TEST_SUITE_P(Cases, JobParserRejects, ::testing::ValuesIn(kBadJobs),
                          [](const auto& info) { return std::string(info.param.name); });
+
+// Whatever the bytes, the parser answers with a job or one Usage error that
+// starts with the file name and a position, never another exception.
+TEST(JobParser, MalformedInputsOnlyRaiseUsageErrorsWithAPosition) {
+  const std::string nested(5000, '[');
+  const char* inputs[] = {
+      "model: {path: m}\nsteps: [{}]\n",
+      "model: {path: m}\nsteps: [~]\n",
+      "model: {path: m}\nsteps: [[load]]\n",
+      "model: {path: m}\nsteps: [{? [a]: b}]\n",
+      "? [a]\n: b\n",
+      "model: &m {path: m}\nsteps: [*m]\n",
+      "model: *undefined\nsteps: [load]\n",
+      "model: {path: m, <<: {dtype: float32}}\nsteps: [load]\n",
+      "\tmodel: {path: m}\n",
+      "model: {path: m}\nsteps: [load]\n---\nsecond: document\n",
+      "model: {path: \"\\xZZ\"}\nsteps: [load]\n",
+      "model: {path: m, tp_size: 99999999999999999999}\nsteps: [load]\n",
+      "model: {path: m, tp_size: 0x10}\nsteps: [load]\n",
+      "model: {path: m}\nsteps:\n  - logits: {tokens: [1e3], out: o}\n",
+      "model: {path: m}\nsteps:\n  - verify: {logits: a, reference: b, max_abs_diff: .nan}\n",
+      "\xff\xfe\x00m\x00o",
+      "'unterminated",
+      nested.c_str(),
+  };
+  for (const char* text : inputs) {
+    SCOPED_TRACE(text);
+    try {
+      parse_job(text, "fuzz.yaml");
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::Usage);
+      EXPECT_EQ(std::string(e.what()).rfind("fuzz.yaml:", 0), 0u) << e.what();
+    } catch (const std::exception& e) {
+      ADD_FAILURE() << "escaped as " << typeid(e).name() << ": " << e.what();
+    }
+  }
+}
 
 TEST(JobParser, UnreadableJobFileIsExit2NamingIt) {
   try {

@@ -7,7 +7,8 @@
   3. check the plugin exports only its entry symbol (of its own code);
   4. drop the .so into a fresh plugin directory and run the *installed*
      `loadkit logits` on a Qwen3 fixture: equal to transformers' logits;
-  5. the installed CLI alone (no plugin directory) does not serve Qwen3 (exit 4).
+  5. the installed CLI alone (no plugin directory) does not serve Qwen3 (exit 4);
+  6. the package is SameMajorVersion: asking for loadkit 1.0 fails to configure.
 
     installed_plugin.py BUILD_DIR SOURCE_DIR FIXTURES_DIR CXX GENERATOR [LAUNCHER]
 """
@@ -83,6 +84,16 @@ def main():
                                env=env, text=True, capture_output=True)
         assert alone.returncode == 4, (alone.returncode, alone.stderr)
         assert "'Qwen3ForCausalLM'" in alone.stderr, alone.stderr
+        # SameMajorVersion: the version file refuses another major before the config is read.
+        other = os.path.join(tmp, "wants-major-1")
+        os.makedirs(other)
+        with open(os.path.join(other, "CMakeLists.txt"), "w") as f:
+            f.write("cmake_minimum_required(VERSION 3.25)\nproject(wants_major_1 LANGUAGES NONE)\n"
+                    "find_package(loadkit 1.0 REQUIRED)\n")
+        refused = subprocess.run(["cmake", "-S", other, "-B", os.path.join(other, "build"),
+                                  f"-DCMAKE_PREFIX_PATH={prefix}"], text=True, capture_output=True)
+        assert refused.returncode != 0, refused.stdout
+        assert "version: 0.1.0" in refused.stderr and "\"1.0\"" in refused.stderr, refused.stderr
         print("ok")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
