@@ -20,6 +20,7 @@ constexpr const char* kUsage =
     "  logits         --model DIR --tokens 1,2,3 --out F.safetensors [common]\n"
     "  reload         --model DIR --from DIR2 [--tokens ... --out F.safetensors] [--no-process] [common]\n"
     "                 [--report R.json]\n"
+    "  run            JOB.yaml   (steps: load, logits, reload, verify, save_sharded, report; see configs/)\n"
     "common: --plugin-dir D --device cpu|cuda|cuda:N --dtype float32|bfloat16|float16\n"
     "        --quantization none|fp8|int8 --tp-size N --load-format auto|safetensors|sharded|dummy\n"
     "        --log-level trace|debug|info|warn|error\n";
@@ -51,6 +52,7 @@ int dispatch(const std::vector<std::string>& argv) {
   if (command == "load") return cli::load(rest);
   if (command == "logits") return cli::logits(rest);
   if (command == "reload") return cli::reload(rest);
+  if (command == "run") return cli::run(rest);
   fail(ErrorKind::Usage, "unknown command '", command, "' (run 'loadkit --help')");
 }
 
