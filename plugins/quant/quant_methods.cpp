@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 
 #include <loadkit/error.h>
+#include <loadkit/layers/fused_moe.h>
 #include <loadkit/layers/linear.h>
 #include <loadkit/plugin.h>
 
@@ -146,24 +147,134 @@ class Int8LinearMethod final : public OnlineQuantMethod {
   }
 };
 
-template <class Method>
+// ------------------------------------------------------------ MoE experts
+//
+// Routed experts are quantized per expert: the load format is FusedMoE's plain
+// stacked w13_weight [E, 2I, H] / w2_weight [E, H, I]; the kernel format keeps
+// that layout in fp8/int8 with a "<name>_scale" beside it. Processing writes
+// into a reload's kernel tensors when given them, like the linear methods.
+
+/// Replaces the load-format stacked weight `name` by its kernel format and scale.
+void install_experts(Module& layer, const std::string& name, at::Tensor weight, at::Tensor scale) {
+  WeightLoader loader = layer.param(name).loader;
+  ShardingInfo sharding = layer.param(name).sharding;
+  layer.remove_parameter(name);
+  layer.remove_parameter(name + "_scale");
+  layer.add_parameter(name, std::move(weight), loader, sharding);
+  layer.add_parameter(name + "_scale", std::move(scale));
+}
+
+class OnlineQuantMoEMethod : public FusedMoEMethod {
+ public:
+  bool transforms_weights() const override { return true; }
+  void create_weights(FusedMoE& layer, const MoEShape& s, WeightLoader loader, ShardingInfo w13_sharding,
+                      ShardingInfo w2_sharding, const ModelContext& ctx) override {
+    unquantized_moe_method()->create_weights(layer, s, std::move(loader), w13_sharding, w2_sharding, ctx);
+  }
+  void process_weights_after_loading(FusedMoE& layer, const KernelTargets& targets) override {
+    for (const char* name : {"w13_weight", "w2_weight"}) process(layer, name, targets);
+  }
+
+ protected:
+  virtual void process(FusedMoE& layer, const std::string& name, const KernelTargets& targets) = 0;
+};
+
+/// One float32 scale per expert and stacked weight (per-tensor within the expert).
+class Fp8MoEMethod final : public OnlineQuantMoEMethod {
+ public:
+  std::string name() const override { return "fp8"; }
+
+  std::pair<at::Tensor, at::Tensor> expert_weights(FusedMoE& layer, int64_t e, at::ScalarType dtype) override {
+    auto dequant = [&](const char* name) {
+      const at::Tensor& scale = layer.param(std::string(name) + "_scale").data;
+      return (layer.param(name).data.select(0, e).to(at::kFloat) * scale.narrow(0, e, 1)).to(dtype);
+    };
+    return {dequant("w13_weight"), dequant("w2_weight")};
+  }
+
+ private:
+  void process(FusedMoE& layer, const std::string& name, const KernelTargets& targets) override {
+    const at::Tensor w = layer.param(name).data;  // [E, rows, cols]
+    if (w.scalar_type() == at::kFloat8_e4m3fn) return;
+    const int64_t experts = w.size(0), rows = w.size(1), cols = w.size(2);
+    auto [lo, hi] = at::aminmax(w.reshape({experts, -1}), 1);
+    at::Tensor scale = target_or(targets, (name + "_scale").c_str(), {experts}, at::kFloat,
+                                 [&] { return at::empty({experts}, w.options().dtype(at::kFloat)); });
+    scale.copy_((at::maximum(lo.abs(), hi.abs()).to(at::kFloat) / kFp8Max).clamp_min(kMinScale));
+    at::Tensor weight = target_or(targets, name.c_str(), w.sizes(), at::kFloat8_e4m3fn,
+                                  [&] { return at::empty(w.sizes(), w.options().dtype(at::kFloat8_e4m3fn)); });
+    const int64_t step = rows_per_chunk(cols);
+    for (int64_t e = 0; e < experts; ++e) {
+      at::Tensor s = scale.narrow(0, e, 1);
+      for (int64_t r = 0; r < rows; r += step) {
+        const int64_t n = std::min(step, rows - r);
+        weight.select(0, e).narrow(0, r, n).copy_(
+            w.select(0, e).narrow(0, r, n).to(at::kFloat).div_(s).clamp_(-kFp8Max, kFp8Max));
+      }
+    }
+    install_experts(layer, name, weight, scale);
+  }
+};
+
+/// One float32 scale per expert and output row (weight-only, symmetric).
+class Int8MoEMethod final : public OnlineQuantMoEMethod {
+ public:
+  std::string name() const override { return "int8"; }
+
+  std::pair<at::Tensor, at::Tensor> expert_weights(FusedMoE& layer, int64_t e, at::ScalarType dtype) override {
+    auto dequant = [&](const char* name) {
+      const at::Tensor& scale = layer.param(std::string(name) + "_scale").data;
+      return (layer.param(name).data.select(0, e).to(at::kFloat) * scale.select(0, e).unsqueeze(1)).to(dtype);
+    };
+    return {dequant("w13_weight"), dequant("w2_weight")};
+  }
+
+ private:
+  void process(FusedMoE& layer, const std::string& name, const KernelTargets& targets) override {
+    const at::Tensor w = layer.param(name).data;  // [E, rows, cols]
+    if (w.scalar_type() == at::kChar) return;
+    const int64_t experts = w.size(0), rows = w.size(1), cols = w.size(2);
+    at::Tensor weight = target_or(targets, name.c_str(), w.sizes(), at::kChar,
+                                  [&] { return at::empty(w.sizes(), w.options().dtype(at::kChar)); });
+    at::Tensor scale = target_or(targets, (name + "_scale").c_str(), {experts, rows}, at::kFloat,
+                                 [&] { return at::empty({experts, rows}, w.options().dtype(at::kFloat)); });
+    // Every expert's rows are rows of one [E * rows, cols] matrix: per-row quantization as for a linear layer.
+    at::Tensor all_rows = w.reshape({experts * rows, cols}), out = weight.view({experts * rows, cols});
+    at::Tensor out_scale = scale.view({experts * rows});
+    const int64_t total = experts * rows, step = rows_per_chunk(cols);
+    for (int64_t r = 0; r < total; r += step) {
+      const int64_t n = std::min(step, total - r);
+      at::Tensor chunk = all_rows.narrow(0, r, n).to(at::kFloat);
+      auto [lo, hi] = at::aminmax(chunk, 1);
+      at::Tensor s = (at::maximum(lo.abs(), hi.abs()) / 127.0).clamp_min(kMinScale);
+      out_scale.narrow(0, r, n).copy_(s);
+      out.narrow(0, r, n).copy_(chunk.div_(s.unsqueeze(1)).round_().clamp_(-127, 127));
+    }
+    install_experts(layer, name, weight, scale);
+  }
+};
+
+template <class Method, class MoEMethod>
 class SingleMethodConfig final : public QuantConfig {
  public:
-  explicit SingleMethodConfig(std::string name) : name_(std::move(name)), method_(std::make_shared<Method>()) {}
+  explicit SingleMethodConfig(std::string name)
+      : name_(std::move(name)), method_(std::make_shared<Method>()), moe_method_(std::make_shared<MoEMethod>()) {}
   std::string name() const override { return name_; }
   std::shared_ptr<LinearMethod> linear_method() override { return method_; }
+  std::shared_ptr<FusedMoEMethod> moe_method() override { return moe_method_; }
 
  private:
   std::string name_;
   std::shared_ptr<LinearMethod> method_;
+  std::shared_ptr<FusedMoEMethod> moe_method_;
 };
 
 void register_quant(Registrar& registrar) {
   registrar.add_quant_method("fp8", [](const ModelContext&) {
-    return std::make_shared<SingleMethodConfig<Fp8LinearMethod>>("fp8");
+    return std::make_shared<SingleMethodConfig<Fp8LinearMethod, Fp8MoEMethod>>("fp8");
   });
   registrar.add_quant_method("int8", [](const ModelContext&) {
-    return std::make_shared<SingleMethodConfig<Int8LinearMethod>>("int8");
+    return std::make_shared<SingleMethodConfig<Int8LinearMethod, Int8MoEMethod>>("int8");
   });
 }
 

@@ -88,7 +88,19 @@ std::string AutoWeightsLoader::load_one(const NamedWeight& weight) {
 
   Target target;
   ShardId shard;
+  for (const auto& rule : mapping_.experts) {
+    auto pos = name.find(rule.weight_name);
+    if (pos == std::string::npos) continue;
+    std::string candidate = name;
+    candidate.replace(pos, rule.weight_name.size(), rule.param_name);
+    target = resolve(candidate, nullptr);
+    if (target.param) {
+      shard = rule.shard;
+      break;
+    }
+  }
   for (const auto& rule : mapping_.stacked) {
+    if (target.param) break;
     auto pos = name.find(rule.weight_name);
     if (pos == std::string::npos) continue;
     std::string candidate = name;
@@ -125,6 +137,19 @@ std::set<std::string> AutoWeightsLoader::load(WeightStream& weights) {
     if (!target.empty()) loaded.insert(std::move(target));
   }
   return loaded;
+}
+
+std::vector<ExpertParam> make_expert_params_mapping(const std::string& gate, const std::string& down,
+                                                    const std::string& up, int64_t num_experts) {
+  std::vector<ExpertParam> rules;
+  rules.reserve(static_cast<size_t>(3 * num_experts));
+  for (int64_t e = 0; e < num_experts; ++e) {
+    const std::string prefix = cat("experts.", e, ".");
+    rules.push_back({"experts.w13_", prefix + gate + ".", {"w1", e}});
+    rules.push_back({"experts.w2_", prefix + down + ".", {"w2", e}});
+    rules.push_back({"experts.w13_", prefix + up + ".", {"w3", e}});
+  }
+  return rules;
 }
 
 void reset_load_counts(Module& root) {

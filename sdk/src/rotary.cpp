@@ -82,7 +82,47 @@ LongRope longrope_inv_freq(const at::Tensor& exponents, const RopeParameters& ro
   return out;
 }
 
+/// YaRN (transformers' `_compute_yarn_parameters`): interpolated frequencies
+/// below the correction range, original ones above it, a linear ramp between.
+/// Returns the frequencies and the factor that scales cos and sin.
+std::pair<at::Tensor, double> yarn_inv_freq(const at::Tensor& pos_freqs, int64_t dim, double base,
+                                            const ModelConfig& s, const ModelConfig& config) {
+  const auto original = static_cast<double>(
+      s.get_int("original_max_position_embeddings", config.get_int("max_position_embeddings")));
+  const double factor = s.has("factor") ? s.get_double("factor")
+                                        : static_cast<double>(config.get_int("max_position_embeddings")) / original;
+  double attention_factor = yarn_mscale(factor);
+  const double mscale = s.get_double("mscale", 0.0), mscale_all_dim = s.get_double("mscale_all_dim", 0.0);
+  if (mscale != 0.0 && mscale_all_dim != 0.0) attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim);
+  attention_factor = s.get_double("attention_factor", attention_factor);
+  // A zero means "unset" for the betas, as transformers' `or` does.
+  const double beta_fast = s.get_double("beta_fast", 0.0) != 0.0 ? s.get_double("beta_fast") : 32.0;
+  const double beta_slow = s.get_double("beta_slow", 0.0) != 0.0 ? s.get_double("beta_slow") : 1.0;
+  const bool truncate = s.get_bool("truncate", true);
+
+  auto correction_dim = [&](double rotations) {
+    return static_cast<double>(dim) * std::log(original / (rotations * 2 * M_PI)) / (2 * std::log(base));
+  };
+  double low = correction_dim(beta_fast), high = correction_dim(beta_slow);
+  if (truncate) {
+    low = std::floor(low);
+    high = std::ceil(high);
+  }
+  low = std::max(low, 0.0);
+  high = std::min(high, static_cast<double>(dim - 1));
+  if (low == high) high += 0.001;  // no singularity
+  at::Tensor ramp = ((at::arange(dim / 2, at::kFloat) - low) / (high - low)).clamp(0, 1);
+  at::Tensor extrapolation = 1 - ramp;
+  at::Tensor inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation;
+  return {inv_freq, attention_factor};
+}
+
 }  // namespace
+
+double yarn_mscale(double scale, double mscale) {
+  if (scale <= 1.0) return 1.0;
+  return 0.1 * mscale * std::log(scale) + 1.0;
+}
 
 RotaryEmbedding::RotaryEmbedding(int64_t head_size, int64_t rotary_dim, const RopeParameters& rope,
                                  const ModelContext& ctx, bool neox_style)
@@ -100,6 +140,9 @@ RotaryEmbedding::RotaryEmbedding(int64_t head_size, int64_t rotary_dim, const Ro
     add_buffer("long_inv_freq", longrope.long_inv_freq.to(ctx.device));
     long_context_after_ = longrope.original_max;
     attention_scaling_ = longrope.attention_factor;
+  } else if (rope.type == "yarn") {
+    std::tie(inv_freq, attention_scaling_) =
+        yarn_inv_freq(at::pow(rope.theta, exponents), rotary_dim, rope.theta, rope.scaling, ctx.config);
   } else if (rope.type != "default") {
     fail(ErrorKind::Input, ctx.config.origin(), ": rope type '", rope.type, "' is not supported");
   }

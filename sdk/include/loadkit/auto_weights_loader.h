@@ -8,11 +8,13 @@
 /// model writes by hand). For each tensor, in order:
 ///   1. the name mapper renames it (prefix rules, then substring rules);
 ///   2. names matching `skip_prefixes` / `skip_substrs` are dropped;
-///   3. the first stacked rule whose `weight_name` occurs in the name and whose
+///   3. the first expert rule whose `weight_name` occurs in the name and whose
+///      renamed form is a parameter wins: its loader gets the rule's expert and shard;
+///   4. then the first stacked rule whose `weight_name` occurs in the name and whose
 ///      renamed form is a parameter wins: its loader gets the rule's shard id;
-///   4. otherwise the name itself must be a parameter, else
+///   5. otherwise the name itself must be a parameter, else
 ///      `There is no module or parameter named '<prefix>' in <ModuleType>`;
-///   5. the first `layouts` rule whose suffix ends the (renamed) name converts
+///   6. the first `layouts` rule whose suffix ends the (renamed) name converts
 ///      the tensor before the parameter's loader sees it.
 
 #include <functional>
@@ -50,9 +52,25 @@ struct TensorLayout {
 /// A 2-D checkpoint tensor stored [in, out] (GPT-2's Conv1D), loaded as its [out, in] transpose.
 TensorLayout transposed(std::string suffix);
 
+/// "`weight_name` (e.g. "experts.3.gate_proj.") is shard `shard.name` of expert
+/// `shard.expert` of the stacked MoE parameter `param_name` + the rest of the
+/// name" (vLLM's expert_params_mapping): "mlp.experts.3.gate_proj.weight" →
+/// "mlp.experts.w13_weight", shard {"w1", 3}.
+struct ExpertParam {
+  std::string param_name;   ///< e.g. "experts.w13_"
+  std::string weight_name;  ///< e.g. "experts.3.gate_proj."
+  ShardId shard;            ///< e.g. {"w1", 3}
+};
+
+/// vLLM's `make_expert_params_mapping`: for each of `num_experts` experts,
+/// `gate` → w13 shard "w1", `up` → w13 shard "w3", `down` → w2 shard "w2".
+std::vector<ExpertParam> make_expert_params_mapping(const std::string& gate, const std::string& down,
+                                                    const std::string& up, int64_t num_experts);
+
 struct WeightMapping {
   NameMapper mapper;
   std::vector<StackedParam> stacked;
+  std::vector<ExpertParam> experts;  ///< tried before `stacked` (an expert's "gate_proj" is no dense gate_proj)
   std::vector<std::string> skip_prefixes;  ///< e.g. "lm_head." when embeddings are tied
   std::vector<std::string> skip_substrs;   ///< e.g. "rotary_emb.inv_freq"
   /// Checkpoint layouts other than the loaders', first match by suffix (applied after renaming).

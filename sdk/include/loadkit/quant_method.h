@@ -19,6 +19,7 @@
 
 namespace loadkit {
 
+class FusedMoEMethod;
 class LinearBase;
 struct ModelContext;
 
@@ -52,6 +53,9 @@ class QuantConfig {
   virtual std::string name() const = 0;
   /// The method for a linear layer the plugin marked quantizable.
   virtual std::shared_ptr<LinearMethod> linear_method() = 0;
+  /// The method for the routed experts of a FusedMoE layer the plugin marked
+  /// quantizable (see layers/fused_moe.h); null: the experts stay unquantized.
+  virtual std::shared_ptr<FusedMoEMethod> moe_method() { return nullptr; }
 };
 
 /// Plain weights in the model dtype; processing does nothing.

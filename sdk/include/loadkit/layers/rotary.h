@@ -25,6 +25,10 @@ struct RopeParameters {
 /// Rope settings of `config`; `default_theta` when it names none.
 RopeParameters rope_parameters(const ModelConfig& config, double default_theta = 10000.0);
 
+/// YaRN's magnitude correction for a context stretched by `scale`:
+/// 0.1 · mscale · ln(scale) + 1, or 1 when scale ≤ 1 (transformers' / DeepSeek's `yarn_get_mscale`).
+double yarn_mscale(double scale, double mscale = 1.0);
+
 class RotaryEmbedding : public Module {
  public:
   /// Rotates the first `rotary_dim` of `head_size` dims; neox style rotates halves, GPT-J style pairs.

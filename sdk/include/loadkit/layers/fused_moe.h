@@ -1,0 +1,108 @@
+#pragma once
+/// \file
+/// Mixture-of-experts layer with vLLM's FusedMoE parameter layout.
+///
+/// The routed experts' weights are stacked: `w13_weight` [E, 2 * I, H] holds
+/// each expert's gate projection (rows [0, I), checkpoint "experts.N.gate_proj",
+/// shard "w1") and up projection (rows [I, 2I), "up_proj", shard "w3");
+/// `w2_weight` [E, H, I] its down projection ("down_proj", shard "w2"). Under
+/// tensor parallelism every rank holds every expert and the slice
+/// [rank * I/tp, (rank + 1) * I/tp) of the intermediate dimension, as vLLM does
+/// without expert parallelism; the partial outputs are summed across ranks.
+///
+/// How the experts are stored (plain or quantized per expert) is a
+/// `FusedMoEMethod`'s business, chosen like a linear layer's method: through
+/// `QuantConfig::moe_method()` when the layer is quantizable.
+
+#include <ATen/core/Tensor.h>
+
+#include <memory>
+#include <string>
+#include <utility>
+
+#include "loadkit/model_context.h"
+#include "loadkit/module.h"
+
+namespace loadkit {
+
+class FusedMoE;
+
+/// Routing and sizes of a FusedMoE layer (vLLM's FusedMoE arguments).
+struct FusedMoEOptions {
+  int64_t num_experts = 0;
+  int64_t top_k = 0;
+  int64_t hidden_size = 0;
+  int64_t intermediate_size = 0;  ///< per expert, before the tensor-parallel split
+  /// Softmax scores; top-k weights rescaled to sum to 1 (config `norm_topk_prob`).
+  bool renormalize = false;
+  /// > 0: group-limited routing: experts form this many groups, a token only
+  /// goes to experts of its `topk_group` best groups (a group scores its best expert).
+  int64_t num_expert_group = 0;
+  int64_t topk_group = 0;
+  /// Multiplies the routing weights (after renormalization).
+  double routed_scaling_factor = 1.0;
+  /// Whether the model's quantization (if any) applies to the experts.
+  bool quantize = true;
+};
+
+/// Per-rank sizes of the stacked expert weights.
+struct MoEShape {
+  int64_t num_experts = 0;
+  int64_t hidden_size = 0;
+  int64_t intermediate_size = 0;  ///< this rank's share
+};
+
+/// How a FusedMoE layer stores, processes and reads its expert weights.
+class FusedMoEMethod {
+ public:
+  virtual ~FusedMoEMethod() = default;
+  virtual std::string name() const = 0;
+  /// Adds the load-format parameters "w13_weight" [E, 2I, H] and "w2_weight"
+  /// [E, H, I] (`ctx.dtype`) to `layer`, with `loader` and the given sharding.
+  virtual void create_weights(FusedMoE& layer, const MoEShape& shape, WeightLoader loader, ShardingInfo w13_sharding,
+                              ShardingInfo w2_sharding, const ModelContext& ctx) = 0;
+  /// True when processing changes the layer's parameters.
+  virtual bool transforms_weights() const = 0;
+  /// Converts the loaded parameters to kernel format, writing into `targets`
+  /// (same names, shapes and dtypes as its own results) when given.
+  virtual void process_weights_after_loading(FusedMoE& layer, const KernelTargets& targets) = 0;
+  /// Expert `expert`'s weights in `dtype`, from kernel format: {w13 [2I, H], w2 [H, I]}.
+  virtual std::pair<at::Tensor, at::Tensor> expert_weights(FusedMoE& layer, int64_t expert,
+                                                           at::ScalarType dtype) = 0;
+};
+
+/// Plain stacked weights in the model dtype; processing does nothing.
+std::shared_ptr<FusedMoEMethod> unquantized_moe_method();
+
+/// Top-k expert selection from router logits [n, E] (softmax scores in
+/// float32): {weights [n, top_k] float32, expert ids [n, top_k] int64}.
+std::pair<at::Tensor, at::Tensor> select_experts(const at::Tensor& router_logits, const FusedMoEOptions& options);
+
+class FusedMoE : public Module {
+ public:
+  FusedMoE(const FusedMoEOptions& options, const ModelContext& ctx);
+
+  /// x [n, H], router logits [n, E] → Σ over the chosen experts of weight · expert(x),
+  /// in x's dtype, summed over the tensor-parallel ranks.
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& router_logits);
+
+  bool transforms_weights() const override { return method_->transforms_weights(); }
+  void process_weights_after_loading(const KernelTargets& targets = {}) override;
+
+  const FusedMoEOptions& options() const { return options_; }
+  const MoEShape& shape() const { return shape_; }
+  FusedMoEMethod& method() { return *method_; }
+
+ private:
+  /// Expert shards "w1"/"w3" (into w13) and "w2"; "w13"/"w2" without an expert: all
+  /// experts stacked (transformers 5: gate_up_proj, down_proj); without a shard id the
+  /// whole per-rank stacked tensor.
+  int64_t load(Parameter& param, const at::Tensor& loaded, const ShardId& shard) const;
+
+  FusedMoEOptions options_;
+  ModelContext ctx_;
+  MoEShape shape_;
+  std::shared_ptr<FusedMoEMethod> method_;
+};
+
+}  // namespace loadkit

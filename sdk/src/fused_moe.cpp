@@ -1,0 +1,144 @@
+#include "loadkit/layers/fused_moe.h"
+
+#include <ATen/ATen.h>
+
+#include "loadkit/error.h"
+#include "loadkit/layers/linear.h"
+#include "loadkit/quant_method.h"
+
+namespace loadkit {
+
+namespace {
+
+class UnquantizedMoEMethod final : public FusedMoEMethod {
+ public:
+  std::string name() const override { return "none"; }
+  void create_weights(FusedMoE& layer, const MoEShape& s, WeightLoader loader, ShardingInfo w13_sharding,
+                      ShardingInfo w2_sharding, const ModelContext& ctx) override {
+    layer.add_parameter("w13_weight", at::empty({s.num_experts, 2 * s.intermediate_size, s.hidden_size}, ctx.options()),
+                        loader, w13_sharding);
+    layer.add_parameter("w2_weight", at::empty({s.num_experts, s.hidden_size, s.intermediate_size}, ctx.options()),
+                        loader, w2_sharding);
+  }
+  bool transforms_weights() const override { return false; }
+  void process_weights_after_loading(FusedMoE&, const KernelTargets&) override {}
+  std::pair<at::Tensor, at::Tensor> expert_weights(FusedMoE& layer, int64_t expert, at::ScalarType dtype) override {
+    return {layer.param("w13_weight").data.select(0, expert).to(dtype),
+            layer.param("w2_weight").data.select(0, expert).to(dtype)};
+  }
+};
+
+}  // namespace
+
+std::shared_ptr<FusedMoEMethod> unquantized_moe_method() {
+  static auto method = std::make_shared<UnquantizedMoEMethod>();
+  return method;
+}
+
+std::pair<at::Tensor, at::Tensor> select_experts(const at::Tensor& router_logits, const FusedMoEOptions& o) {
+  at::Tensor scores = at::softmax(router_logits.to(at::kFloat), -1);
+  if (o.num_expert_group > 0) {
+    // A group scores its best expert; experts outside the best `topk_group` groups are out of the race.
+    const int64_t n = scores.size(0), groups = o.num_expert_group;
+    at::Tensor group_scores = scores.view({n, groups, -1}).amax(-1);
+    at::Tensor best_groups = std::get<1>(at::topk(group_scores, o.topk_group, -1));
+    at::Tensor group_mask = at::zeros_like(group_scores, at::kBool).scatter_(1, best_groups, true);
+    at::Tensor expert_mask = group_mask.unsqueeze(-1).expand({n, groups, o.num_experts / groups}).reshape({n, -1});
+    scores = scores.masked_fill(expert_mask.logical_not(), 0.0);
+  }
+  auto [weights, ids] = at::topk(scores, o.top_k, -1);
+  if (o.renormalize) weights = weights / weights.sum(-1, /*keepdim=*/true);
+  if (o.routed_scaling_factor != 1.0) weights = weights * o.routed_scaling_factor;
+  return {weights, ids};
+}
+
+FusedMoE::FusedMoE(const FusedMoEOptions& options, const ModelContext& ctx)
+    : Module("FusedMoE"), options_(options), ctx_(ctx) {
+  const auto& o = options_;
+  if (o.num_experts <= 0 || o.top_k <= 0 || o.top_k > o.num_experts)
+    fail(ErrorKind::Input, "FusedMoE: ", o.top_k, " experts per token out of ", o.num_experts);
+  if (o.num_expert_group > 0 &&
+      (o.num_experts % o.num_expert_group != 0 || o.topk_group <= 0 || o.topk_group > o.num_expert_group ||
+       o.top_k > o.topk_group * (o.num_experts / o.num_expert_group)))
+    fail(ErrorKind::Input, "FusedMoE: ", o.num_experts, " experts cannot route ", o.top_k, " per token through ",
+         o.topk_group, " of ", o.num_expert_group, " groups");
+  if (o.intermediate_size % ctx.tp_size != 0)
+    fail(ErrorKind::Usage, "tensor parallel size ", ctx.tp_size, " does not divide the expert intermediate size (",
+         o.intermediate_size, ")");
+  shape_ = {o.num_experts, o.hidden_size, o.intermediate_size / ctx.tp_size};
+  method_ = o.quantize && ctx.quant ? ctx.quant->moe_method() : nullptr;
+  if (!method_) method_ = unquantized_moe_method();
+  WeightLoader loader = [this](Parameter& param, const at::Tensor& loaded, const ShardId& shard) {
+    return load(param, loaded, shard);
+  };
+  method_->create_weights(*this, shape_, loader, ShardingInfo{.output_dim = 1, .tp_rank = ctx.tp_rank, .tp_size = ctx.tp_size},
+                          ShardingInfo{.input_dim = 2, .tp_rank = ctx.tp_rank, .tp_size = ctx.tp_size}, ctx);
+}
+
+int64_t FusedMoE::load(Parameter& param, const at::Tensor& loaded, const ShardId& shard) const {
+  if (shard.empty()) {  // the stacked tensor itself (a per-rank checkpoint in this layout)
+    check_shape(loaded, param.data.sizes(), "the stacked expert weight");
+    param.data.copy_(loaded);
+    return param.data.numel();
+  }
+  const int64_t e = shard.expert, inter = shape_.intermediate_size, hidden = shape_.hidden_size;
+  const int64_t total = options_.intermediate_size, begin = ctx_.tp_rank * inter, experts = shape_.num_experts;
+  if (e < 0 && (shard.name == "w13" || shard.name == "w2")) {
+    // All experts in one tensor, as transformers 5 keeps them: gate_up_proj [E, 2I, H] (gate rows
+    // first), down_proj [E, H, I].
+    if (param.data.dim() != 3 || param.data.size(1) != (shard.name == "w13" ? 2 * inter : hidden))
+      fail(ErrorKind::Input, "stacked experts '", shard.name, "' do not belong to a parameter of shape ",
+           shape_str(param.data.sizes()));
+    if (shard.name == "w13") {
+      check_shape(loaded, {experts, 2 * total, hidden}, "the stacked expert gate/up projections");
+      param.data.narrow(1, 0, inter).copy_(loaded.narrow(1, begin, inter));
+      param.data.narrow(1, inter, inter).copy_(loaded.narrow(1, total + begin, inter));
+    } else {
+      check_shape(loaded, {experts, hidden, total}, "the stacked expert down projections");
+      param.data.copy_(loaded.narrow(2, begin, inter));
+    }
+    return param.data.numel();
+  }
+  if (e < 0 || e >= shape_.num_experts)
+    fail(ErrorKind::Input, "expert ", e, " is out of range (", shape_.num_experts, " experts)");
+  const bool w13 = shard.name == "w1" || shard.name == "w3";
+  if (!w13 && shard.name != "w2") fail(ErrorKind::Input, "unknown expert shard '", shard.name, "'");
+  if (param.data.dim() != 3 || param.data.size(1) != (w13 ? 2 * inter : hidden))
+    fail(ErrorKind::Input, "expert shard '", shard.name, "' does not belong to a parameter of shape ",
+         shape_str(param.data.sizes()));
+  at::Tensor expert = param.data.select(0, e);
+  if (w13) {  // gate_proj / up_proj [I, H]: this rank's rows, into the first / second half
+    check_shape(loaded, {total, hidden}, cat("expert ", e, " ", shard.name == "w1" ? "gate" : "up", " projection"));
+    expert.narrow(0, shard.name == "w1" ? 0 : inter, inter).copy_(loaded.narrow(0, begin, inter));
+  } else {  // down_proj [H, I]: this rank's columns
+    check_shape(loaded, {hidden, total}, cat("expert ", e, " down projection"));
+    expert.copy_(loaded.narrow(1, begin, inter));
+  }
+  return inter * hidden;
+}
+
+void FusedMoE::process_weights_after_loading(const KernelTargets& targets) {
+  method_->process_weights_after_loading(*this, targets);
+}
+
+at::Tensor FusedMoE::forward(const at::Tensor& x, const at::Tensor& router_logits) {
+  auto [weights, ids] = select_experts(router_logits, options_);
+  at::Tensor out = at::zeros_like(x);
+  // Experts in ascending order, each over the tokens routed to it (transformers' loop).
+  at::Tensor hit = std::get<0>(at::_unique(ids.flatten().cpu(), /*sorted=*/true));
+  for (int64_t e : std::vector<int64_t>(hit.data_ptr<int64_t>(), hit.data_ptr<int64_t>() + hit.numel())) {
+    at::Tensor chosen = ids == e;                      // [n, k], at most one per row
+    at::Tensor tokens = chosen.any(1).nonzero().squeeze(1);
+    at::Tensor weight = (weights * chosen).sum(1).index_select(0, tokens);  // float32
+    auto [w13, w2] = method_->expert_weights(*this, e, x.scalar_type());
+    at::Tensor h = at::linear(silu_and_mul(at::linear(x.index_select(0, tokens), w13)), w2);
+    out.index_add_(0, tokens, (h * weight.unsqueeze(1)).to(x.scalar_type()));
+  }
+  if (ctx_.tp_size > 1) {
+    if (!ctx_.tp_group) fail(ErrorKind::Other, "FusedMoE: tensor parallel size ", ctx_.tp_size, " without a process group");
+    ctx_.tp_group->all_reduce(out);
+  }
+  return out;
+}
+
+}  // namespace loadkit
