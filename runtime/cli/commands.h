@@ -13,5 +13,6 @@ int inspect(const std::vector<std::string>& args);
 int load(const std::vector<std::string>& args);
 int logits(const std::vector<std::string>& args);
 int reload(const std::vector<std::string>& args);
+int save_sharded(const std::vector<std::string>& args);
 
 }  // namespace loadkit::cli
