@@ -3,6 +3,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
@@ -54,6 +55,9 @@ int run_on_ranks(CommonOptions& common, const std::function<int(Ranks&)>& body) 
   std::unique_ptr<RankGroup> group;
   try {
     group = RankGroup::join(*env, load.device);
+    // Test hook: a rank that dies without a word, after the others have joined.
+    if (const char* abort_rank = std::getenv("LOADKIT_TEST_ABORT_RANK"); abort_rank && std::atoi(abort_rank) == env->rank)
+      std::abort();
     load.tp_group = group->tp_group();
     Ranks ranks(group.get());
     return body(ranks);

@@ -118,6 +118,10 @@ std::unique_ptr<LoadedModel> LoadedModel::load(const LoadOptions& options, const
   const bool sharded = format == "sharded";
   if (sharded) {
     files = open_sharded_state(options.model_dir, options.tp_rank, options.sharded_pattern);
+    // vLLM would narrow every tensor into a rank's larger parameter and carry on.
+    if (has_sharded_state(options.model_dir, options.tp_size, options.sharded_pattern))
+      fail(ErrorKind::Input, options.model_dir, ": holds sharded state for rank ", options.tp_size,
+           ", so it was saved with a tensor parallel size above ", options.tp_size, " (--tp-size)");
   } else if (format != "dummy") {
     files = safetensors::open_checkpoint(options.model_dir);
   }

@@ -23,8 +23,12 @@ namespace fs = std::filesystem;
 namespace {
 
 const uint8_t* first_byte(const at::Tensor& t) { return static_cast<const uint8_t*>(t.data_ptr()); }
+/// One past the last element (vLLM's `t.view(-1)[-1].data_ptr() + element_size`,
+/// computed from the strides so that a transposed kernel weight works too).
 const uint8_t* end_byte(const at::Tensor& t) {
-  return static_cast<const uint8_t*>(t.view(-1)[-1].data_ptr()) + t.element_size();
+  int64_t last = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  return first_byte(t) + (last + 1) * t.element_size();
 }
 
 std::string replace_all(std::string text, const std::string& what, const std::string& with) {
