@@ -70,6 +70,13 @@ class C10dGroup final : public TensorParallelGroup {
  public:
   C10dGroup(c10::intrusive_ptr<c10d::Backend> backend, int rank, int size, std::chrono::milliseconds timeout)
       : backend_(std::move(backend)), rank_(rank), size_(size), timeout_(timeout) {}
+  ~C10dGroup() override {
+    // NCCL wants an orderly shutdown (it warns and may hang in its watchdog otherwise).
+    try {
+      backend_->shutdown();
+    } catch (...) {
+    }
+  }
   int rank() const override { return rank_; }
   int size() const override { return size_; }
 
