@@ -24,7 +24,9 @@ required=(
   "c:cmake:cmake"
   "c:g++:g++"
 )
-optional=("c:ccache:ccache" "c:ninja:ninja-build")
+# Gloo's headers: libtorch has Gloo inside but ships no gloo/*.h, which c10d's
+# ProcessGroupGloo.hpp includes; without them CPU tensor parallelism is left out.
+optional=("c:ccache:ccache" "c:ninja:ninja-build" "h:gloo/algorithm.h:libgloo-dev")
 
 present() {  # kind:name
   local kind=${1%%:*} name=${1#*:}

@@ -10,15 +10,16 @@
 #include "loadkit/runtime/engine.h"
 #include "loadkit/runtime/registry.h"
 #include "options.h"
+#include "ranks.h"
 #include "tensor_io.h"
 
 namespace loadkit::cli {
 
 namespace {
 
-void write_report(const std::string& path, const LoadReport& report) {
+void write_report(const std::string& path, const LoadReport& report, const std::vector<std::string>& timings) {
   std::ofstream out(path);
-  out << report.to_json() << "\n";
+  out << report_json(report, timings) << "\n";
   if (!out) fail(ErrorKind::Other, path, ": cannot write report");
 }
 
@@ -40,11 +41,18 @@ int load(const std::vector<std::string>& args) {
       ("report", po::value(&report_path), "write the load report (JSON) here");
   if (!parse("load", args, desc, common)) return 0;
 
-  Registry registry(Registry::search_path(common.plugin_dirs));
-  auto model = LoadedModel::load(common.load, registry);
-  print_summary(common.load.model_dir, model->report());
-  if (!report_path.empty()) write_report(report_path, model->report());
-  return 0;
+  return run_on_ranks(common, [&](Ranks& ranks) {
+    Registry registry(Registry::search_path(common.plugin_dirs));
+    std::unique_ptr<LoadedModel> model;
+    const auto timings = ranks.step("load", [&] {
+      model = LoadedModel::load(common.load, registry);
+      return timing_payload(model->report());
+    });
+    if (!ranks.writes_outputs()) return 0;
+    print_summary(common.load.model_dir, model->report());
+    if (!report_path.empty()) write_report(report_path, model->report(), timings);
+    return 0;
+  });
 }
 
 int reload(const std::vector<std::string>& args) {
@@ -64,19 +72,28 @@ int reload(const std::vector<std::string>& args) {
   if (tokens_text.empty() != out_path.empty()) fail(ErrorKind::Usage, "reload: --tokens and --out go together");
   const auto tokens = tokens_text.empty() ? std::vector<int64_t>{} : parse_tokens(tokens_text);
 
-  Registry registry(Registry::search_path(common.plugin_dirs));
-  auto model = LoadedModel::load(common.load, registry);
-  const LoadReport& r = model->reload(from, !no_process);
-  std::cout << "reloaded " << r.architecture << " from " << from << ": " << r.tensors << " tensors, " << r.bytes
+  return run_on_ranks(common, [&](Ranks& ranks) {
+    Registry registry(Registry::search_path(common.plugin_dirs));
+    std::unique_ptr<LoadedModel> model;
+    ranks.step("load", [&] {
+      model = LoadedModel::load(common.load, registry);
+      return std::string();
+    });
+    const auto timings = ranks.step("reload", [&] { return timing_payload(model->reload(from, !no_process)); });
+    const LoadReport& r = model->report();
+    at::Tensor logits;
+    if (!out_path.empty()) logits = model->logits(tokens);  // every rank: the forward is collective
+    if (!ranks.writes_outputs()) return 0;
+    std::cout << "reloaded " << r.architecture << " from " << from << ": " << r.tensors << " tensors, " << r.bytes
             << " bytes in " << r.seconds << " s (" << r.gb_per_s() << " GB/s), pointers "
             << (r.pointers_stable ? "stable" : "CHANGED") << "\n";
-  if (!report_path.empty()) write_report(report_path, r);
-  if (!out_path.empty()) {
-    at::Tensor logits = model->logits(tokens);
-    save_tensors(out_path, {{"logits", logits}});
-    std::cout << "wrote logits [" << logits.size(0) << ", " << logits.size(1) << "] to " << out_path << "\n";
-  }
-  return 0;
+    if (!report_path.empty()) write_report(report_path, r, timings);
+    if (!out_path.empty()) {
+      save_tensors(out_path, {{"logits", logits}});
+      std::cout << "wrote logits [" << logits.size(0) << ", " << logits.size(1) << "] to " << out_path << "\n";
+    }
+    return 0;
+  });
 }
 
 int logits(const std::vector<std::string>& args) {
@@ -91,12 +108,19 @@ int logits(const std::vector<std::string>& args) {
   if (!parse("logits", args, desc, common)) return 0;
 
   const auto tokens = parse_tokens(tokens_text);
-  Registry registry(Registry::search_path(common.plugin_dirs));
-  auto model = LoadedModel::load(common.load, registry);
-  at::Tensor logits = model->logits(tokens);
-  save_tensors(out_path, {{"logits", logits}});
-  std::cout << "wrote logits [" << logits.size(0) << ", " << logits.size(1) << "] to " << out_path << "\n";
-  return 0;
+  return run_on_ranks(common, [&](Ranks& ranks) {
+    Registry registry(Registry::search_path(common.plugin_dirs));
+    std::unique_ptr<LoadedModel> model;
+    ranks.step("load", [&] {
+      model = LoadedModel::load(common.load, registry);
+      return std::string();
+    });
+    at::Tensor logits = model->logits(tokens);  // every rank: the forward is collective
+    if (!ranks.writes_outputs()) return 0;
+    save_tensors(out_path, {{"logits", logits}});
+    std::cout << "wrote logits [" << logits.size(0) << ", " << logits.size(1) << "] to " << out_path << "\n";
+    return 0;
+  });
 }
 
 }  // namespace loadkit::cli

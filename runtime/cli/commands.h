@@ -15,5 +15,6 @@ int logits(const std::vector<std::string>& args);
 int reload(const std::vector<std::string>& args);
 /// `run JOB.yaml`: the steps of a YAML job, in order (jobs/job.h has the schema).
 int run(const std::vector<std::string>& args);
+int save_sharded(const std::vector<std::string>& args);
 
 }  // namespace loadkit::cli

@@ -21,9 +21,10 @@ constexpr const char* kUsage =
     "  reload         --model DIR --from DIR2 [--tokens ... --out F.safetensors] [--no-process] [common]\n"
     "                 [--report R.json]\n"
     "  run            JOB.yaml   (steps: load, logits, reload, verify, save_sharded, report; see configs/)\n"
+    "  save-sharded   --model DIR --out DIR2 [--max-part-size BYTES] [common]\n"
     "common: --plugin-dir D --device cpu|cuda|cuda:N --dtype float32|bfloat16|float16\n"
     "        --quantization none|fp8|int8 --tp-size N --load-format auto|safetensors|sharded|dummy\n"
-    "        --log-level trace|debug|info|warn|error\n";
+    "        --log-level trace|debug|info|warn|error --sharded-pattern P (default model-rank-{rank}-part-{part}.safetensors)\n";
 
 /// One line: messages never carry a newline or a backtrace onto the terminal.
 std::string one_line(std::string message) {
@@ -53,6 +54,7 @@ int dispatch(const std::vector<std::string>& argv) {
   if (command == "logits") return cli::logits(rest);
   if (command == "reload") return cli::reload(rest);
   if (command == "run") return cli::run(rest);
+  if (command == "save-sharded") return cli::save_sharded(rest);
   fail(ErrorKind::Usage, "unknown command '", command, "' (run 'loadkit --help')");
 }
 

@@ -21,7 +21,9 @@ void add_common(po::options_description& desc, CommonOptions& common) {
       ("dtype", po::value(&load.dtype)->default_value("auto"), "auto|float32|bfloat16|float16")
       ("quantization", po::value(&load.quantization)->default_value("none"), "none|fp8|int8")
       ("tp-size", po::value(&load.tp_size)->default_value(1), "tensor parallel ranks")
-      ("load-format", po::value(&load.load_format)->default_value("auto"), "auto|safetensors|sharded|dummy");
+      ("load-format", po::value(&load.load_format)->default_value("auto"), "auto|safetensors|sharded|dummy")
+      ("sharded-pattern", po::value(&load.sharded_pattern)->default_value(load.sharded_pattern),
+       "file names of sharded state, with {rank} and {part}");
 }
 
 bool parse(const std::string& command, const std::vector<std::string>& args, po::options_description& desc,

@@ -17,6 +17,7 @@
 #include "loadkit/runtime/registry.h"
 #include "reload_engine.h"
 #include "staging/staged_stream.h"
+#include "sharded_state.h"
 #include "weight_sources.h"
 
 namespace loadkit {
@@ -26,6 +27,7 @@ namespace fs = std::filesystem;
 struct LoadedModel::State {
   ModelContext ctx;
   std::string model_dir;
+  std::string sharded_pattern;
   std::shared_ptr<CausalLM> model;
   std::unique_ptr<ReloadEngine> reload;  // metadata recorded at build time
   std::chrono::steady_clock::time_point update_start;
@@ -91,7 +93,8 @@ std::unique_ptr<LoadedModel> LoadedModel::load(const LoadOptions& options, const
   LoadReport& report = loaded->report_;
   ModelContext& ctx = loaded->state_->ctx;
 
-  if (options.tp_size != 1) fail(ErrorKind::Usage, "--tp-size ", options.tp_size, ": tensor parallelism is not available yet");
+  if (options.tp_size < 1 || options.tp_rank < 0 || options.tp_rank >= options.tp_size)
+    fail(ErrorKind::Usage, "tensor parallel rank ", options.tp_rank, " of ", options.tp_size, " is not a rank");
   std::error_code ec;
   if (!fs::is_directory(options.model_dir, ec))
     fail(ErrorKind::Input, options.model_dir, ": model directory does not exist");
@@ -103,16 +106,26 @@ std::unique_ptr<LoadedModel> LoadedModel::load(const LoadOptions& options, const
   ctx.device = device::parse(options.device);
   ctx.tp_rank = options.tp_rank;
   ctx.tp_size = options.tp_size;
+  ctx.tp_group = options.tp_group;
   report.device = ctx.device.str();
   report.dtype = dtype_label(ctx.dtype);
   report.quantization = options.quantization;
 
   const std::string& format = options.load_format;
-  if (format != "auto" && format != "safetensors" && format != "dummy")
-    fail(ErrorKind::Usage, "--load-format: '", format, "' is not auto, safetensors or dummy");
+  if (format != "auto" && format != "safetensors" && format != "sharded" && format != "dummy")
+    fail(ErrorKind::Usage, "--load-format: '", format, "' is not auto, safetensors, sharded or dummy");
   // Validate every header before building anything.
   std::optional<safetensors::CheckpointFiles> files;
-  if (format != "dummy") files = safetensors::open_checkpoint(options.model_dir);
+  const bool sharded = format == "sharded";
+  if (sharded) {
+    files = open_sharded_state(options.model_dir, options.tp_rank, options.sharded_pattern);
+    // vLLM would narrow every tensor into a rank's larger parameter and carry on.
+    if (has_sharded_state(options.model_dir, options.tp_size, options.sharded_pattern))
+      fail(ErrorKind::Input, options.model_dir, ": holds sharded state for rank ", options.tp_size,
+           ", so it was saved with a tensor parallel size above ", options.tp_size, " (--tp-size)");
+  } else if (format != "dummy") {
+    files = safetensors::open_checkpoint(options.model_dir);
+  }
 
   report.plugin = registry.provider(report.architecture).path;
   if (options.quantization != "none") ctx.quant = registry.create_quant(options.quantization, ctx);
@@ -122,10 +135,14 @@ std::unique_ptr<LoadedModel> LoadedModel::load(const LoadOptions& options, const
   auto model = registry.create_model(report.architecture, ctx);
   loaded->state_->reload = std::make_unique<ReloadEngine>(*model, ctx.device);
   loaded->state_->model_dir = options.model_dir;
+  loaded->state_->sharded_pattern = options.sharded_pattern;
   std::vector<std::pair<Parameter*, const void*>> built;
   for (auto& [name, p] : model->named_parameters()) built.emplace_back(p, p->data.data_ptr());
 
-  if (files) {
+  if (sharded) {
+    // Kernel format is what processing makes: build it, then copy the rank's state over it.
+    initialize_dummy_weights(*model);
+  } else if (files) {
     auto stream = staging_enabled(ctx.device) ? staged_safetensors_stream(*files, ctx.device) : safetensors_stream(*files);
     reset_load_counts(*model);
     model->load_weights(*stream);
@@ -138,6 +155,12 @@ std::unique_ptr<LoadedModel> LoadedModel::load(const LoadOptions& options, const
   report.pointers_stable = std::all_of(built.begin(), built.end(), [](const auto& b) { return b.first->data.data_ptr() == b.second; });
   report.layers_processed = process_all(*model);
   loaded->state_->reload->release_load_format();
+  if (sharded) {
+    const ReloadStats copied = copy_sharded_state(*model, *files);
+    report.pointers_stable = report.pointers_stable && copied.pointers_stable;
+    report.bytes = files->total_bytes;
+    report.tensors = files->total_tensors;
+  }
   device::synchronize(ctx.device);
   report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   if (ctx.device.is_cuda())
@@ -180,7 +203,9 @@ const LoadReport& LoadedModel::reload(const std::string& source_dir, bool proces
   const auto start = std::chrono::steady_clock::now();
   const std::string dir = source_dir.empty() ? s.model_dir : source_dir;
   if (s.reload->updating()) fail(ErrorKind::Usage, "reload during an unfinished update");
-  const auto files = safetensors::open_checkpoint(dir);  // every header validated first
+  const bool sharded = !process && has_sharded_state(dir, s.ctx.tp_rank, s.sharded_pattern);
+  // Every header validated first.
+  const auto files = sharded ? open_sharded_state(dir, s.ctx.tp_rank, s.sharded_pattern) : safetensors::open_checkpoint(dir);
   start_measuring(s.ctx.device, s.allocated_at_start);
   const c10::Device device = s.ctx.device;
   auto open = [&](ReloadEngine::StreamUse use) {
@@ -190,6 +215,8 @@ const LoadReport& LoadedModel::reload(const std::string& source_dir, bool proces
   ReloadStats stats;
   if (process) {
     stats = s.reload->reload(open, [&](WeightStream& w) { s.model->load_weights(w); });
+  } else if (sharded) {
+    stats = copy_sharded_state(*s.model, files);
   } else {
     stats = s.reload->copy_kernel_format(open, /*complete=*/true);
   }

@@ -16,6 +16,7 @@ namespace loadkit {
 
 class CausalLM;
 class Registry;
+class TensorParallelGroup;
 struct ModelContext;
 
 struct LoadOptions {
@@ -23,9 +24,14 @@ struct LoadOptions {
   std::string device = "cpu";        ///< cpu, cuda, cuda:N
   std::string dtype = "auto";        ///< auto (config's), float32, bfloat16, float16
   std::string quantization = "none";
-  std::string load_format = "auto";  ///< auto, safetensors, dummy (sharded: later)
+  std::string load_format = "auto";  ///< auto, safetensors, sharded, dummy
   int tp_size = 1;
   int tp_rank = 0;
+  /// Collectives between the ranks (RankGroup::tp_group()); may be null for
+  /// tp_size > 1 when only loading (a forward then fails).
+  std::shared_ptr<TensorParallelGroup> tp_group;
+  /// File names of a sharded-state checkpoint (`--load-format sharded`, `reload --no-process`).
+  std::string sharded_pattern = "model-rank-{rank}-part-{part}.safetensors";
 };
 
 struct LoadReport {
@@ -59,7 +65,8 @@ class LoadedModel {
   /// model's own). The whole checkpoint is validated against the model first
   /// — names, shapes, dtypes, completeness — and nothing is touched if that
   /// fails. With `process` false the checkpoint is already in kernel format
-  /// (the model's parameter names and shapes) and is copied straight in.
+  /// (the model's parameter names and shapes) and is copied straight in; a
+  /// directory holding this rank's sharded-state files is read through those.
   const LoadReport& reload(const std::string& source_dir = "", bool process = true);
 
   /// Streaming reload for trainers: weights arrive in chunks of (name, tensor)

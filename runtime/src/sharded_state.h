@@ -1,0 +1,53 @@
+#pragma once
+/// \file
+/// vLLM's sharded-state format (seed 004): each tensor-parallel rank's
+/// kernel-format state dict in `model-rank-{rank}-part-{part}.safetensors`,
+/// names as the engine's parameters, so that either program reads the
+/// other's files.
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "formats/checkpoint_files.h"
+#include "reload_engine.h"
+
+namespace loadkit {
+
+class Module;
+
+constexpr const char* kShardedStatePattern = "model-rank-{rank}-part-{part}.safetensors";
+
+/// The model's state dict as vLLM saves it: every parameter under every name
+/// it has (a tied weight under both), then ShardedStateLoader._filter_subtensors:
+/// a tensor whose memory another tensor's covers is dropped, and of identical
+/// ones the smaller key is kept. In module order.
+std::vector<std::pair<std::string, at::Tensor>> sharded_state_dict(const Module& root);
+
+/// `pattern` with {rank} and {part} filled in.
+std::string sharded_file_name(const std::string& pattern, int rank, int part);
+
+/// Writes `rank`'s state into `dir` as parts of at most `max_part_bytes`
+/// (a tensor larger than that gets a part of its own). Returns the files written.
+std::vector<std::string> save_sharded_state(const Module& root, const std::string& dir, int rank,
+                                            const std::string& pattern, std::optional<uint64_t> max_part_bytes);
+
+/// Whether `dir` holds files of `rank` under `pattern`.
+bool has_sharded_state(const std::string& dir, int rank, const std::string& pattern);
+
+/// Opens and validates `rank`'s files (part order); an Input error naming the
+/// pattern when none match.
+safetensors::CheckpointFiles open_sharded_state(const std::string& dir, int rank, const std::string& pattern);
+
+/// Copies the files' tensors into the model's kernel tensors by state-dict
+/// name. Everything is validated first (names, dtypes, ranks, no dimension
+/// larger than the parameter's, nothing twice, nothing missing); a tensor
+/// smaller than its parameter (a padded one) goes into the leading part of
+/// it, with a warning, as vLLM does.
+ReloadStats copy_sharded_state(Module& root, const safetensors::CheckpointFiles& files);
+
+}  // namespace loadkit
