@@ -11,11 +11,14 @@
 
 #include "commands.h"
 #include "jobs/job.h"
+#include "loadkit/causal_lm.h"
 #include "loadkit/error.h"
 #include "loadkit/runtime/engine.h"
 #include "loadkit/runtime/log.h"
 #include "loadkit/runtime/registry.h"
 #include "options.h"
+#include "ranks.h"
+#include "sharded_state.h"
 #include "tensor_io.h"
 
 namespace loadkit::cli {
@@ -45,17 +48,24 @@ at::Tensor read_tensor(const std::string& path, const std::string& name) {
 
 class JobRunner {
  public:
-  explicit JobRunner(const Job& job) : job_(job), registry_(Registry::search_path(job.plugin_dirs)) {}
+  /// Runs on every rank of the job's tp_size; each step is collective (a failure on
+  /// one rank stops all), and only rank 0 writes files and prints.
+  JobRunner(const Job& job, const LoadOptions& options, Ranks& ranks)
+      : job_(job), options_(options), ranks_(ranks), registry_(Registry::search_path(job.plugin_dirs)) {}
 
   void run() {
     const size_t n = job_.steps.size();
-    std::cout << "job " << (job_.name.empty() ? job_.file : job_.name) << ": " << n << " steps\n";
+    if (out()) std::cout << "job " << (job_.name.empty() ? job_.file : job_.name) << ": " << n << " steps\n";
     for (size_t i = 0; i < n; ++i) {
       const Step& s = job_.steps[i];
       const std::string label = cat(jobs::where(job_, s.mark), ": step ", i + 1, "/", n, " '", jobs::step_name(s.kind), "'");
-      std::cout << "[" << i + 1 << "/" << n << "] " << jobs::step_name(s.kind) << "\n" << std::flush;
+      if (ranks_.writes_outputs())
+        std::cout << "[" << i + 1 << "/" << n << "] " << jobs::step_name(s.kind) << "\n" << std::flush;
       try {
-        run_step(s);
+        ranks_.step(jobs::step_name(s.kind), [&] {
+          run_step(s);
+          return std::string();
+        });
       } catch (const Error& e) {
         throw Error(e.kind(), cat(label, " failed: ", e.what()));
       } catch (const c10::Error& e) {
@@ -66,7 +76,7 @@ class JobRunner {
         throw Error(ErrorKind::Other, cat(label, " failed: ", e.what()));
       }
     }
-    std::cout << "job done: " << n << " steps ok\n";
+    if (out()) std::cout << "job done: " << n << " steps ok\n";
   }
 
  private:
@@ -81,18 +91,13 @@ class JobRunner {
     }
   }
 
+  bool out() const { return ranks_.writes_outputs(); }
+
   void load() {
-    LoadOptions options;
-    options.model_dir = job_.model.path;
-    options.dtype = job_.model.dtype;
-    options.device = job_.model.device;
-    options.quantization = job_.model.quantization;
-    options.tp_size = job_.model.tp_size;
-    options.load_format = job_.model.load_format;
     model_.reset();  // a second load replaces the model; free the first before building anew
-    model_ = LoadedModel::load(options, registry_);
+    model_ = LoadedModel::load(options_, registry_);
     last_ = model_->report();
-    std::cout << "  loaded " << last_.architecture << ": " << last_.tensors << " tensors, " << last_.bytes
+    if (out()) std::cout << "  loaded " << last_.architecture << ": " << last_.tensors << " tensors, " << last_.bytes
               << " bytes in " << last_.seconds << " s on " << last_.device << "\n";
   }
 
@@ -104,7 +109,8 @@ class JobRunner {
         fail(ErrorKind::Input, s.tokens_from, ": tensor 'tokens' must be a non-empty int64 vector");
       tokens.assign(t.data_ptr<int64_t>(), t.data_ptr<int64_t>() + t.numel());
     }
-    at::Tensor logits = model_->logits(tokens);
+    at::Tensor logits = model_->logits(tokens);  // every rank: the forward is collective
+    if (!out()) return;
     make_parent(s.out);
     save_tensors(s.out, {{"logits", logits}});
     std::cout << "  wrote logits [" << logits.size(0) << ", " << logits.size(1) << "] to " << s.out << "\n";
@@ -112,13 +118,14 @@ class JobRunner {
 
   void reload(const Step& s) {
     last_ = model_->reload(s.from, s.process_weights_after_loading);
-    std::cout << "  reloaded " << last_.tensors << " tensors from " << (s.from.empty() ? job_.model.path : s.from)
+    if (out()) std::cout << "  reloaded " << last_.tensors << " tensors from " << (s.from.empty() ? job_.model.path : s.from)
               << " in " << last_.seconds << " s, pointers " << (last_.pointers_stable ? "stable" : "CHANGED") << "\n";
   }
 
   /// Fails the job (exit 1) when the logits fall outside a bound; files that
   /// cannot be compared (missing, no `logits`, other shapes) are input errors.
   void verify(const Step& s) {
+    if (!out()) return;
     at::Tensor ours = read_tensor(s.logits, "logits").to(at::kFloat);
     at::Tensor ref = read_tensor(s.reference, "logits").to(at::kFloat);
     if (ours.sizes() != ref.sizes() || ours.dim() != 2)
@@ -136,11 +143,18 @@ class JobRunner {
     if (s.argmax && !argmax_equal) fail(ErrorKind::Other, "the argmax of the logits differs from the reference's");
   }
 
-  // Seam for issue 6 (save-sharded): the step is parsed and checked here;
-  // writing the per-rank files belongs to the sharded-state writer.
-  void save_sharded(const Step&) { fail(ErrorKind::Usage, "save_sharded: not available in this build"); }
+  /// Each rank writes its own files; rank 0 adds the model's config and metadata.
+  void save_sharded(const Step& s) {
+    std::optional<uint64_t> limit;
+    if (s.max_part_size) limit = static_cast<uint64_t>(*s.max_part_size);
+    const auto written = save_sharded_state(model_->model(), s.out, ranks_.rank(), options_.sharded_pattern, limit);
+    if (!out()) return;
+    copy_model_metadata(job_.model.path, s.out);
+    std::cout << "  wrote " << written.size() << " sharded-state file(s) of rank 0 to " << s.out << "\n";
+  }
 
   void report(const Step& s) {
+    if (!out()) return;
     make_parent(s.path);
     std::ofstream out(s.path);
     out << last_.to_json() << "\n";
@@ -149,6 +163,8 @@ class JobRunner {
   }
 
   const Job& job_;
+  const LoadOptions& options_;
+  Ranks& ranks_;
   Registry registry_;
   std::unique_ptr<LoadedModel> model_;
   LoadReport last_;  ///< of the latest load or reload
@@ -178,8 +194,19 @@ int run(const std::vector<std::string>& args) {
   }
   log::set_level(log::parse_level(log_level));
   const Job job = jobs::load_job(job_path);
-  JobRunner(job).run();
-  return 0;
+  CommonOptions common;
+  common.plugin_dirs = job.plugin_dirs;
+  common.log_level = log_level;
+  common.load.model_dir = job.model.path;
+  common.load.dtype = job.model.dtype;
+  common.load.device = job.model.device;
+  common.load.quantization = job.model.quantization;
+  common.load.tp_size = job.model.tp_size;
+  common.load.load_format = job.model.load_format;
+  return run_on_ranks(common, [&](Ranks& ranks) {
+    JobRunner(job, common.load, ranks).run();
+    return 0;
+  });
 }
 
 }  // namespace loadkit::cli

@@ -16,24 +16,6 @@ namespace loadkit::cli {
 
 namespace fs = std::filesystem;
 
-namespace {
-
-/// What vLLM's save_sharded_state example copies next to the weights: the
-/// config and every other metadata file, but no weights and no weight index
-/// (it would name files that are not there).
-void copy_metadata(const fs::path& from, const fs::path& to) {
-  for (const auto& entry : fs::directory_iterator(from)) {
-    const std::string name = entry.path().filename().string();
-    const std::string ext = entry.path().extension().string();
-    if (!entry.is_regular_file() || ext == ".safetensors" || ext == ".bin" || ext == ".pt" || ext == ".pth" ||
-        name.ends_with(".index.json"))
-      continue;
-    fs::copy_file(entry.path(), to / name, fs::copy_options::overwrite_existing);
-  }
-}
-
-}  // namespace
-
 int save_sharded(const std::vector<std::string>& args) {
   CommonOptions common;
   std::string out;
@@ -62,7 +44,7 @@ int save_sharded(const std::vector<std::string>& args) {
     const auto files = ranks.step("save", [&] {
       const auto written =
           save_sharded_state(model->model(), out, ranks.rank(), common.load.sharded_pattern, limit);
-      if (ranks.rank() == 0) copy_metadata(common.load.model_dir, out);
+      if (ranks.rank() == 0) copy_model_metadata(common.load.model_dir, out);
       return std::to_string(written.size());
     });
     if (!ranks.writes_outputs()) return 0;

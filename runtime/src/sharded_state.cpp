@@ -220,4 +220,16 @@ ReloadStats copy_sharded_state(Module& root, const safetensors::CheckpointFiles&
   return stats;
 }
 
+void copy_model_metadata(const std::string& from, const std::string& to) {
+  namespace fs = std::filesystem;
+  for (const auto& entry : fs::directory_iterator(from)) {
+    const std::string name = entry.path().filename().string();
+    const std::string ext = entry.path().extension().string();
+    if (!entry.is_regular_file() || ext == ".safetensors" || ext == ".bin" || ext == ".pt" || ext == ".pth" ||
+        name.ends_with(".index.json"))
+      continue;
+    fs::copy_file(entry.path(), fs::path(to) / name, fs::copy_options::overwrite_existing);
+  }
+}
+
 }  // namespace loadkit

@@ -36,6 +36,11 @@ std::string sharded_file_name(const std::string& pattern, int rank, int part);
 std::vector<std::string> save_sharded_state(const Module& root, const std::string& dir, int rank,
                                             const std::string& pattern, std::optional<uint64_t> max_part_bytes);
 
+/// What vLLM's save_sharded_state example copies next to the weights: the
+/// config and every other metadata file, but no weights and no weight index
+/// (it would name files that are not there).
+void copy_model_metadata(const std::string& from, const std::string& to);
+
 /// Whether `dir` holds files of `rank` under `pattern`.
 bool has_sharded_state(const std::string& dir, int rank, const std::string& pattern);
 
