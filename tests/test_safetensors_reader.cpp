@@ -148,6 +148,12 @@ TEST_F(ReaderTest, TrailingBytesFail) {
   expect_rejected(write(good_header(), good_data() + "xx"), {"cover 40 bytes", "42 bytes"});
 }
 
+TEST_F(ReaderTest, ControlCharactersInANameStayOnOneLine) {
+  // Found by fuzz_safetensors_header: an escaped newline in a tensor name split the error in two.
+  std::string header = R"({"a\nb":{"dtype":"F7","shape":[1],"data_offsets":[0,4]}})";
+  expect_rejected(write(safetensors_bytes(header, std::string(4, '\0'))), {"tensor 'a\\x0ab'", "unknown dtype 'F7'"});
+}
+
 // ---------------------------------------------------------------- index
 
 class IndexTest : public ReaderTest {

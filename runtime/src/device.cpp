@@ -2,11 +2,19 @@
 
 #include <ATen/Context.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <fstream>
+#include <optional>
+#include <sstream>
+#include <string>
+
 #include "loadkit/error.h"
 
 #if LOADKIT_CUDA
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
 #endif
 
 namespace loadkit::device {
@@ -79,6 +87,48 @@ uint64_t peak_allocated_bytes(const c10::Device& device) {
 #endif
   (void)device;
   return 0;
+}
+
+namespace {
+/// A "Key:   N kB" line of /proc/meminfo, in bytes; nullopt if absent.
+std::optional<uint64_t> meminfo(const std::string& key) {
+  std::ifstream in("/proc/meminfo");
+  for (std::string line; std::getline(in, line);) {
+    if (line.rfind(key + ":", 0) != 0) continue;
+    std::istringstream fields(line.substr(key.size() + 1));
+    uint64_t kb = 0;
+    if (fields >> kb) return kb * 1024;
+  }
+  return std::nullopt;
+}
+
+std::optional<uint64_t> read_number(const std::string& path) {
+  std::ifstream in(path);
+  uint64_t value = 0;
+  if (in >> value) return value;  // "max" (no limit) does not parse
+  return std::nullopt;
+}
+}  // namespace
+
+uint64_t free_bytes(const c10::Device& device) {
+#if LOADKIT_CUDA
+  if (device.is_cuda()) {
+    c10::cuda::CUDAGuard guard(device.index());
+    size_t free = 0, total = 0;
+    C10_CUDA_CHECK(cudaMemGetInfo(&free, &total));
+    auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
+    const auto aggregate = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+    const int64_t cached = stats.reserved_bytes[aggregate].current - stats.allocated_bytes[aggregate].current;
+    return static_cast<uint64_t>(free) + static_cast<uint64_t>(cached > 0 ? cached : 0);
+  }
+#endif
+  if (!device.is_cpu()) return UINT64_MAX;
+  auto available = meminfo("MemAvailable");
+  if (!available) return UINT64_MAX;
+  uint64_t free = *available + meminfo("SwapFree").value_or(0);
+  auto limit = read_number("/sys/fs/cgroup/memory.max"), used = read_number("/sys/fs/cgroup/memory.current");
+  if (limit && used) free = std::min(free, *limit > *used ? *limit - *used : 0);
+  return free;
 }
 
 }  // namespace loadkit::device

@@ -19,5 +19,9 @@ void synchronize(const c10::Device& device);
 void reset_peak(const c10::Device& device);
 uint64_t allocated_bytes(const c10::Device& device);
 uint64_t peak_allocated_bytes(const c10::Device& device);
+/// Bytes new tensors on `device` can still get: CUDA: the driver's free memory
+/// plus what the caching allocator holds unused; CPU: MemAvailable + free swap,
+/// bounded by the cgroup's (v2) limit. UINT64_MAX where unknown.
+uint64_t free_bytes(const c10::Device& device);
 
 }  // namespace loadkit::device

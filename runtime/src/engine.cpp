@@ -84,6 +84,22 @@ int process_all(Module& root) {
   return processed;
 }
 
+/// Fails (out of memory, Other) before anything is built when the checkpoint's
+/// weights, in the dtype they will have on the device, exceed its free memory.
+void check_fits(const safetensors::CheckpointFiles& files, const ModelContext& ctx) {
+  uint64_t needed = 0;
+  for (const auto& file : files.files)
+    for (const auto& t : file->tensors()) {
+      const bool floating = t.dtype == safetensors::DType::F16 || t.dtype == safetensors::DType::BF16 ||
+                            t.dtype == safetensors::DType::F32 || t.dtype == safetensors::DType::F64;
+      needed += floating ? t.numel * c10::elementSize(ctx.dtype) : t.bytes();
+    }
+  const uint64_t free = device::free_bytes(ctx.device);
+  if (needed > free)
+    fail(ErrorKind::Other, files.directory, ": out of memory: its weights need ", needed >> 20, " MiB as ",
+         dtype_label(ctx.dtype), " on ", ctx.device.str(), " but only ", free >> 20, " MiB are free");
+}
+
 }  // namespace
 
 std::unique_ptr<LoadedModel> LoadedModel::load(const LoadOptions& options, const Registry& registry) {
@@ -96,8 +112,11 @@ std::unique_ptr<LoadedModel> LoadedModel::load(const LoadOptions& options, const
   if (options.tp_size < 1 || options.tp_rank < 0 || options.tp_rank >= options.tp_size)
     fail(ErrorKind::Usage, "tensor parallel rank ", options.tp_rank, " of ", options.tp_size, " is not a rank");
   std::error_code ec;
-  if (!fs::is_directory(options.model_dir, ec))
+  if (!fs::is_directory(options.model_dir, ec)) {
+    if (ec && ec != std::errc::no_such_file_or_directory)
+      fail(ErrorKind::Input, options.model_dir, ": cannot access model directory: ", ec.message());
     fail(ErrorKind::Input, options.model_dir, ": model directory does not exist");
+  }
   ctx.config = ModelConfig::from_file((fs::path(options.model_dir) / "config.json").string());
   const auto architectures = ctx.config.get_strings("architectures");
   if (architectures.empty()) fail(ErrorKind::Input, ctx.config.origin(), ": 'architectures' is empty");
@@ -129,6 +148,7 @@ std::unique_ptr<LoadedModel> LoadedModel::load(const LoadOptions& options, const
 
   report.plugin = registry.provider(report.architecture).path;
   if (options.quantization != "none") ctx.quant = registry.create_quant(options.quantization, ctx);
+  if (files) check_fits(*files, ctx);  // before any tensor exists: nothing partial is left behind
 
   device::synchronize(ctx.device);
   device::reset_peak(ctx.device);

@@ -1,0 +1,63 @@
+# The torch-free core alone: the file-format parsers (loadkit_formats), their
+# GoogleTest suite and, with LOADKIT_FUZZ, their libFuzzer targets. No libtorch,
+# so that sanitizer and fuzz builds compile in well under a minute.
+#
+#   cmake -S . -B build-asan -DLOADKIT_SANITIZE=address,undefined     (gcc or clang)
+#   cmake -S . -B build-fuzz -DLOADKIT_FUZZ=ON -DLOADKIT_SANITIZE=address,undefined -DCMAKE_CXX_COMPILER=clang++
+#
+# Included by the top-level CMakeLists.txt instead of the full build when either
+# option is set; tests/core/run_core.sh drives both from ctest.
+set(LOADKIT_CORE_ONLY ON)
+find_package(nlohmann_json 3 REQUIRED)
+
+if(LOADKIT_SANITIZE)
+  add_compile_options(-fsanitize=${LOADKIT_SANITIZE} -fno-omit-frame-pointer -fno-sanitize-recover=all)
+  add_link_options(-fsanitize=${LOADKIT_SANITIZE})
+endif()
+if(LOADKIT_FUZZ)
+  if(NOT CMAKE_CXX_COMPILER_ID MATCHES "Clang")
+    message(FATAL_ERROR "LOADKIT_FUZZ needs clang (libFuzzer), not ${CMAKE_CXX_COMPILER_ID}")
+  endif()
+  # Library code gets coverage instrumentation; only fuzz targets link libFuzzer's main.
+  add_compile_options(-fsanitize=fuzzer-no-link)
+endif()
+
+function(loadkit_warnings target)
+  target_compile_options(${target} PRIVATE -Wall -Wextra)
+endfunction()
+
+add_subdirectory(runtime)  # stops after loadkit_formats (LOADKIT_CORE_ONLY)
+
+if(LOADKIT_BUILD_TESTS)
+  enable_testing()
+  find_package(GTest QUIET)
+  if(NOT TARGET GTest::gtest_main)
+    set(_gtest_src "$ENV{LOADKIT_GTEST_SOURCE_DIR}")
+    if(NOT _gtest_src AND EXISTS /usr/src/googletest/CMakeLists.txt)
+      set(_gtest_src /usr/src/googletest)
+    endif()
+    if(NOT _gtest_src)
+      message(FATAL_ERROR "GoogleTest not found (install libgtest-dev or set LOADKIT_GTEST_SOURCE_DIR)")
+    endif()
+    set(INSTALL_GTEST OFF CACHE BOOL "" FORCE)
+    add_subdirectory(${_gtest_src} ${CMAKE_BINARY_DIR}/googletest EXCLUDE_FROM_ALL)
+    add_library(GTest::gtest_main ALIAS gtest_main)
+  endif()
+  include(GoogleTest)
+  # The torch-free helpers; the paths they bake in are unused by the core tests.
+  add_library(loadkit_test_support STATIC tests/support/test_support.cpp)
+  target_include_directories(loadkit_test_support PUBLIC tests/support)
+  target_link_libraries(loadkit_test_support PUBLIC GTest::gtest nlohmann_json::nlohmann_json)
+  target_compile_definitions(loadkit_test_support PRIVATE LOADKIT_TEST_CLI="" LOADKIT_TEST_PLUGIN_DIR=""
+                             LOADKIT_TEST_BAD_PLUGINS_DIR="" LOADKIT_TEST_FIXTURES_DIR="")
+  foreach(t test_safetensors_reader)
+    add_executable(${t} tests/${t}.cpp)
+    target_link_libraries(${t} PRIVATE loadkit_formats loadkit_test_support GTest::gtest_main)
+    loadkit_warnings(${t})
+    gtest_discover_tests(${t} DISCOVERY_MODE PRE_TEST)
+  endforeach()
+endif()
+
+if(LOADKIT_FUZZ)
+  add_subdirectory(tests/fuzz)
+endif()

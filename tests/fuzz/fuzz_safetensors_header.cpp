@@ -1,0 +1,35 @@
+// libFuzzer target: a whole safetensors file (length prefix, header JSON, data)
+// through the reader's validation. Every input must either be accepted with
+// every tensor inside the input, ordered and contiguous, or be refused with a
+// one-line Input error; anything else (another exception, a sanitizer report,
+// a leak, a crash) is a finding.
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "formats/safetensors_file.h"
+#include "loadkit/error.h"
+
+using loadkit::safetensors::SafetensorsFile;
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  try {
+    auto file = SafetensorsFile::parse(nullptr, data, size, "fuzz.safetensors");
+    uint64_t expected_end = 0;
+    for (const auto& t : file->tensors()) {
+      const uint8_t* begin = file->data(t);
+      if (begin < data || begin + t.bytes() > data + size) std::abort();  // outside the input
+      if (t.begin != expected_end || file->find(t.name) != &t) std::abort();
+      if (t.bytes() != t.numel * loadkit::safetensors::dtype_size(t.dtype)) std::abort();
+      expected_end = t.end;
+      if (t.bytes() > 0) {
+        volatile uint8_t touch = begin[0] ^ begin[t.bytes() - 1];  // ASan checks both ends
+        (void)touch;
+      }
+    }
+  } catch (const loadkit::Error& e) {
+    if (e.kind() != loadkit::ErrorKind::Input) std::abort();
+    if (std::strchr(e.what(), '\n') || std::strncmp(e.what(), "fuzz.safetensors: ", 18) != 0) std::abort();
+  }
+  return 0;
+}
