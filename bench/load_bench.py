@@ -37,10 +37,10 @@ def warm(d):
                 pass
 
 
-def run_loadkit(args, cmd):
+def run_loadkit(args, cmd, env=None):
     with tempfile.NamedTemporaryFile(suffix=".json") as rep:
         subprocess.run([args.loadkit] + cmd + ["--report", rep.name, "--device", "cuda", "--log-level", "warn"],
-                       check=True, stdout=subprocess.DEVNULL)
+                       check=True, stdout=subprocess.DEVNULL, env=dict(os.environ, **(env or {})))
         return json.load(open(rep.name))
 
 
@@ -106,10 +106,14 @@ def main():
             torch.cuda.empty_cache()
         results.append(summarize("transformers_from_pretrained_cuda", nbytes, times))
 
-    for label, cmd in (("loadkit_load_bf16", ["load", "--model", A]),
-                       ("loadkit_reload_bf16", ["reload", "--model", A, "--from", B]),
-                       ("loadkit_reload_fp8", ["reload", "--model", A, "--from", B, "--quantization", "fp8"])):
-        reports = [run_loadkit(a, cmd) for _ in range(a.repeats)]
+    # The staged path (default) and the plain mmap path (LOADKIT_STAGING=0) on the same files.
+    runs = []
+    for suffix, env in (("", {}), ("_mmap_path", {"LOADKIT_STAGING": "0"})):
+        runs += [("loadkit_load_bf16" + suffix, ["load", "--model", A], env),
+                 ("loadkit_reload_bf16" + suffix, ["reload", "--model", A, "--from", B], env),
+                 ("loadkit_reload_fp8" + suffix, ["reload", "--model", A, "--from", B, "--quantization", "fp8"], env)]
+    for label, cmd, env in runs:
+        reports = [run_loadkit(a, cmd, env) for _ in range(a.repeats)]
         results.append(summarize(label, reports[0]["bytes"], [r["seconds"] for r in reports],
                                  {"peak_extra_device_bytes": max(r["peak_extra_device_bytes"] or 0 for r in reports),
                                   "pointers_stable": all(r["pointers_stable"] for r in reports)}))
