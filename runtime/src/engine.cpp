@@ -228,9 +228,17 @@ const LoadReport& LoadedModel::reload(const std::string& source_dir, bool proces
   const auto files = sharded ? open_sharded_state(dir, s.ctx.tp_rank, s.sharded_pattern) : safetensors::open_checkpoint(dir);
   start_measuring(s.ctx.device, s.allocated_at_start);
   const c10::Device device = s.ctx.device;
+  // A reload's peak extra device memory must stay within the largest layer: stage at most
+  // the largest tensor ahead. Quantized modules already hold their load-format layer while
+  // they are rebuilt, so staged tensors beside it would exceed that: they read the mapping.
+  const bool staged = staging_enabled(device) && !s.ctx.quant;
+  StagingOptions staging;
+  for (const auto& file : files.files)
+    for (const auto& info : file->tensors()) staging.window_bytes = std::max<uint64_t>(staging.window_bytes, info.bytes());
+  staging.piece_bytes = 4ull << 20;
   auto open = [&](ReloadEngine::StreamUse use) {
-    return use == ReloadEngine::StreamUse::Apply && staging_enabled(device) ? staged_safetensors_stream(files, device)
-                                                                            : safetensors_stream(files);
+    return use == ReloadEngine::StreamUse::Apply && staged ? staged_safetensors_stream(files, device, staging)
+                                                           : safetensors_stream(files);
   };
   ReloadStats stats;
   if (process) {

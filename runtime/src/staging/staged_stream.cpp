@@ -77,7 +77,7 @@ class StagedStream final : public WeightStream {
     const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
     const int threads = options.threads > 0 ? options.threads
                                             : static_cast<int>(env_number("LOADKIT_STAGING_THREADS", std::min(16, cores)));
-    piece_bytes_ = options.piece_bytes ? options.piece_bytes : 16ull << 20;
+    piece_bytes_ = options.piece_bytes ? options.piece_bytes : env_number("LOADKIT_STAGING_PIECE_KB", 16 << 10) << 10;
     window_bytes_ = options.window_bytes ? options.window_bytes
                                          : env_number("LOADKIT_STAGING_WINDOW_MB", 512) << 20;
     for (const auto& file : files.files) {
@@ -116,6 +116,7 @@ class StagedStream final : public WeightStream {
   }
 
   bool next(NamedWeight& out) override {
+    out.tensor = at::Tensor();  // the previous tensor is consumed: free it before reading further ahead
     std::unique_lock<std::mutex> lock(mutex_);
     if (next_ > 0) release(next_ - 1);
     if (next_ >= items_.size()) return false;

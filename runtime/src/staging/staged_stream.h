@@ -29,7 +29,7 @@ namespace loadkit {
 
 struct StagingOptions {
   int threads = 0;            ///< reader threads; 0: LOADKIT_STAGING_THREADS or min(16, cores)
-  uint64_t piece_bytes = 0;   ///< bytes per read and per copy; 0: 16 MiB
+  uint64_t piece_bytes = 0;   ///< bytes per read and per copy; 0: LOADKIT_STAGING_PIECE_KB or 16 MiB
   uint64_t window_bytes = 0;  ///< device bytes read ahead of the consumer; 0: LOADKIT_STAGING_WINDOW_MB or 512 MiB
 };
 
