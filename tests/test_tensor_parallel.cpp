@@ -110,6 +110,14 @@ const TpCase kTpCases[] = {
     {"llama_bf16_gqa_tied", 2},
     {"mistral_fp32_window", 2},
     {"internlm_fp32_bias", 2},
+    {"qwen2_fp32_gqa_untied", 2},                 // q/k/v biases split with their heads
+    {"gemma_fp32_untied", 2},
+    {"phi3_fp32_gqa", 2},                         // fused qkv/gate_up checkpoint tensors split per rank
+    {"starcoder2_fp32_gqa_bias_window", 2},
+    {"gpt2_fp32_prefixed", 2},                    // Conv1D transposed, fused c_attn split
+    {"bigcode_fp32_mha", 2},                      // per-head c_attn regrouped, then split
+    {"deepseek_v2_fp32_qproj_greedy_norm", 2},    // MLA heads and the experts' intermediate dim split
+    {"deepseek_v2_fp32_qlora_grouped_yarn", 2},
 };
 
 std::string case_name(const ::testing::TestParamInfo<TpCase>& info) {
