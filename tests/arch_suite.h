@@ -47,6 +47,14 @@ std::string arch_quant_param_name(const ::testing::TestParamInfo<ArchQuantParam>
                                               ::testing::Values("cpu", "cuda")),                               \
                            ::loadkit::test::arch_quant_param_name)
 
+/// Fixtures sized for tensor parallelism (test_tensor_parallel runs them over ranks):
+/// their single-rank logits against transformers here, quantization left to the family's others.
+#define LOADKIT_ARCH_TP_FIXTURES(Family, ...)                                                                  \
+  [[maybe_unused]] static const bool loadkit_covered_tp_##Family = ::loadkit::test::cover({__VA_ARGS__});      \
+  INSTANTIATE_TEST_SUITE_P(Family##Tp, ArchLogits,                                                             \
+                           ::testing::Combine(::testing::Values(__VA_ARGS__), ::testing::Values("cpu", "cuda")), \
+                           ::loadkit::test::arch_param_name)
+
 #define LOADKIT_ARCH_RELOADS(Family, ...)                                                                      \
   INSTANTIATE_TEST_SUITE_P(Family, ArchReload,                                                                 \
                            ::testing::Combine(::testing::Values(__VA_ARGS__), ::testing::Values("none", "fp8"), \

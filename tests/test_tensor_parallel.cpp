@@ -118,6 +118,13 @@ const TpCase kTpCases[] = {
     {"bigcode_fp32_mha", 2},                      // per-head c_attn regrouped, then split
     {"deepseek_v2_fp32_qproj_greedy_norm", 2},    // MLA heads and the experts' intermediate dim split
     {"deepseek_v2_fp32_qlora_grouped_yarn", 2},
+    {"qwen2_fp32_tp3", 3},                        // one kv head a rank, vocab 950 padded to 960
+    {"gpt2_fp32_tp3", 2},
+    {"gpt2_fp32_tp3", 3},
+    {"phi3_fp32_tp3", 2},                         // one kv head replicated on every rank
+    {"phi3_fp32_tp3", 3},
+    {"deepseek_v2_fp32_tp3", 2},
+    {"deepseek_v2_fp32_tp3", 3},
 };
 
 std::string case_name(const ::testing::TestParamInfo<TpCase>& info) {

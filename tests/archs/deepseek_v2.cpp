@@ -9,4 +9,6 @@ LOADKIT_ARCH_FIXTURES(DeepseekV2, "deepseek_v2_fp32_qlora_grouped_yarn", "deepse
                       "deepseek_v2_bf16_qlora");
 LOADKIT_ARCH_RELOADS(DeepseekV2, "deepseek_v2_bf16_qlora");
 
+LOADKIT_ARCH_TP_FIXTURES(DeepseekV2, "deepseek_v2_fp32_tp3");
+
 }  // namespace loadkit::test

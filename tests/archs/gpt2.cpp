@@ -28,4 +28,6 @@ TEST(Gpt2Cli, MoreTokensThanLearnedPositionsIsExit3NamingNPositions) {
 }
 
 }  // namespace
+LOADKIT_ARCH_TP_FIXTURES(Gpt2, "gpt2_fp32_tp3");
+
 }  // namespace loadkit::test

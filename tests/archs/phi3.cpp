@@ -8,4 +8,6 @@ LOADKIT_ARCH_FIXTURES(Phi3, "phi3_fp32_gqa", "phi3_fp32_longrope_short", "phi3_f
                       "phi3_bf16_longrope_long", "phi3_bf16_mqa_window_tied");
 LOADKIT_ARCH_RELOADS(Phi3, "phi3_bf16_mqa_window_tied");
 
+LOADKIT_ARCH_TP_FIXTURES(Phi3, "phi3_fp32_tp3");
+
 }  // namespace loadkit::test

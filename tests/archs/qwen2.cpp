@@ -8,4 +8,6 @@ LOADKIT_ARCH_FIXTURES(Qwen2, "qwen2_fp32_gqa_untied", "qwen2_fp32_window_mqa_tie
                       "qwen2_bf16_gqa_tied", "qwen2_bf16_untied");
 LOADKIT_ARCH_RELOADS(Qwen2, "qwen2_bf16_gqa_tied");
 
+LOADKIT_ARCH_TP_FIXTURES(Qwen2, "qwen2_fp32_tp3");
+
 }  // namespace loadkit::test
