@@ -296,6 +296,33 @@ TEST(ShardedState, SaveThenLoadShardedGivesTheSameLogits) {
   expect_close(sharded, reference_logits(f), f.dtype);
 }
 
+// A YAML job with tp_size 2 runs its steps on both ranks: save_sharded writes
+// each rank's parts, and a second job loads them sharded; logits equal transformers'.
+TEST(ShardedState, JobAtTpTwoSavesAndLoadsShardedState) {
+  SKIP_WITHOUT_TP_BACKEND("cpu");
+  const Fixture& f = fixture("gpt2_fp32_tp3");
+  TempDir tmp;
+  std::string tokens;
+  for (auto t : f.tokens) tokens += (tokens.empty() ? "" : ", ") + std::to_string(t);
+  write_bytes(tmp / "save.yaml", "model: {path: '" + f.dir + "', tp_size: 2}\nplugin_dirs: ['" + plugin_dir() +
+                                     "']\nsteps:\n  - load\n  - save_sharded: {out: s, max_part_size: 200000}\n"
+                                     "  - logits: {tokens: [" + tokens + "], out: hf.safetensors}\n");
+  write_bytes(tmp / "load.yaml", "model: {path: s, tp_size: 2, load_format: sharded}\nplugin_dirs: ['" +
+                                     plugin_dir() + "']\nsteps:\n  - load\n  - logits: {tokens: [" + tokens +
+                                     "], out: sharded.safetensors}\n");
+  const CliResult saved = run_cli({"run", (tmp / "save.yaml").string(), "--log-level", "warn"});
+  ASSERT_EQ(saved.code, 0) << saved.err << saved.out;
+  EXPECT_GT(rank_files(tmp / "s", 0).size(), 1u);  // the part limit split rank 0's state
+  EXPECT_GT(rank_files(tmp / "s", 1).size(), 1u);
+  const CliResult loaded = run_cli({"run", (tmp / "load.yaml").string(), "--log-level", "warn"});
+  ASSERT_EQ(loaded.code, 0) << loaded.err << loaded.out;
+  const at::Tensor hf = read_logits(tmp / "hf.safetensors");
+  const at::Tensor sharded = read_logits(tmp / "sharded.safetensors");
+  ASSERT_TRUE(hf.defined() && sharded.defined());
+  EXPECT_TRUE(at::equal(hf, sharded));
+  expect_close(sharded, reference_logits(f), f.dtype);
+}
+
 TEST(ShardedState, OneRankRoundTripIsBitIdentical) {
   const Fixture& f = fixture("llama_fp32_gqa_sharded");
   TempDir tmp;
