@@ -26,7 +26,8 @@ required=(
 )
 # Gloo's headers: libtorch has Gloo inside but ships no gloo/*.h, which c10d's
 # ProcessGroupGloo.hpp includes; without them CPU tensor parallelism is left out.
-optional=("c:ccache:ccache" "c:ninja:ninja-build" "h:gloo/algorithm.h:libgloo-dev")
+# clang: libFuzzer for the core.fuzz test (skipped with the reason without it).
+optional=("c:ccache:ccache" "c:ninja:ninja-build" "h:gloo/algorithm.h:libgloo-dev" "c:clang++:clang")
 
 present() {  # kind:name
   local kind=${1%%:*} name=${1#*:}
