@@ -26,7 +26,7 @@ struct GemmaConfig {
   double rms_norm_eps;
   bool tie_word_embeddings, attention_bias;
   RopeParameters rope;
-  GatedActivation activation;
+  ActivationFn activation;
   double attention_scale;        ///< query_pre_attn_scalar^-1/2 (Gemma 2), else head_dim^-1/2
   double attn_logit_softcap;     ///< 0: none
   double final_logit_softcap;    ///< 0: none
@@ -70,10 +70,10 @@ struct GemmaConfig {
 
   /// Gemma reads hidden_act, whose legacy value "gelu" transformers takes for the tanh
   /// approximation; Gemma 2 reads hidden_activation as it is.
-  static GatedActivation read_activation(const ModelConfig& c, bool is_gemma2) {
-    if (is_gemma2) return gated_activation(c, "hidden_activation", c.get_string("hidden_activation", "gelu_pytorch_tanh"));
+  static ActivationFn read_activation(const ModelConfig& c, bool is_gemma2) {
+    if (is_gemma2) return loadkit::activation(c, "hidden_activation", "gelu_pytorch_tanh");
     const std::string act = c.get_string("hidden_act", "gelu_pytorch_tanh");
-    return act == "gelu" ? GatedActivation::GeluTanh : gated_activation(c, "hidden_act", act);
+    return activation_named(c, "hidden_act", act == "gelu" ? "gelu_pytorch_tanh" : act);
   }
 
   SelfAttentionSpec attention(int64_t layer) const {

@@ -21,7 +21,7 @@ struct Qwen2Config {
   double rms_norm_eps;
   bool tie_word_embeddings;
   RopeParameters rope;
-  GatedActivation activation;
+  ActivationFn activation;
   std::vector<int64_t> sliding_window;  ///< per layer, 0 = full attention
 
   explicit Qwen2Config(const ModelConfig& c)
@@ -35,7 +35,7 @@ struct Qwen2Config {
         rms_norm_eps(c.get_double("rms_norm_eps", 1e-6)),
         tie_word_embeddings(c.get_bool("tie_word_embeddings", false)),
         rope(rope_parameters(c)),
-        activation(gated_activation(c, "hidden_act", c.get_string("hidden_act", "silu"))) {
+        activation(loadkit::activation(c, "hidden_act", "silu")) {
     if (num_layers < 0 || num_heads <= 0 || num_kv_heads <= 0 || head_dim <= 0 || hidden_size <= 0)
       fail(ErrorKind::Input, c.origin(), ": layer, head and hidden sizes must be positive");
     // As transformers' Qwen2Config: the window counts only with use_sliding_window; it applies to the

@@ -8,6 +8,7 @@
 
 #include <loadkit/causal_lm.h>
 #include <loadkit/error.h>
+#include <loadkit/layers/activation.h>
 #include <loadkit/layers/attention.h>
 #include <loadkit/layers/embedding.h>
 #include <loadkit/layers/linear.h>
@@ -19,24 +20,12 @@ namespace {
 
 using namespace loadkit;
 
-/// transformers' ACT2FN names that StarCoder2 checkpoints use.
-enum class Activation { GeluTanh, GeluErf };
-
-Activation parse_activation(const ModelConfig& c) {
-  const std::string act = c.get_string("hidden_act", "gelu_pytorch_tanh");
-  // gelu_new and gelu_fast are the same tanh approximation written out in Python.
-  if (act == "gelu_pytorch_tanh" || act == "gelu_new" || act == "gelu_fast") return Activation::GeluTanh;
-  if (act == "gelu") return Activation::GeluErf;
-  fail(ErrorKind::Input, c.origin(), ": hidden_act '", act,
-       "' is not supported (want gelu_pytorch_tanh, gelu_new, gelu_fast or gelu)");
-}
-
 /// What StarCoder2 reads from config.json.
 struct Starcoder2Config {
   int64_t hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads, head_dim, vocab_size;
   double norm_epsilon;
   bool use_bias, tie_word_embeddings;
-  Activation activation;
+  ActivationFn activation;
   RopeParameters rope;
   int64_t sliding_window;  ///< 0 = full attention
 
@@ -51,7 +40,7 @@ struct Starcoder2Config {
         norm_epsilon(c.get_double("norm_epsilon", 1e-5)),
         use_bias(c.get_bool("use_bias", true)),
         tie_word_embeddings(c.get_bool("tie_word_embeddings", true)),  // StarCoder2's default
-        activation(parse_activation(c)),
+        activation(loadkit::activation(c, "hidden_act", "gelu_pytorch_tanh")),
         rope(rope_parameters(c)),
         sliding_window(c.get_int("sliding_window", 0)) {
     if (num_layers < 0 || num_heads <= 0 || num_kv_heads <= 0 || head_dim <= 0 || hidden_size <= 0)
@@ -101,12 +90,12 @@ class Starcoder2MLP : public Module {
   }
   at::Tensor forward(const at::Tensor& x) {
     at::Tensor h = c_fc_->forward(x);
-    h = activation_ == Activation::GeluTanh ? at::gelu(h, "tanh") : at::gelu(h);
+    h = activation_(h);
     return c_proj_->forward(h);
   }
 
  private:
-  Activation activation_;
+  ActivationFn activation_;
   ColumnParallelLinear* c_fc_;
   RowParallelLinear* c_proj_;
 };

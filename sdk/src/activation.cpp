@@ -25,7 +25,10 @@ constexpr std::pair<std::string_view, ActivationFn> kActivations[] = {
 }  // namespace
 
 ActivationFn activation(const ModelConfig& config, std::string_view key, const std::string& fallback) {
-  const std::string name = config.get_string(key, fallback);
+  return activation_named(config, key, config.get_string(key, fallback));
+}
+
+ActivationFn activation_named(const ModelConfig& config, std::string_view key, const std::string& name) {
   std::string known;
   for (const auto& [n, fn] : kActivations) {
     if (n == name) return fn;

@@ -4,7 +4,6 @@
 
 #include <tuple>
 
-#include "loadkit/error.h"
 #include "loadkit/layers/linear.h"
 
 namespace loadkit {
@@ -33,15 +32,7 @@ at::Tensor RotarySelfAttention::forward(const at::Tensor& positions, const at::T
   return o_->forward(attn_->forward(q.reshape({n, q_size}), k.reshape({n, kv_size}), v));
 }
 
-GatedActivation gated_activation(const ModelConfig& config, const std::string& key, const std::string& name) {
-  if (name == "silu" || name == "swish") return GatedActivation::Silu;
-  if (name == "gelu_pytorch_tanh" || name == "gelu_new") return GatedActivation::GeluTanh;
-  if (name == "gelu") return GatedActivation::GeluExact;
-  fail(ErrorKind::Input, config.origin(), ": ", key, " '", name,
-       "' is not supported (want silu, gelu_pytorch_tanh, gelu_new or gelu)");
-}
-
-GatedMLP::GatedMLP(std::string type_name, int64_t hidden_size, int64_t intermediate_size, GatedActivation activation,
+GatedMLP::GatedMLP(std::string type_name, int64_t hidden_size, int64_t intermediate_size, ActivationFn activation,
                    const ModelContext& ctx, bool bias)
     : Module(std::move(type_name)), activation_(activation) {
   gate_up_ = &add_module("gate_up_proj", std::make_shared<MergedColumnParallelLinear>(
@@ -53,17 +44,8 @@ GatedMLP::GatedMLP(std::string type_name, int64_t hidden_size, int64_t intermedi
 
 at::Tensor GatedMLP::forward(const at::Tensor& x) {
   at::Tensor gate_up = gate_up_->forward(x);
-  switch (activation_) {
-    case GatedActivation::Silu:
-      return down_->forward(silu_and_mul(gate_up));
-    case GatedActivation::GeluTanh:
-      return down_->forward(gelu_tanh_and_mul(gate_up));
-    case GatedActivation::GeluExact: {
-      const int64_t d = gate_up.size(-1) / 2;
-      return down_->forward(at::gelu(gate_up.narrow(-1, 0, d)) * gate_up.narrow(-1, d, d));
-    }
-  }
-  fail(ErrorKind::Other, type_name(), ": unknown activation");
+  const int64_t d = gate_up.size(-1) / 2;
+  return down_->forward(activation_(gate_up.narrow(-1, 0, d)) * gate_up.narrow(-1, d, d));
 }
 
 std::vector<StackedParam> decoder_stacked_params() {

@@ -20,4 +20,8 @@ using ActivationFn = at::Tensor (*)(const at::Tensor&);
 /// file, the key and the names supported.
 ActivationFn activation(const ModelConfig& config, std::string_view key, const std::string& fallback);
 
+/// The activation called `name` (read from `config[key]` by the caller, e.g. after a
+/// model-specific rewrite of a legacy value); errors as above.
+ActivationFn activation_named(const ModelConfig& config, std::string_view key, const std::string& name);
+
 }  // namespace loadkit

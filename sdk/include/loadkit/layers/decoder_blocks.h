@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "loadkit/auto_weights_loader.h"
+#include "loadkit/layers/activation.h"
 #include "loadkit/layers/attention.h"
 #include "loadkit/layers/rotary.h"
 #include "loadkit/model_context.h"
@@ -47,23 +48,18 @@ class RotarySelfAttention : public Module {
   Attention* attn_;
 };
 
-enum class GatedActivation { Silu, GeluTanh, GeluExact };
-
-/// transformers' ACT2FN name → activation: silu/swish, gelu_pytorch_tanh/gelu_new (tanh
-/// approximation), gelu (exact). Anything else is an Input error naming `config`'s file and `key`.
-GatedActivation gated_activation(const ModelConfig& config, const std::string& key, const std::string& name);
-
-/// down_proj(act(gate_proj(x)) * up_proj(x)), gate and up stacked in gate_up_proj.
+/// down_proj(act(gate_proj(x)) * up_proj(x)), gate and up stacked in gate_up_proj;
+/// `activation` from layers/activation.h (the one name → function table).
 class GatedMLP : public Module {
  public:
-  GatedMLP(std::string type_name, int64_t hidden_size, int64_t intermediate_size, GatedActivation activation,
+  GatedMLP(std::string type_name, int64_t hidden_size, int64_t intermediate_size, ActivationFn activation,
            const ModelContext& ctx, bool bias = false);
   at::Tensor forward(const at::Tensor& x);
 
  private:
   MergedColumnParallelLinear* gate_up_;
   RowParallelLinear* down_;
-  GatedActivation activation_;
+  ActivationFn activation_;
 };
 
 /// vLLM's stacked_params_mapping for the blocks above: q/k/v_proj → qkv_proj, gate/up_proj → gate_up_proj.
