@@ -296,32 +296,94 @@ TEST(Fp8, AllZeroWeightGivesFiniteScaleAndZeros) {
   EXPECT_TRUE(at::equal(y, at::zeros({3, 16})));
 }
 
+/// A Llama checkpoint written here (random bf16, HF names), tensors shuffled over 3 files: every
+/// module's weights far apart, the order a reload must cope with.
+void write_checkpoint(const fs::path& dir, int seed, int layers, int64_t hidden, int64_t inter) {
+  fs::create_directories(dir);
+  const int64_t heads = 16, kv = 4, head_dim = hidden / heads, vocab = 4000;
+  nlohmann::json cfg = {{"architectures", {"LlamaForCausalLM"}}, {"hidden_size", hidden}, {"intermediate_size", inter},
+                        {"num_hidden_layers", layers}, {"num_attention_heads", heads}, {"num_key_value_heads", kv},
+                        {"vocab_size", vocab}, {"rms_norm_eps", 1e-5}, {"torch_dtype", "bfloat16"},
+                        {"tie_word_embeddings", false}, {"rope_theta", 10000.0}};
+  write_bytes(dir / "config.json", cfg.dump());
+  std::vector<std::pair<std::string, std::vector<int64_t>>> shapes = {
+      {"model.embed_tokens.weight", {vocab, hidden}}, {"model.norm.weight", {hidden}}, {"lm_head.weight", {vocab, hidden}}};
+  for (int l = 0; l < layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    shapes.push_back({p + "self_attn.q_proj.weight", {hidden, hidden}});
+    shapes.push_back({p + "self_attn.k_proj.weight", {kv * head_dim, hidden}});
+    shapes.push_back({p + "self_attn.v_proj.weight", {kv * head_dim, hidden}});
+    shapes.push_back({p + "self_attn.o_proj.weight", {hidden, hidden}});
+    shapes.push_back({p + "mlp.gate_proj.weight", {inter, hidden}});
+    shapes.push_back({p + "mlp.up_proj.weight", {inter, hidden}});
+    shapes.push_back({p + "mlp.down_proj.weight", {hidden, inter}});
+    shapes.push_back({p + "input_layernorm.weight", {hidden}});
+    shapes.push_back({p + "post_attention_layernorm.weight", {hidden}});
+  }
+  std::shuffle(shapes.begin(), shapes.end(), std::mt19937(seed));
+  at::manual_seed(seed);
+  nlohmann::json weight_map;
+  for (int f = 0; f < 3; ++f) {
+    std::vector<std::pair<std::string, at::Tensor>> part;
+    const std::string file = "part-" + std::to_string(f) + ".safetensors";
+    for (size_t i = f; i < shapes.size(); i += 3) {
+      part.emplace_back(shapes[i].first, (at::randn(shapes[i].second) * 0.05).to(at::kBFloat16));
+      weight_map[shapes[i].first] = file;
+    }
+    save_tensors((dir / file).string(), part);
+  }
+  write_bytes(dir / "model.safetensors.index.json", nlohmann::json{{"weight_map", weight_map}}.dump());
+}
+
+// A quantized reload materialises each transformed module when its first weight
+// arrives and reads the module's weights together: with the files' tensors
+// shuffled, the result must still equal a fresh load, bit for bit.
+TEST(ReloadOrdered, ShuffledCheckpointQuantizedEqualsFreshLoad) {
+  TempDir tmp;
+  write_checkpoint(tmp / "a", 3, 3, 64, 96);
+  write_checkpoint(tmp / "b", 4, 3, 64, 96);
+  for (const std::string quant : {"int8", "fp8"}) {
+    auto model = load((tmp / "a").string(), "cpu", quant);
+    const auto before = storage_facts(*model);
+    const LoadReport& r = model->reload((tmp / "b").string());
+    EXPECT_TRUE(r.pointers_stable) << quant;
+    EXPECT_EQ(storage_facts(*model), before) << quant;
+    auto fresh_b = load((tmp / "b").string(), "cpu", quant);
+    expect_identical(kernel_state(*model), kernel_state(*fresh_b));
+  }
+}
+
 // The staged CUDA path (reader threads, pinned pieces, async copies) against
 // the plain mmap path: the same kernel tensors, byte for byte, with a window
 // small enough that readers wait on the consumer and tensors span several pieces.
 TEST(StagedLoad, EqualsThePlainPathOnCuda) {
   SKIP_WITHOUT(std::string("cuda"));
-  for (const char* name : {"llama_fp32_gqa_sharded", "llama_bf16_gqa_tied"}) {
-    const auto& f = fixture(name);
-    ::setenv("LOADKIT_STAGING", "0", 1);
-    auto plain = load(f.dir, "cuda");
-    ::setenv("LOADKIT_STAGING", "1", 1);
-    ::setenv("LOADKIT_STAGING_WINDOW_MB", "1", 1);
-    ::setenv("LOADKIT_STAGING_THREADS", "3", 1);
-    ::setenv("LOADKIT_STAGING_PIECE_KB", "7", 1);  // odd: pieces end mid-element, tensors span several
-    auto staged = load(f.dir, "cuda");
-    ::unsetenv("LOADKIT_STAGING_PIECE_KB");
-    ::unsetenv("LOADKIT_STAGING_WINDOW_MB");
-    ::unsetenv("LOADKIT_STAGING_THREADS");
-    expect_identical(kernel_state(*staged), kernel_state(*plain));
-    // And a reload through the staged path equals the plain one's.
-    const auto& b = fixture(f.reload_target);
-    staged->reload(b.dir);
-    ::setenv("LOADKIT_STAGING", "0", 1);
-    plain->reload(b.dir);
-    ::unsetenv("LOADKIT_STAGING");
-    expect_identical(kernel_state(*staged), kernel_state(*plain));
-  }
+  for (const std::string quant : {"none", "fp8"})
+    for (const char* name : {"llama_fp32_gqa_sharded", "llama_bf16_gqa_tied"}) {
+      SCOPED_TRACE(std::string(name) + " " + quant);
+      const auto& f = fixture(name);
+      ::setenv("LOADKIT_STAGING", "0", 1);
+      auto plain = load(f.dir, "cuda", quant);
+      ::setenv("LOADKIT_STAGING", "1", 1);
+      ::setenv("LOADKIT_STAGING_WINDOW_MB", "1", 1);
+      ::setenv("LOADKIT_STAGING_THREADS", "3", 1);
+      ::setenv("LOADKIT_STAGING_PIECE_KB", "7", 1);  // odd: pieces end mid-element, tensors span several
+      ::setenv("LOADKIT_STAGING_DEPTH", "2", 1);
+      auto staged = load(f.dir, "cuda", quant);
+      expect_identical(kernel_state(*staged), kernel_state(*plain));
+      // And a reload through the staged path (quantized: modules read together, some tensors
+      // too large for the budget beside their module read from the mapping) equals the plain one's.
+      const auto& b = fixture(f.reload_target);
+      staged->reload(b.dir);
+      ::unsetenv("LOADKIT_STAGING_PIECE_KB");
+      ::unsetenv("LOADKIT_STAGING_WINDOW_MB");
+      ::unsetenv("LOADKIT_STAGING_THREADS");
+      ::unsetenv("LOADKIT_STAGING_DEPTH");
+      ::setenv("LOADKIT_STAGING", "0", 1);
+      plain->reload(b.dir);
+      ::unsetenv("LOADKIT_STAGING");
+      expect_identical(kernel_state(*staged), kernel_state(*plain));
+    }
 }
 
 #if LOADKIT_CUDA
@@ -380,54 +442,20 @@ TEST(ReloadGpu, Fp8UsesScaledMmOnHopper) {
   layer.process_weights_after_loading();
   at::Tensor x = at::randn({5, 64}, ctx.options());
   at::Tensor w = layer.param("weight").data, ws = layer.param("weight_scale").data;
-  // The same computation written out with at::_scaled_mm directly (rows padded to 16).
-  at::Tensor xs = (x.abs().amax().to(at::kFloat) / 448.0).clamp_min(1e-12);
+  // The same computation written out with at::_scaled_mm directly: one activation scale per token
+  // (rows padded to 16, padding rows scaled by the floor), the weight's one scale over every column.
+  at::Tensor xs = (x.abs().amax(1, true).to(at::kFloat) / 448.0).clamp_min(1e-12);
   at::Tensor xq = (x.to(at::kFloat) / xs).clamp(-448, 448).to(at::kFloat8_e4m3fn);
   at::Tensor padded = at::zeros({16, 64}, xq.options().dtype(at::kByte));
   padded.narrow(0, 0, 5).copy_(xq.view(at::kByte));
-  at::Tensor expected = at::_scaled_mm(padded.view(at::kFloat8_e4m3fn), w, xs.reshape({}), ws.reshape({}),
-                                       std::nullopt, std::nullopt, at::kBFloat16).narrow(0, 0, 5);
+  at::Tensor padded_scale = at::full({16, 1}, 1e-12, xs.options());
+  padded_scale.narrow(0, 0, 5).copy_(xs);
+  at::Tensor expected = at::_scaled_mm(padded.view(at::kFloat8_e4m3fn), w, padded_scale,
+                                       ws.reshape({1, 1}).expand({1, 48}).contiguous(), std::nullopt, std::nullopt,
+                                       at::kBFloat16).narrow(0, 0, 5);
   EXPECT_TRUE(at::equal(layer.forward(x), expected));
   at::Tensor exact = at::linear(x.to(at::kFloat), layer.param("weight").data.t().to(at::kFloat) * ws);
   EXPECT_GE(at::cosine_similarity(layer.forward(x).to(at::kFloat), exact, 1).min().item<double>(), 0.99);
-}
-
-/// A bigger 8-layer checkpoint written here (random bf16, HF names), tensors shuffled over 3 files.
-void write_checkpoint(const fs::path& dir, int seed, int layers, int64_t hidden, int64_t inter) {
-  fs::create_directories(dir);
-  const int64_t heads = 16, kv = 4, head_dim = hidden / heads, vocab = 4000;
-  nlohmann::json cfg = {{"architectures", {"LlamaForCausalLM"}}, {"hidden_size", hidden}, {"intermediate_size", inter},
-                        {"num_hidden_layers", layers}, {"num_attention_heads", heads}, {"num_key_value_heads", kv},
-                        {"vocab_size", vocab}, {"rms_norm_eps", 1e-5}, {"torch_dtype", "bfloat16"},
-                        {"tie_word_embeddings", false}, {"rope_theta", 10000.0}};
-  write_bytes(dir / "config.json", cfg.dump());
-  std::vector<std::pair<std::string, std::vector<int64_t>>> shapes = {
-      {"model.embed_tokens.weight", {vocab, hidden}}, {"model.norm.weight", {hidden}}, {"lm_head.weight", {vocab, hidden}}};
-  for (int l = 0; l < layers; ++l) {
-    const std::string p = "model.layers." + std::to_string(l) + ".";
-    shapes.push_back({p + "self_attn.q_proj.weight", {hidden, hidden}});
-    shapes.push_back({p + "self_attn.k_proj.weight", {kv * head_dim, hidden}});
-    shapes.push_back({p + "self_attn.v_proj.weight", {kv * head_dim, hidden}});
-    shapes.push_back({p + "self_attn.o_proj.weight", {hidden, hidden}});
-    shapes.push_back({p + "mlp.gate_proj.weight", {inter, hidden}});
-    shapes.push_back({p + "mlp.up_proj.weight", {inter, hidden}});
-    shapes.push_back({p + "mlp.down_proj.weight", {hidden, inter}});
-    shapes.push_back({p + "input_layernorm.weight", {hidden}});
-    shapes.push_back({p + "post_attention_layernorm.weight", {hidden}});
-  }
-  std::shuffle(shapes.begin(), shapes.end(), std::mt19937(seed));
-  at::manual_seed(seed);
-  nlohmann::json weight_map;
-  for (int f = 0; f < 3; ++f) {
-    std::vector<std::pair<std::string, at::Tensor>> part;
-    const std::string file = "part-" + std::to_string(f) + ".safetensors";
-    for (size_t i = f; i < shapes.size(); i += 3) {
-      part.emplace_back(shapes[i].first, (at::randn(shapes[i].second) * 0.05).to(at::kBFloat16));
-      weight_map[shapes[i].first] = file;
-    }
-    save_tensors((dir / file).string(), part);
-  }
-  write_bytes(dir / "model.safetensors.index.json", nlohmann::json{{"weight_map", weight_map}}.dump());
 }
 
 TEST(ReloadGpu, PeakExtraMemoryStaysWithinTheLargestLayer) {

@@ -168,7 +168,15 @@ std::unique_ptr<LoadedModel> LoadedModel::load(const LoadOptions& options, const
     // Kernel format is what processing makes: build it, then copy the rank's state over it.
     initialize_dummy_weights(*model);
   } else if (files) {
-    auto stream = staging_enabled(ctx.device) ? staged_safetensors_stream(*files, ctx.device) : safetensors_stream(*files);
+    std::unique_ptr<WeightStream> stream;
+    if (staging_enabled(ctx.device)) {
+      // A window of at least the largest tensor: every tensor is staged (none read from the mapping).
+      StagingOptions staging;
+      staging.window_bytes = std::max(safetensors::largest_tensor_bytes(*files), default_window_bytes());
+      stream = staged_safetensors_stream(*files, ctx.device, std::move(staging));
+    } else {
+      stream = safetensors_stream(*files);
+    }
     reset_load_counts(*model);
     model->load_weights(*stream);
     check_all_initialized(*model);
@@ -181,7 +189,7 @@ std::unique_ptr<LoadedModel> LoadedModel::load(const LoadOptions& options, const
   report.layers_processed = process_all(*model);
   loaded->state_->reload->release_load_format();
   if (sharded) {
-    const ReloadStats copied = copy_sharded_state(*model, *files);
+    const ReloadStats copied = copy_sharded_state(*model, *files, ctx.device);
     report.pointers_stable = report.pointers_stable && copied.pointers_stable;
     report.bytes = files->total_bytes;
     report.tensors = files->total_tensors;
@@ -233,23 +241,24 @@ const LoadReport& LoadedModel::reload(const std::string& source_dir, bool proces
   const auto files = sharded ? open_sharded_state(dir, s.ctx.tp_rank, s.sharded_pattern) : safetensors::open_checkpoint(dir);
   start_measuring(s.ctx.device, s.allocated_at_start);
   const c10::Device device = s.ctx.device;
-  // A reload's peak extra device memory must stay within the largest layer: stage at most
-  // the largest tensor ahead. Quantized modules already hold their load-format layer while
-  // they are rebuilt, so staged tensors beside it would exceed that: they read the mapping.
-  const bool staged = staging_enabled(device) && !s.ctx.quant;
-  StagingOptions staging;
-  for (const auto& file : files.files)
-    for (const auto& info : file->tensors()) staging.window_bytes = std::max<uint64_t>(staging.window_bytes, info.bytes());
-  staging.piece_bytes = 4ull << 20;
-  auto open = [&](ReloadEngine::StreamUse use) {
-    return use == ReloadEngine::StreamUse::Apply && staged ? staged_safetensors_stream(files, device, staging)
-                                                           : safetensors_stream(files);
+  // The staged stream reads ahead within the plan's budget (the largest layer, less the module
+  // being rebuilt beside it), so that the peak extra device memory stays within the largest layer.
+  auto open = [&](ReloadEngine::StreamUse use, const ReloadEngine::ApplyPlan& plan) {
+    if (use == ReloadEngine::StreamUse::Apply && staging_enabled(device)) {
+      StagingOptions staging;
+      staging.window_bytes = plan.budget;
+      staging.order = plan.order;
+      staging.reserve = plan.reserve;
+      if (!plan.budget) staging.window_bytes = safetensors::largest_tensor_bytes(files);  // kernel-format copies: no plan
+      return staged_safetensors_stream(files, device, std::move(staging));
+    }
+    return safetensors_stream(files, plan.order);
   };
   ReloadStats stats;
   if (process) {
     stats = s.reload->reload(open, [&](WeightStream& w) { s.model->load_weights(w); });
   } else if (sharded) {
-    stats = copy_sharded_state(*s.model, files);
+    stats = copy_sharded_state(*s.model, files, s.ctx.device);
   } else {
     stats = s.reload->copy_kernel_format(open, /*complete=*/true);
   }

@@ -40,6 +40,7 @@ struct ModuleRecord {
   Module* module = nullptr;
   std::vector<ParamRecord> params;
   bool attention_like = false;
+  uint64_t load_bytes = 0;  ///< the load format's size on the device
   // Per session.
   bool transforms = false;  ///< processing changes the parameters: load format restored on meta
   std::vector<std::pair<std::string, std::shared_ptr<Parameter>>> kernel_objects;
@@ -49,6 +50,7 @@ struct ModuleRecord {
   int64_t total = 0;
   int64_t applied = 0;
   bool done = false;
+  bool materialized = false;  ///< load format allocated on the device
 };
 
 struct TensorFacts {
@@ -68,6 +70,25 @@ at::Tensor meta_tensor(const std::vector<int64_t>& shape, at::ScalarType dtype) 
   return at::empty(shape, at::TensorOptions().dtype(dtype).device(at::kMeta));
 }
 
+/// Passes a stream through, noting each tensor's name as it goes to the loaders.
+class RecordingStream final : public WeightStream {
+ public:
+  RecordingStream(WeightStream& inner, std::string& current, std::vector<std::string>& names)
+      : inner_(inner), current_(current), names_(names) {}
+  bool next(NamedWeight& out) override {
+    if (!inner_.next(out)) return false;
+    current_ = out.name;
+    names_.push_back(out.name);
+    return true;
+  }
+
+ private:
+  WeightStream& inner_;
+  std::string& current_;
+  std::vector<std::string>& names_;
+};
+
+
 }  // namespace
 
 struct ReloadEngine::Impl {
@@ -76,6 +97,14 @@ struct ReloadEngine::Impl {
   std::vector<ModuleRecord> modules;
   bool active = false;
   bool validating = false;
+  /// Applying a validated reload: transformed modules are materialised on their first weight and
+  /// written at once. Streamed updates keep the calls instead (their order is unknown, and the
+  /// caller's tensors cost no device memory while kept).
+  bool eager = false;
+  // What the last validation saw: tensor names in order, and the first module each one fed.
+  std::string current_tensor;
+  std::vector<std::string> validated_names;
+  std::unordered_map<std::string, size_t> tensor_module;
   ReloadStats stats;
   std::vector<std::pair<std::string, TensorFacts>> pointer_snapshot;
 
@@ -90,6 +119,7 @@ struct ReloadEngine::Impl {
         if (!seen.insert(p.get()).second) continue;  // managed by its first owner (tied weights)
         rec.params.push_back(ParamRecord{pname, name.empty() ? pname : name + "." + pname, p, p->data.sizes().vec(),
                                          p->data.scalar_type(), p->loader, p->sharding, p->expected_load_numel});
+        rec.load_bytes += static_cast<uint64_t>(p->data.numel()) * p->data.element_size();
       }
       if (!rec.params.empty()) modules.push_back(std::move(rec));
     }
@@ -115,6 +145,7 @@ struct ReloadEngine::Impl {
       mod.calls.clear();
       mod.total = mod.applied = 0;
       mod.done = false;
+      mod.materialized = false;
       mod.transforms = module.transforms_weights() || !kernel_matches_records(mod);
       for (auto& rec : mod.params) {
         rec.applied = rec.validated = 0;
@@ -158,11 +189,15 @@ struct ReloadEngine::Impl {
           fail(ErrorKind::Input, "parameter '", rec.qualified, "' would receive more than its ", rec.expected,
                " elements (a weight given twice, or after its module '", mod.name, "' was complete)");
         rec.validated += n;
+        if (!current_tensor.empty()) tensor_module.emplace(current_tensor, m);
         return n;
       }
       if (mod.done)
         fail(ErrorKind::Input, "a weight for '", rec.qualified, "' arrived after module '", mod.name, "' was complete");
-      const int64_t n = rec.loader(param, loaded, shard);  // kernel storage, or meta for transformed modules
+      const bool write_now = mod.transforms && eager && !mod.attention_like;
+      if (write_now && !mod.materialized) materialize(mod);
+      // Kernel storage; for transformed modules the materialised load format, or meta (calls kept).
+      const int64_t n = rec.loader(param, loaded, shard);
       rec.applied = std::min(rec.expected, rec.applied + n);
       mod.applied = 0;
       for (const auto& r : mod.params) mod.applied += r.applied;
@@ -173,19 +208,35 @@ struct ReloadEngine::Impl {
         }
         return n;
       }
-      mod.calls.push_back({i, loaded, shard});
+      if (!write_now) mod.calls.push_back({i, loaded, shard});
       if (mod.applied >= mod.total && !mod.attention_like) process(mod);
       return n;
     };
   }
 
-  /// Materializes `mod`'s load format, replays its loads, processes into its kernel tensors, frees.
+  /// Allocates `mod`'s load-format parameters on the device (their loaders fill them).
+  void materialize(ModuleRecord& mod) {
+    for (auto& rec : mod.params) rec.original->data = at::empty(rec.shape, at::TensorOptions().dtype(rec.dtype).device(device));
+    mod.materialized = true;
+  }
+
+  /// Lets go of the load format `materialize` made (parameters that are kernel objects keep theirs).
+  void dematerialize(ModuleRecord& mod) {
+    for (auto& rec : mod.params)
+      if (mod.module->find_param(rec.name) != rec.original.get()) rec.original->data = meta_tensor(rec.shape, rec.dtype);
+    mod.materialized = false;
+  }
+
+  /// Materializes `mod`'s load format (unless its loaders wrote it already), replays its kept
+  /// loads, processes into its kernel tensors, frees.
   void process(ModuleRecord& mod) {
     Module& module = *mod.module;
-    for (auto& rec : mod.params) rec.original->data = at::empty(rec.shape, at::TensorOptions().dtype(rec.dtype).device(device));
-    for (const Call& call : mod.calls) {
-      ParamRecord& rec = mod.params[call.param];
-      rec.loader(*rec.original, call.loaded, call.shard);
+    if (!mod.materialized) {
+      materialize(mod);
+      for (const Call& call : mod.calls) {
+        ParamRecord& rec = mod.params[call.param];
+        rec.loader(*rec.original, call.loaded, call.shard);
+      }
     }
     mod.calls.clear();
     KernelTargets targets(mod.kernel_data.begin(), mod.kernel_data.end());
@@ -200,8 +251,7 @@ struct ReloadEngine::Impl {
     place_kernel(mod);
     // Free the load format at once, except parameters that processing kept as they were (a quantized
     // layer's bias): those objects are kernel parameters again, holding kernel storage.
-    for (auto& rec : mod.params)
-      if (module.find_param(rec.name) != rec.original.get()) rec.original->data = meta_tensor(rec.shape, rec.dtype);
+    dematerialize(mod);
     mod.done = true;
     ++stats.layers_processed;
   }
@@ -250,6 +300,7 @@ struct ReloadEngine::Impl {
           partial.push_back(cat(mod.name, " (", mod.applied, " of ", mod.total, " elements)"));
           mod.calls.clear();
           place_kernel(mod);
+          if (mod.materialized) dematerialize(mod);
         }
       } else if (!mod.transforms && !mod.done && mod.applied > 0) {
         ++stats.layers_processed;  // partial update of plain weights: the rest keeps its values
@@ -258,6 +309,7 @@ struct ReloadEngine::Impl {
       restore_loaders(mod);
     }
     active = false;
+    eager = false;
     stats.pointers_stable = pointers_unchanged();
     if (!partial.empty()) {
       std::string list;
@@ -272,9 +324,11 @@ struct ReloadEngine::Impl {
     for (auto& mod : modules) {
       mod.calls.clear();
       if (mod.transforms && !mod.done) place_kernel(mod);
+      if (mod.materialized) dematerialize(mod);
       restore_loaders(mod);
     }
     active = false;
+    eager = false;
   }
 
   bool pointers_unchanged() {
@@ -301,17 +355,67 @@ struct ReloadEngine::Impl {
     return missing;
   }
 
-  void validate(WeightStream& stream, const Loader& load_weights) {
+  /// Runs `stream` through the model's loaders against meta stand-ins; with `record`, remembers
+  /// the tensor names in order and the module each one feeds (for plan()).
+  void validate(WeightStream& stream, const Loader& load_weights, bool record = false) {
     for (auto& mod : modules)
       for (auto& rec : mod.params) rec.validated = 0;
+    validated_names.clear();
+    tensor_module.clear();
+    current_tensor.clear();
     validating = true;
     try {
-      load_weights(stream);
+      if (record) {
+        RecordingStream recording(stream, current_tensor, validated_names);
+        load_weights(recording);
+      } else {
+        load_weights(stream);
+      }
     } catch (...) {
       validating = false;
+      current_tensor.clear();
       throw;
     }
     validating = false;
+    current_tensor.clear();
+  }
+
+  /// The applying stream's order and memory budget, from the last recorded validation.
+  ReloadEngine::ApplyPlan plan() const {
+    ReloadEngine::ApplyPlan plan;
+    bool any_transformed = false;
+    for (const auto& mod : modules) {
+      plan.budget = std::max(plan.budget, mod.load_bytes);
+      any_transformed = any_transformed || (mod.transforms && !mod.attention_like);
+    }
+    if (!any_transformed) return plan;
+    // Each transformed module's tensors together, modules in the order their first tensor came.
+    constexpr size_t kNone = SIZE_MAX;
+    std::unordered_map<size_t, std::vector<const std::string*>> groups;
+    std::vector<std::pair<size_t, const std::string*>> sequence;  // (group or kNone, name)
+    for (const auto& name : validated_names) {
+      auto it = tensor_module.find(name);
+      const size_t m = it == tensor_module.end() || !modules[it->second].transforms ? kNone : it->second;
+      if (m == kNone) {
+        sequence.emplace_back(kNone, &name);
+        continue;
+      }
+      auto& g = groups[m];
+      if (g.empty()) sequence.emplace_back(m, nullptr);
+      g.push_back(&name);
+    }
+    for (const auto& [m, name] : sequence) {
+      if (m == kNone) {
+        plan.order.push_back(*name);
+        plan.reserve.push_back(0);
+        continue;
+      }
+      for (const std::string* n : groups[m]) {
+        plan.order.push_back(*n);
+        plan.reserve.push_back(modules[m].load_bytes);
+      }
+    }
+    return plan;
   }
 };
 
@@ -327,9 +431,11 @@ void ReloadEngine::release_load_format() {
 ReloadStats ReloadEngine::reload(const StreamFactory& open, const Loader& load_weights) {
   impl_->begin();
   try {
-    impl_->validate(*open(StreamUse::Validate), load_weights);
+    impl_->validate(*open(StreamUse::Validate, ApplyPlan{}), load_weights, /*record=*/true);
     fail_if_missing(impl_->incomplete_after_validation());
-    load_weights(*open(StreamUse::Apply));
+    const ApplyPlan plan = impl_->plan();
+    impl_->eager = true;
+    load_weights(*open(StreamUse::Apply, plan));
     return impl_->finish();
   } catch (...) {
     if (impl_->active) impl_->abort();
@@ -377,7 +483,7 @@ ReloadStats ReloadEngine::copy_kernel_format(const StreamFactory& open, bool com
   };
   std::unordered_set<std::string> seen;
   {
-    auto stream = open(StreamUse::Validate);
+    auto stream = open(StreamUse::Validate, ApplyPlan{});
     NamedWeight w;
     while (stream->next(w)) {
       check(w);
@@ -391,7 +497,7 @@ ReloadStats ReloadEngine::copy_kernel_format(const StreamFactory& open, bool com
     fail_if_missing(std::move(missing));
   }
   ReloadStats stats;
-  auto stream = open(StreamUse::Apply);
+  auto stream = open(StreamUse::Apply, ApplyPlan{});
   NamedWeight w;
   while (stream->next(w)) {
     check(w).data.copy_(w.tensor);

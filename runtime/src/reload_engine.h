@@ -20,6 +20,7 @@
 #include <c10/core/Device.h>
 
 #include <functional>
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
@@ -52,12 +53,28 @@ class ReloadEngine {
   /// What a stream is opened for: validation looks at names, shapes and dtypes
   /// only (no data is read); applying reads the data (the staged fast path).
   enum class StreamUse { Validate, Apply };
-  using StreamFactory = std::function<std::unique_ptr<WeightStream>(StreamUse)>;
+  /// How to open the applying stream, worked out from the validation.
+  struct ApplyPlan {
+    /// Tensor names to deliver in this order (each transformed module's weights
+    /// together), or empty: as validated.
+    std::vector<std::string> order;
+    /// With `order`: per tensor, the load-format bytes of the transformed module
+    /// it feeds (materialised beside the stream while it is applied), else 0.
+    std::vector<uint64_t> reserve;
+    /// Device bytes the stream and the materialised module may hold together:
+    /// the largest layer's load-format size, the reload's memory bound.
+    uint64_t budget = 0;
+  };
+  using StreamFactory = std::function<std::unique_ptr<WeightStream>(StreamUse, const ApplyPlan&)>;
   using Loader = std::function<void(WeightStream&)>;  ///< the model's load_weights
 
   /// Reloads from a complete checkpoint: validates the whole of `open()`'s
   /// stream first (nothing is touched if it fails, including a missing
-  /// weight), then streams it again into the model.
+  /// weight), then streams it again into the model. Modules that processing
+  /// transforms get their load format materialised when their first weight
+  /// arrives and written by their loaders at once (no call is kept), and the
+  /// applying stream delivers each such module's weights together, so one
+  /// module is materialised at a time whatever the files' order.
   ReloadStats reload(const StreamFactory& open, const Loader& load_weights);
 
   /// Streaming form for trainers: chunks are validated one by one and

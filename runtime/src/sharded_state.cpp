@@ -13,6 +13,7 @@
 #include "loadkit/error.h"
 #include "loadkit/module.h"
 #include "loadkit/runtime/log.h"
+#include "staging/staged_stream.h"
 #include "tensor_io.h"
 #include "weight_sources.h"
 
@@ -169,7 +170,7 @@ safetensors::CheckpointFiles open_sharded_state(const std::string& dir, int rank
   return files;
 }
 
-ReloadStats copy_sharded_state(Module& root, const safetensors::CheckpointFiles& files) {
+ReloadStats copy_sharded_state(Module& root, const safetensors::CheckpointFiles& files, const c10::Device& device) {
   const auto state = sharded_state_dict(root);
   std::unordered_map<std::string, at::Tensor> by_name(state.begin(), state.end());
   std::vector<std::pair<Parameter*, const void*>> before;
@@ -203,7 +204,14 @@ ReloadStats copy_sharded_state(Module& root, const safetensors::CheckpointFiles&
   fail_if_missing(std::move(missing));
 
   ReloadStats stats;
-  auto stream = safetensors_stream(files);
+  std::unique_ptr<WeightStream> stream;
+  if (staging_enabled(device)) {
+    StagingOptions staging;
+    staging.window_bytes = safetensors::largest_tensor_bytes(files);
+    stream = staged_safetensors_stream(files, device, std::move(staging));
+  } else {
+    stream = safetensors_stream(files);
+  }
   NamedWeight w;
   while (stream->next(w)) {
     at::Tensor dst = check(w);

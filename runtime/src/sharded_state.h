@@ -6,6 +6,7 @@
 /// other's files.
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
 
 #include <cstdint>
 #include <optional>
@@ -52,7 +53,8 @@ safetensors::CheckpointFiles open_sharded_state(const std::string& dir, int rank
 /// name. Everything is validated first (names, dtypes, ranks, no dimension
 /// larger than the parameter's, nothing twice, nothing missing); a tensor
 /// smaller than its parameter (a padded one) goes into the leading part of
-/// it, with a warning, as vLLM does.
-ReloadStats copy_sharded_state(Module& root, const safetensors::CheckpointFiles& files);
+/// it, with a warning, as vLLM does. On a CUDA device the data goes through
+/// the staged stream (one tensor read ahead at most).
+ReloadStats copy_sharded_state(Module& root, const safetensors::CheckpointFiles& files, const c10::Device& device);
 
 }  // namespace loadkit

@@ -2,6 +2,9 @@
 
 #include <ATen/ATen.h>
 
+#include <string_view>
+#include <unordered_map>
+
 #include "loadkit/error.h"
 #include "loadkit/module.h"
 #include "loadkit/runtime/log.h"
@@ -47,9 +50,45 @@ class SafetensorsStream final : public WeightStream {
   size_t tensor_ = 0;
 };
 
+/// The same tensors in a given order (a reload that keeps each module's weights together).
+class OrderedSafetensorsStream final : public WeightStream {
+ public:
+  OrderedSafetensorsStream(const safetensors::CheckpointFiles& files, const std::vector<std::string>& order) {
+    std::unordered_map<std::string_view, std::pair<size_t, const safetensors::TensorInfo*>> by_name;
+    for (size_t f = 0; f < files.files.size(); ++f) {
+      files.files[f]->will_need();
+      for (const auto& info : files.files[f]->tensors()) by_name.emplace(info.name, std::make_pair(f, &info));
+    }
+    if (order.size() != by_name.size())
+      fail(ErrorKind::Other, "ordered stream: an order of ", order.size(), " names for ", by_name.size(), " tensors");
+    for (const auto& name : order) {
+      auto it = by_name.find(name);
+      if (it == by_name.end()) fail(ErrorKind::Other, "ordered stream: no tensor '", name, "' to order");
+      items_.push_back(it->second);
+    }
+    files_ = files.files;
+  }
+
+  bool next(NamedWeight& out) override {
+    if (pos_ >= items_.size()) return false;
+    const auto& [f, info] = items_[pos_++];
+    out.name = info->name;
+    out.tensor = view_tensor(files_[f], *info);
+    out.origin = files_[f]->path();
+    return true;
+  }
+
+ private:
+  std::vector<std::shared_ptr<const safetensors::SafetensorsFile>> files_;
+  std::vector<std::pair<size_t, const safetensors::TensorInfo*>> items_;
+  size_t pos_ = 0;
+};
+
 }  // namespace
 
-std::unique_ptr<WeightStream> safetensors_stream(const safetensors::CheckpointFiles& files) {
+std::unique_ptr<WeightStream> safetensors_stream(const safetensors::CheckpointFiles& files,
+                                                 std::vector<std::string> order) {
+  if (!order.empty()) return std::make_unique<OrderedSafetensorsStream>(files, order);
   return std::make_unique<SafetensorsStream>(files);
 }
 

@@ -109,4 +109,11 @@ CheckpointFiles open_checkpoint(const std::string& directory) {
   return out;
 }
 
+uint64_t largest_tensor_bytes(const CheckpointFiles& files) {
+  uint64_t largest = 0;
+  for (const auto& file : files.files)
+    for (const auto& info : file->tensors()) largest = std::max(largest, info.bytes());
+  return largest;
+}
+
 }  // namespace loadkit::safetensors

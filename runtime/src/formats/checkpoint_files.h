@@ -29,6 +29,9 @@ struct CheckpointFiles {
 /// Parses an index file's text: tensor name → file name. `origin` names it in errors.
 std::map<std::string, std::string> parse_index(std::string_view text, const std::string& origin);
 
+/// Bytes of the checkpoint's largest tensor (0 without tensors).
+uint64_t largest_tensor_bytes(const CheckpointFiles& files);
+
 /// Opens and validates every file of the checkpoint in `directory`.
 CheckpointFiles open_checkpoint(const std::string& directory);
 

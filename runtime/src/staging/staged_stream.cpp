@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <unordered_map>
 
 #include "loadkit/error.h"
 #include "tensor_io.h"
@@ -21,9 +22,24 @@
 #include <deque>
 #include <mutex>
 #include <thread>
+
+#include "staging/pinned_pool.h"
 #endif
 
 namespace loadkit {
+
+namespace {
+uint64_t env_number(const char* name, uint64_t fallback) {
+  const char* text = std::getenv(name);
+  if (!text || !*text) return fallback;
+  char* end = nullptr;
+  const unsigned long long value = std::strtoull(text, &end, 10);
+  if (*end != '\0' || value == 0) fail(ErrorKind::Usage, name, "='", text, "' is not a positive integer");
+  return value;
+}
+}  // namespace
+
+uint64_t default_window_bytes() { return env_number("LOADKIT_STAGING_WINDOW_MB", 512) << 20; }
 
 bool staging_enabled(const c10::Device& device) {
 #if LOADKIT_CUDA
@@ -39,32 +55,26 @@ bool staging_enabled(const c10::Device& device) {
 
 namespace {
 
-uint64_t env_number(const char* name, uint64_t fallback) {
-  const char* text = std::getenv(name);
-  if (!text || !*text) return fallback;
-  char* end = nullptr;
-  const unsigned long long value = std::strtoull(text, &end, 10);
-  if (*end != '\0' || value == 0) fail(ErrorKind::Usage, name, "='", text, "' is not a positive integer");
-  return value;
-}
-
 void check_cuda(cudaError_t status, const char* what) {
   if (status != cudaSuccess) fail(ErrorKind::Other, "CUDA ", what, " failed: ", cudaGetErrorString(status));
 }
 
 /// One checkpoint tensor on its way to the device.
 struct Item {
-  const safetensors::SafetensorsFile* file = nullptr;
+  size_t file = 0;  ///< index into the stream's files
   const safetensors::TensorInfo* info = nullptr;
   int fd = -1;
   uint64_t offset = 0;  ///< in the file
   uint64_t bytes = 0;
+  uint64_t reserve = 0;  ///< device bytes the consumer holds beside the stream while applying it
   int pieces = 0;
   // Guarded by the stream's mutex:
-  at::Tensor device;                 ///< allocated by the reader that takes the first piece
-  cudaEvent_t allocated = nullptr;   ///< consumer stream position at allocation (reuse hazard)
-  std::vector<cudaEvent_t> copied;   ///< one per piece, recorded after its copy
+  at::Tensor device;                ///< allocated by the reader that takes the first piece
+  cudaEvent_t allocated = nullptr;  ///< consumer stream position at allocation (reuse hazard)
+  /// Per reader that copied a piece: an event recorded after its latest piece (its stream is in order).
+  std::vector<std::pair<int, cudaEvent_t>> copied;
   int pieces_queued = 0;
+  bool bypassed = false;  ///< delivered as a host view, never staged
   std::string error;
 };
 
@@ -77,28 +87,47 @@ class StagedStream final : public WeightStream {
     const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
     const int threads = options.threads > 0 ? options.threads
                                             : static_cast<int>(env_number("LOADKIT_STAGING_THREADS", std::min(16, cores)));
-    piece_bytes_ = options.piece_bytes ? options.piece_bytes : env_number("LOADKIT_STAGING_PIECE_KB", 16 << 10) << 10;
-    window_bytes_ = options.window_bytes ? options.window_bytes
-                                         : env_number("LOADKIT_STAGING_WINDOW_MB", 512) << 20;
-    for (const auto& file : files.files) {
+    piece_bytes_ = options.piece_bytes ? options.piece_bytes : env_number("LOADKIT_STAGING_PIECE_KB", 2 << 10) << 10;
+    depth_ = options.depth > 0 ? options.depth : static_cast<int>(env_number("LOADKIT_STAGING_DEPTH", 3));
+    window_bytes_ = options.window_bytes ? options.window_bytes : default_window_bytes();
+    files_ = files.files;  // keep the validated files (and their tensor infos) alive
+    std::vector<Item> in_file_order;
+    for (size_t f = 0; f < files_.size(); ++f) {
+      const auto& file = files_[f];
       const int fd = ::open(file->path().c_str(), O_RDONLY | O_CLOEXEC);
       if (fd < 0) fail(ErrorKind::Input, file->path(), ": cannot open: ", std::strerror(errno));
       fds_.push_back(fd);
       ::posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
       for (const auto& info : file->tensors()) {
         Item item;
-        item.file = file.get();
+        item.file = f;
         item.info = &info;
         item.fd = fd;
         item.offset = file->file_offset(info);
         item.bytes = info.bytes();
         item.pieces = static_cast<int>((item.bytes + piece_bytes_ - 1) / piece_bytes_);
-        items_.push_back(std::move(item));
+        in_file_order.push_back(std::move(item));
       }
     }
-    files_ = files.files;  // keep the validated files (and their tensor infos) alive
+    if (options.order.empty()) {
+      for (auto& item : in_file_order) items_.push_back(std::move(item));
+    } else {
+      std::unordered_map<std::string_view, size_t> by_name;
+      for (size_t i = 0; i < in_file_order.size(); ++i) by_name.emplace(in_file_order[i].info->name, i);
+      if (options.order.size() != in_file_order.size())
+        fail(ErrorKind::Other, "staged stream: an order of ", options.order.size(), " names for ",
+             in_file_order.size(), " tensors");
+      if (!options.reserve.empty() && options.reserve.size() != options.order.size())
+        fail(ErrorKind::Other, "staged stream: ", options.reserve.size(), " reserves for ", options.order.size(), " tensors");
+      for (size_t i = 0; i < options.order.size(); ++i) {
+        auto it = by_name.find(options.order[i]);
+        if (it == by_name.end()) fail(ErrorKind::Other, "staged stream: no tensor '", options.order[i], "' to order");
+        items_.push_back(std::move(in_file_order[it->second]));
+        if (!options.reserve.empty()) items_.back().reserve = options.reserve[i];
+      }
+    }
     const int n = static_cast<int>(std::min<size_t>(threads, std::max<size_t>(1, files.total_bytes / piece_bytes_ + 1)));
-    for (int i = 0; i < n; ++i) workers_.emplace_back([this] { work(); });
+    for (int i = 0; i < n; ++i) workers_.emplace_back([this, i] { work(i); });
   }
 
   ~StagedStream() override {
@@ -109,9 +138,10 @@ class StagedStream final : public WeightStream {
     cv_.notify_all();
     for (auto& w : workers_) w.join();
     for (auto& item : items_) {
-      for (cudaEvent_t e : item.copied) cudaEventDestroy(e);
+      for (auto& [reader, e] : item.copied) cudaEventDestroy(e);
       if (item.allocated) cudaEventDestroy(item.allocated);
     }
+    for (cudaEvent_t e : spare_events_) cudaEventDestroy(e);
     for (int fd : fds_) ::close(fd);
   }
 
@@ -121,15 +151,20 @@ class StagedStream final : public WeightStream {
     if (next_ > 0) release(next_ - 1);
     if (next_ >= items_.size()) return false;
     Item& item = items_[next_];
-    cv_.wait(lock, [&] { return item.pieces_queued == item.pieces || !item.error.empty(); });
-    if (!item.error.empty()) fail(ErrorKind::Input, item.file->path(), ": reading tensor '", item.info->name, "': ", item.error);
-    if (item.pieces == 0) item.device = allocate(item);
-    for (cudaEvent_t e : item.copied) check_cuda(cudaStreamWaitEvent(consumer_, e, 0), "cudaStreamWaitEvent");
+    cv_.wait(lock, [&] { return item.pieces_queued == item.pieces || !item.error.empty() || item.bypassed; });
+    if (!item.error.empty())
+      fail(ErrorKind::Input, files_[item.file]->path(), ": reading tensor '", item.info->name, "': ", item.error);
     out.name = item.info->name;
+    out.origin = files_[item.file]->path();
+    ++next_;
+    if (item.bypassed) {
+      out.tensor = view_tensor(files_[item.file], *item.info);
+      return true;
+    }
+    if (item.pieces == 0) item.device = allocate(item);
+    for (auto& [reader, e] : item.copied) check_cuda(cudaStreamWaitEvent(consumer_, e, 0), "cudaStreamWaitEvent");
     out.tensor = std::move(item.device);
     item.device = at::Tensor();
-    out.origin = item.file->path();
-    ++next_;
     return true;
   }
 
@@ -137,10 +172,21 @@ class StagedStream final : public WeightStream {
   /// The consumer moved past `index`: its bytes leave the read-ahead window.
   void release(size_t index) {
     Item& item = items_[index];
-    in_flight_ -= item.bytes;
-    for (cudaEvent_t e : item.copied) cudaEventDestroy(e);
+    if (!item.bypassed) in_flight_ -= item.bytes;
+    for (auto& [reader, e] : item.copied) spare_events_.push_back(e);
     item.copied.clear();
     cv_.notify_all();
+  }
+
+  cudaEvent_t event() {
+    if (!spare_events_.empty()) {
+      cudaEvent_t e = spare_events_.back();
+      spare_events_.pop_back();
+      return e;
+    }
+    cudaEvent_t e = nullptr;
+    check_cuda(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
+    return e;
   }
 
   at::Tensor allocate(Item& item) {
@@ -149,7 +195,7 @@ class StagedStream final : public WeightStream {
                                                    .device(device_));
     // A block the consumer just freed may still be read by its queued copies:
     // the readers' streams wait for the consumer's stream up to this point.
-    check_cuda(cudaEventCreateWithFlags(&item.allocated, cudaEventDisableTiming), "cudaEventCreate");
+    item.allocated = event();
     check_cuda(cudaEventRecord(item.allocated, consumer_), "cudaEventRecord");
     return t;
   }
@@ -165,9 +211,14 @@ class StagedStream final : public WeightStream {
       if (take_item_ >= items_.size()) return false;
       Item& item = items_[take_item_];
       if (take_piece_ == 0) {
-        // Read ahead at most the window, but always at least one tensor.
-        if (in_flight_ > 0 && in_flight_ + item.bytes > window_bytes_) {
-          cv_.wait(lock);
+        if (item.bytes + item.reserve > window_bytes_) {  // never fits: the consumer reads it from the mapping
+          item.bypassed = true;
+          ++take_item_;
+          cv_.notify_all();
+          continue;
+        }
+        if (in_flight_ + item.bytes + reserve_until(take_item_) > window_bytes_) {
+          cv_.wait(lock);  // woken by the consumer's releases
           continue;
         }
         in_flight_ += item.bytes;
@@ -186,24 +237,47 @@ class StagedStream final : public WeightStream {
     }
   }
 
-  void work() {
+  /// The most the consumer can hold beside the stream while items next_..last are alive: modules
+  /// come together in the order, so the one materialised is that of one of these items.
+  uint64_t reserve_until(size_t last) const {
+    uint64_t r = 0;
+    for (size_t i = next_; i <= last && i < items_.size(); ++i) r = std::max(r, items_[i].reserve);
+    return r;
+  }
+
+  /// Records, on `stream`, that `reader` queued a piece of `item` (the mutex is held).
+  cudaError_t mark_copied(Item& item, int reader, cudaStream_t stream) {
+    for (auto& [r, e] : item.copied)
+      if (r == reader) return cudaEventRecord(e, stream);
+    cudaEvent_t e = nullptr;
+    try {
+      e = event();
+    } catch (const std::exception&) {
+      return cudaErrorMemoryAllocation;
+    }
+    item.copied.emplace_back(reader, e);
+    return cudaEventRecord(e, stream);
+  }
+
+  void work(int reader) {
     c10::cuda::CUDAGuard guard(device_);
     cudaStream_t stream = nullptr;
     struct Buffer {
-      at::Tensor host;
+      PinnedBuffer host;
       cudaEvent_t done = nullptr;
       bool busy = false;
-    } buffers[2];
+    };
+    std::vector<Buffer> buffers(depth_);
     try {
       check_cuda(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
       for (auto& b : buffers) {
-        b.host = at::empty({static_cast<int64_t>(piece_bytes_)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+        b.host = acquire_pinned(piece_bytes_);
         check_cuda(cudaEventCreateWithFlags(&b.done, cudaEventDisableTiming), "cudaEventCreate");
       }
     } catch (const std::exception& e) {
       fail_all(e.what());
     }
-    int k = 0;
+    size_t k = 0;
     std::unique_lock<std::mutex> lock(mutex_);
     size_t index = 0;
     int piece = 0;
@@ -215,31 +289,29 @@ class StagedStream final : public WeightStream {
       const uint64_t begin = static_cast<uint64_t>(piece) * piece_bytes_;
       const uint64_t n = std::min(piece_bytes_, item.bytes - begin);
       Buffer& buf = buffers[k];
-      k ^= 1;
+      k = (k + 1) % buffers.size();
       std::string error;
-      cudaEvent_t copied = nullptr;
       if (buf.busy) check_cuda(cudaEventSynchronize(buf.done), "cudaEventSynchronize");
-      error = read_fully(item.fd, static_cast<uint8_t*>(buf.host.data_ptr()), n, item.offset + begin);
+      error = read_fully(item.fd, static_cast<uint8_t*>(buf.host.data()), n, item.offset + begin);
+      cudaError_t st = cudaSuccess;
       if (error.empty()) {
-        cudaError_t st = cudaStreamWaitEvent(stream, allocated, 0);
-        if (st == cudaSuccess) st = cudaMemcpyAsync(dst + begin, buf.host.data_ptr(), n, cudaMemcpyHostToDevice, stream);
+        st = cudaStreamWaitEvent(stream, allocated, 0);
+        if (st == cudaSuccess) st = cudaMemcpyAsync(dst + begin, buf.host.data(), n, cudaMemcpyHostToDevice, stream);
         if (st == cudaSuccess) st = cudaEventRecord(buf.done, stream);
-        if (st == cudaSuccess) st = cudaEventCreateWithFlags(&copied, cudaEventDisableTiming);
-        if (st == cudaSuccess) st = cudaEventRecord(copied, stream);
-        if (st != cudaSuccess) error = std::string("CUDA copy failed: ") + cudaGetErrorString(st);
         buf.busy = true;
       }
       lock.lock();
+      if (error.empty() && st == cudaSuccess) st = mark_copied(item, reader, stream);
+      if (error.empty() && st != cudaSuccess) error = std::string("CUDA copy failed: ") + cudaGetErrorString(st);
       if (!error.empty()) {
         if (item.error.empty()) item.error = error;
       } else {
-        item.copied.push_back(copied);
         ++item.pieces_queued;
       }
       cv_.notify_all();
     }
     if (lock.owns_lock()) lock.unlock();
-    // Nothing may be freed while a copy out of it is queued.
+    // Nothing may go back to the pool while a copy out of it is queued.
     if (stream) {
       cudaStreamSynchronize(stream);
       cudaStreamDestroy(stream);
@@ -273,6 +345,7 @@ class StagedStream final : public WeightStream {
   c10::Device device_;
   cudaStream_t consumer_ = nullptr;
   uint64_t piece_bytes_ = 0, window_bytes_ = 0;
+  int depth_ = 3;
   std::vector<std::shared_ptr<const safetensors::SafetensorsFile>> files_;
   std::vector<int> fds_;
   std::deque<Item> items_;
@@ -285,6 +358,7 @@ class StagedStream final : public WeightStream {
   size_t take_item_ = 0;   ///< reader position
   int take_piece_ = 0;
   uint64_t in_flight_ = 0;  ///< bytes allocated and not yet released by the consumer
+  std::vector<cudaEvent_t> spare_events_;  ///< waited on by the consumer already: free to record again
 };
 
 }  // namespace
@@ -294,7 +368,7 @@ class StagedStream final : public WeightStream {
 std::unique_ptr<WeightStream> staged_safetensors_stream(const safetensors::CheckpointFiles& files,
                                                         const c10::Device& device, StagingOptions options) {
 #if LOADKIT_CUDA
-  return std::make_unique<StagedStream>(files, device, options);
+  return std::make_unique<StagedStream>(files, device, std::move(options));
 #else
   (void)files;
   (void)options;

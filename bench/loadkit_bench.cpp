@@ -1,0 +1,191 @@
+// In-process load/reload/update benchmark: what a long-lived inference
+// process (an RL trainer's colocated engine) sees, repeat after repeat.
+//
+//   loadkit_bench reload --model A --from B [--quantization fp8] [--repeats N] [--device cuda]
+//   loadkit_bench update --model A --from B [--quantization none] [--repeats N] [--device cuda]
+//   loadkit_bench load   --model A [--repeats N] [--device cuda]
+//
+// reload: loads A, then reloads B, A, B, ... from the page cache (the reload
+// reports' seconds). update: B's tensors are first put on the device (as a
+// colocated trainer holds them), then handed to begin_update/update/
+// finish_update in one chunk; the same bytes copied device-to-device
+// (per tensor and as one block) are measured in the same process. load: A
+// loaded again and again in one process (pinned staging reused).
+// Prints one JSON object. A benchmark, never a test.
+
+#include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
+
+#include <algorithm>
+#include <chrono>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "device.h"
+#include "formats/checkpoint_files.h"
+#include "loadkit/error.h"
+#include "loadkit/runtime/engine.h"
+#include "loadkit/runtime/log.h"
+#include "loadkit/runtime/registry.h"
+#include "tensor_io.h"
+
+namespace {
+
+using namespace loadkit;
+using Clock = std::chrono::steady_clock;
+using json = nlohmann::ordered_json;
+
+struct Args {
+  std::string mode, model, from, device = "cuda", quantization = "none", plugin_dir;
+  int repeats = 5;
+};
+
+Args parse(int argc, char** argv) {
+  Args a;
+  if (argc < 2) fail(ErrorKind::Usage, "usage: loadkit_bench load|reload|update --model A [--from B] ...");
+  a.mode = argv[1];
+  for (int i = 2; i < argc; ++i) {
+    const std::string key = argv[i];
+    if (i + 1 >= argc) fail(ErrorKind::Usage, key, ": missing value");
+    const std::string value = argv[++i];
+    if (key == "--model") a.model = value;
+    else if (key == "--from") a.from = value;
+    else if (key == "--device") a.device = value;
+    else if (key == "--quantization") a.quantization = value;
+    else if (key == "--plugin-dir") a.plugin_dir = value;
+    else if (key == "--repeats") a.repeats = std::stoi(value);
+    else fail(ErrorKind::Usage, "unknown option ", key);
+  }
+  if (a.model.empty() || (a.mode != "load" && a.from.empty())) fail(ErrorKind::Usage, "--model and --from are needed");
+  return a;
+}
+
+json summary(const std::vector<double>& seconds, uint64_t bytes) {
+  std::vector<double> s = seconds;
+  std::sort(s.begin(), s.end());
+  const double median = s[s.size() / 2];
+  return {{"bytes", bytes}, {"seconds_min", s.front()}, {"seconds_median", median},
+          {"gb_per_s", bytes / s.front() / 1e9}, {"gb_per_s_median", bytes / median / 1e9}, {"seconds", seconds}};
+}
+
+json report_fields(const LoadReport& r) {
+  return {{"peak_extra_device_bytes", r.peak_extra_device_bytes ? json(*r.peak_extra_device_bytes) : json(nullptr)},
+          {"pointers_stable", r.pointers_stable},
+          {"layers_processed", r.layers_processed}};
+}
+
+/// Seconds of `fn` with the device idle before and after.
+template <class Fn>
+double timed(const c10::Device& device, Fn&& fn) {
+  device::synchronize(device);
+  const auto t = Clock::now();
+  fn();
+  device::synchronize(device);
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
+
+int run(const Args& a) {
+  c10::AutoGradMode no_grad(false);
+  log::set_level(log::parse_level("warn"));
+  std::vector<std::string> dirs;
+  if (!a.plugin_dir.empty()) dirs.push_back(a.plugin_dir);
+  Registry registry(Registry::search_path(dirs));
+  LoadOptions options;
+  options.model_dir = a.model;
+  options.device = a.device;
+  options.quantization = a.quantization;
+  json out = {{"mode", a.mode}, {"model", a.model}, {"from", a.from}, {"device", a.device},
+              {"quantization", a.quantization}};
+
+  if (a.mode == "load") {
+    std::vector<double> seconds;
+    json last;
+    uint64_t bytes = 0;
+    for (int i = 0; i < a.repeats; ++i) {
+      auto model = LoadedModel::load(options, registry);
+      seconds.push_back(model->report().seconds);
+      bytes = model->report().bytes;
+      last = report_fields(model->report());
+    }
+    out["load"] = summary(seconds, bytes);
+    out["load"].update(last);
+    std::cout << out.dump(2) << std::endl;
+    return 0;
+  }
+
+  auto model = LoadedModel::load(options, registry);
+  const c10::Device device(model->report().device);
+  if (a.mode == "reload") {
+    std::vector<double> seconds;
+    uint64_t peak = 0, bytes = 0;
+    bool stable = true;
+    for (int i = 0; i < a.repeats; ++i) {
+      const LoadReport& r = model->reload(i % 2 == 0 ? a.from : a.model);
+      seconds.push_back(r.seconds);
+      bytes = r.bytes;
+      peak = std::max<uint64_t>(peak, r.peak_extra_device_bytes.value_or(0));
+      stable = stable && r.pointers_stable;
+    }
+    out["reload"] = summary(seconds, bytes);
+    out["reload"]["peak_extra_device_bytes"] = peak;
+    out["reload"]["pointers_stable"] = stable;
+  } else if (a.mode == "update") {
+    // B's tensors on the device, as a colocated trainer holds them.
+    std::vector<NamedWeight> weights;
+    uint64_t bytes = 0;
+    for (const auto& file : safetensors::open_checkpoint(a.from).files)
+      for (auto& [name, t] : load_tensors(file->path())) {
+        bytes += t.nbytes();
+        weights.push_back({name, t.to(device), "trainer"});
+      }
+    std::vector<double> seconds;
+    uint64_t peak = 0;
+    bool stable = true;
+    for (int i = 0; i < a.repeats; ++i) {
+      seconds.push_back(timed(device, [&] {
+        model->begin_update();
+        model->update(weights);
+        const LoadReport& r = model->finish_update();
+        peak = std::max<uint64_t>(peak, r.peak_extra_device_bytes.value_or(0));
+        stable = stable && r.pointers_stable;
+      }));
+    }
+    out["update"] = summary(seconds, bytes);
+    out["update"]["peak_extra_device_bytes"] = peak;
+    out["update"]["pointers_stable"] = stable;
+    // The same bytes copied device-to-device: tensor by tensor into preallocated tensors, and as one block.
+    std::vector<at::Tensor> targets;
+    for (const auto& w : weights) targets.push_back(at::empty_like(w.tensor));
+    std::vector<double> per_tensor, block;
+    at::Tensor src = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).device(device));
+    at::Tensor dst = at::empty_like(src);
+    for (int i = 0; i < a.repeats; ++i) {
+      per_tensor.push_back(timed(device, [&] {
+        for (size_t k = 0; k < weights.size(); ++k) targets[k].copy_(weights[k].tensor);
+      }));
+      block.push_back(timed(device, [&] { dst.copy_(src); }));
+    }
+    out["d2d_copy_per_tensor"] = summary(per_tensor, bytes);
+    out["d2d_copy_one_block"] = summary(block, bytes);
+  } else {
+    fail(ErrorKind::Usage, "mode '", a.mode, "' is not load, reload or update");
+  }
+  std::cout << out.dump(2) << std::endl;
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(parse(argc, argv));
+  } catch (const loadkit::Error& e) {
+    std::cerr << "loadkit_bench: error: " << e.what() << std::endl;
+    return loadkit::exit_code(e.kind());
+  } catch (const std::exception& e) {
+    std::cerr << "loadkit_bench: error: " << e.what() << std::endl;
+    return 1;
+  }
+}
