@@ -1,14 +1,12 @@
 // loadkit command line: dispatch and the one place that turns errors into exit codes.
 
-#include <c10/util/Exception.h>
-
 #include <iostream>
-#include <new>
 #include <string>
 #include <vector>
 
 #include "commands.h"
 #include "loadkit/error.h"
+#include "loadkit/runtime/failure.h"
 
 namespace {
 
@@ -26,15 +24,9 @@ constexpr const char* kUsage =
     "        --quantization none|fp8|int8 --tp-size N --load-format auto|safetensors|sharded|dummy\n"
     "        --log-level trace|debug|info|warn|error --sharded-pattern P (default model-rank-{rank}-part-{part}.safetensors)\n";
 
-/// One line: messages never carry a newline or a backtrace onto the terminal.
-std::string one_line(std::string message) {
-  if (auto nl = message.find('\n'); nl != std::string::npos) message.resize(nl);
-  return message;
-}
-
-int report(int code, const std::string& message) {
-  std::cerr << "loadkit: error: " << one_line(message) << std::endl;
-  return code;
+int report(const loadkit::Failure& failure) {
+  std::cerr << "loadkit: error: " << failure.message << std::endl;
+  return loadkit::exit_code(failure.kind);
 }
 
 int dispatch(const std::vector<std::string>& argv) {
@@ -61,21 +53,9 @@ int dispatch(const std::vector<std::string>& argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  using loadkit::ErrorKind;
-  using loadkit::exit_code;
   try {
     return dispatch(std::vector<std::string>(argv + 1, argv + argc));
-  } catch (const loadkit::Error& e) {
-    return report(exit_code(e.kind()), e.what());
-  } catch (const c10::OutOfMemoryError& e) {
-    return report(exit_code(ErrorKind::Other), std::string("out of memory: ") + e.what_without_backtrace());
-  } catch (const c10::Error& e) {
-    return report(exit_code(ErrorKind::Other), e.what_without_backtrace());
-  } catch (const std::bad_alloc&) {
-    return report(exit_code(ErrorKind::Other), "out of host memory");
-  } catch (const std::exception& e) {
-    return report(exit_code(ErrorKind::Other), e.what());
   } catch (...) {
-    return report(exit_code(ErrorKind::Other), "unknown failure");
+    return report(loadkit::current_failure());
   }
 }

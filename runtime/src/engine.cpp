@@ -295,6 +295,8 @@ const LoadReport& LoadedModel::finish_update() {
   return report_;
 }
 
+bool LoadedModel::updating() const { return state_->reload->updating(); }
+
 at::Tensor LoadedModel::logits(const std::vector<int64_t>& tokens) {
   c10::AutoGradMode no_grad(false);
   CausalLM& model = *state_->model;

@@ -39,6 +39,9 @@ const std::string& host_sdk_version() {
   return v;
 }
 
+/// A function of this library (internal linkage, so no other library's copy stands in for it).
+void runtime_library_anchor() {}
+
 std::string first_line(std::string s) {
   if (auto nl = s.find('\n'); nl != std::string::npos) s.resize(nl);
   return s;
@@ -85,10 +88,12 @@ std::vector<std::string> Registry::search_path(const std::vector<std::string>& e
       start = end + 1;
     }
   }
-  // <prefix>/bin/loadkit → <prefix>/lib/loadkit/plugins, in the build tree as in an install.
+  // <prefix>/lib/libloadkit_runtime.so → <prefix>/lib/loadkit/plugins, in the build tree as in an
+  // install. Found from this library, not from the executable: a host such as Python
+  // (/usr/bin/python3) lives elsewhere.
   std::error_code ec;
-  fs::path exe = boost::dll::program_location(ec);
-  if (!ec) dirs.push_back((exe.parent_path().parent_path() / "lib" / "loadkit" / "plugins").lexically_normal().string());
+  fs::path runtime = boost::dll::symbol_location(runtime_library_anchor, ec);
+  if (!ec) dirs.push_back((runtime.parent_path() / "loadkit" / "plugins").lexically_normal().string());
   // A directory named twice is searched once, where it first appears.
   std::vector<std::string> unique;
   std::vector<fs::path> seen;

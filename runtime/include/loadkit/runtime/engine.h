@@ -76,6 +76,9 @@ class LoadedModel {
   void begin_update();
   void update(const std::vector<NamedWeight>& chunk);
   const LoadReport& finish_update();
+  /// Between begin_update() and finish_update() (a chunk that failed while
+  /// being applied, past validation, ends the session).
+  bool updating() const;
 
   /// Logits of one sequence (positions 0..n-1): float32 [n, vocab_size] on the CPU.
   /// Every token must be inside the vocabulary (Usage error otherwise).

@@ -5,7 +5,8 @@
 ///
 /// Search order: directories given explicitly (`--plugin-dir`, in order), then
 /// `LOADKIT_PLUGIN_PATH` (colon-separated), then the default directory next to
-/// the executable (`<prefix>/lib/loadkit/plugins`). Within a directory, files
+/// the runtime library (`<prefix>/lib/loadkit/plugins`, whichever program
+/// hosts it: the CLI, Python). Within a directory, files
 /// `*.so` in name order. Each library is checked in a fixed order — open,
 /// entry symbol, ABI version, SDK major, torch version, C++ ABI, registration —
 /// and a failure marks it broken with the reason; it never stops the others.
