@@ -392,50 +392,12 @@ TEST(ReloadGpu, Fp8UsesScaledMmOnHopper) {
   EXPECT_GE(at::cosine_similarity(layer.forward(x).to(at::kFloat), exact, 1).min().item<double>(), 0.99);
 }
 
-/// A bigger 8-layer checkpoint written here (random bf16, HF names), tensors shuffled over 3 files.
-void write_checkpoint(const fs::path& dir, int seed, int layers, int64_t hidden, int64_t inter) {
-  fs::create_directories(dir);
-  const int64_t heads = 16, kv = 4, head_dim = hidden / heads, vocab = 4000;
-  nlohmann::json cfg = {{"architectures", {"LlamaForCausalLM"}}, {"hidden_size", hidden}, {"intermediate_size", inter},
-                        {"num_hidden_layers", layers}, {"num_attention_heads", heads}, {"num_key_value_heads", kv},
-                        {"vocab_size", vocab}, {"rms_norm_eps", 1e-5}, {"torch_dtype", "bfloat16"},
-                        {"tie_word_embeddings", false}, {"rope_theta", 10000.0}};
-  write_bytes(dir / "config.json", cfg.dump());
-  std::vector<std::pair<std::string, std::vector<int64_t>>> shapes = {
-      {"model.embed_tokens.weight", {vocab, hidden}}, {"model.norm.weight", {hidden}}, {"lm_head.weight", {vocab, hidden}}};
-  for (int l = 0; l < layers; ++l) {
-    const std::string p = "model.layers." + std::to_string(l) + ".";
-    shapes.push_back({p + "self_attn.q_proj.weight", {hidden, hidden}});
-    shapes.push_back({p + "self_attn.k_proj.weight", {kv * head_dim, hidden}});
-    shapes.push_back({p + "self_attn.v_proj.weight", {kv * head_dim, hidden}});
-    shapes.push_back({p + "self_attn.o_proj.weight", {hidden, hidden}});
-    shapes.push_back({p + "mlp.gate_proj.weight", {inter, hidden}});
-    shapes.push_back({p + "mlp.up_proj.weight", {inter, hidden}});
-    shapes.push_back({p + "mlp.down_proj.weight", {hidden, inter}});
-    shapes.push_back({p + "input_layernorm.weight", {hidden}});
-    shapes.push_back({p + "post_attention_layernorm.weight", {hidden}});
-  }
-  std::shuffle(shapes.begin(), shapes.end(), std::mt19937(seed));
-  at::manual_seed(seed);
-  nlohmann::json weight_map;
-  for (int f = 0; f < 3; ++f) {
-    std::vector<std::pair<std::string, at::Tensor>> part;
-    const std::string file = "part-" + std::to_string(f) + ".safetensors";
-    for (size_t i = f; i < shapes.size(); i += 3) {
-      part.emplace_back(shapes[i].first, (at::randn(shapes[i].second) * 0.05).to(at::kBFloat16));
-      weight_map[shapes[i].first] = file;
-    }
-    save_tensors((dir / file).string(), part);
-  }
-  write_bytes(dir / "model.safetensors.index.json", nlohmann::json{{"weight_map", weight_map}}.dump());
-}
-
 TEST(ReloadGpu, PeakExtraMemoryStaysWithinTheLargestLayer) {
   SKIP_WITHOUT(std::string("cuda"));
   TempDir tmp;
   const int64_t hidden = 1024, inter = 2816;
-  write_checkpoint(tmp / "a", 1, 8, hidden, inter);
-  write_checkpoint(tmp / "b", 2, 8, hidden, inter);
+  write_llama_checkpoint(tmp / "a", 1, 8, hidden, inter);
+  write_llama_checkpoint(tmp / "b", 2, 8, hidden, inter);
   // Largest module in load format: gate_up_proj, bf16.
   const uint64_t largest = static_cast<uint64_t>(2 * inter * hidden) * 2;
   for (const std::string quant : {"none", "fp8"}) {
