@@ -11,16 +11,6 @@ namespace {
 
 using json = nlohmann::ordered_json;
 
-/// Exit code `code`, exactly one error line on stderr naming every fragment, no crash or trace.
-void expect_failure(const CliResult& r, int code, const std::vector<std::string>& fragments) {
-  EXPECT_EQ(r.code, code) << r.err;
-  auto lines = r.error_lines();
-  ASSERT_EQ(lines.size(), 1u) << r.err;
-  for (const auto& f : fragments) EXPECT_NE(lines[0].find(f), std::string::npos) << "'" << f << "' not in: " << lines[0];
-  for (const char* bad : {"Exception raised from", "terminate called", "Traceback", "frame #"})
-    EXPECT_EQ(r.err.find(bad), std::string::npos) << r.err;
-}
-
 class CliBadInput : public ::testing::Test {
  protected:
   const Fixture& base = fixture("llama_fp32_gqa_sharded");

@@ -296,52 +296,13 @@ TEST(Fp8, AllZeroWeightGivesFiniteScaleAndZeros) {
   EXPECT_TRUE(at::equal(y, at::zeros({3, 16})));
 }
 
-/// A Llama checkpoint written here (random bf16, HF names), tensors shuffled over 3 files: every
-/// module's weights far apart, the order a reload must cope with.
-void write_checkpoint(const fs::path& dir, int seed, int layers, int64_t hidden, int64_t inter) {
-  fs::create_directories(dir);
-  const int64_t heads = 16, kv = 4, head_dim = hidden / heads, vocab = 4000;
-  nlohmann::json cfg = {{"architectures", {"LlamaForCausalLM"}}, {"hidden_size", hidden}, {"intermediate_size", inter},
-                        {"num_hidden_layers", layers}, {"num_attention_heads", heads}, {"num_key_value_heads", kv},
-                        {"vocab_size", vocab}, {"rms_norm_eps", 1e-5}, {"torch_dtype", "bfloat16"},
-                        {"tie_word_embeddings", false}, {"rope_theta", 10000.0}};
-  write_bytes(dir / "config.json", cfg.dump());
-  std::vector<std::pair<std::string, std::vector<int64_t>>> shapes = {
-      {"model.embed_tokens.weight", {vocab, hidden}}, {"model.norm.weight", {hidden}}, {"lm_head.weight", {vocab, hidden}}};
-  for (int l = 0; l < layers; ++l) {
-    const std::string p = "model.layers." + std::to_string(l) + ".";
-    shapes.push_back({p + "self_attn.q_proj.weight", {hidden, hidden}});
-    shapes.push_back({p + "self_attn.k_proj.weight", {kv * head_dim, hidden}});
-    shapes.push_back({p + "self_attn.v_proj.weight", {kv * head_dim, hidden}});
-    shapes.push_back({p + "self_attn.o_proj.weight", {hidden, hidden}});
-    shapes.push_back({p + "mlp.gate_proj.weight", {inter, hidden}});
-    shapes.push_back({p + "mlp.up_proj.weight", {inter, hidden}});
-    shapes.push_back({p + "mlp.down_proj.weight", {hidden, inter}});
-    shapes.push_back({p + "input_layernorm.weight", {hidden}});
-    shapes.push_back({p + "post_attention_layernorm.weight", {hidden}});
-  }
-  std::shuffle(shapes.begin(), shapes.end(), std::mt19937(seed));
-  at::manual_seed(seed);
-  nlohmann::json weight_map;
-  for (int f = 0; f < 3; ++f) {
-    std::vector<std::pair<std::string, at::Tensor>> part;
-    const std::string file = "part-" + std::to_string(f) + ".safetensors";
-    for (size_t i = f; i < shapes.size(); i += 3) {
-      part.emplace_back(shapes[i].first, (at::randn(shapes[i].second) * 0.05).to(at::kBFloat16));
-      weight_map[shapes[i].first] = file;
-    }
-    save_tensors((dir / file).string(), part);
-  }
-  write_bytes(dir / "model.safetensors.index.json", nlohmann::json{{"weight_map", weight_map}}.dump());
-}
-
 // A quantized reload materialises each transformed module when its first weight
 // arrives and reads the module's weights together: with the files' tensors
 // shuffled, the result must still equal a fresh load, bit for bit.
 TEST(ReloadOrdered, ShuffledCheckpointQuantizedEqualsFreshLoad) {
   TempDir tmp;
-  write_checkpoint(tmp / "a", 3, 3, 64, 96);
-  write_checkpoint(tmp / "b", 4, 3, 64, 96);
+  write_llama_checkpoint(tmp / "a", 3, 3, 64, 96);  // tensors shuffled over 3 files
+  write_llama_checkpoint(tmp / "b", 4, 3, 64, 96);
   for (const std::string quant : {"int8", "fp8"}) {
     auto model = load((tmp / "a").string(), "cpu", quant);
     const auto before = storage_facts(*model);
@@ -462,8 +423,8 @@ TEST(ReloadGpu, PeakExtraMemoryStaysWithinTheLargestLayer) {
   SKIP_WITHOUT(std::string("cuda"));
   TempDir tmp;
   const int64_t hidden = 1024, inter = 2816;
-  write_checkpoint(tmp / "a", 1, 8, hidden, inter);
-  write_checkpoint(tmp / "b", 2, 8, hidden, inter);
+  write_llama_checkpoint(tmp / "a", 1, 8, hidden, inter);
+  write_llama_checkpoint(tmp / "b", 2, 8, hidden, inter);
   // Largest module in load format: gate_up_proj, bf16.
   const uint64_t largest = static_cast<uint64_t>(2 * inter * hidden) * 2;
   for (const std::string quant : {"none", "fp8"}) {

@@ -2,11 +2,7 @@
 // machine) and vLLM's sharded-state format, through the CLI as users run it.
 
 #include <ATen/ATen.h>
-#include <arpa/inet.h>
 #include <gtest/gtest.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
-#include <unistd.h>
 
 #include <chrono>
 #include <future>
@@ -25,12 +21,6 @@ namespace {
 using json = nlohmann::ordered_json;
 using Clock = std::chrono::steady_clock;
 
-/// Skips, visibly, where this build has no backend for `device`.
-#define SKIP_WITHOUT_TP_BACKEND(device)                                                    \
-  if (auto why = loadkit::tp_unavailable_reason(device)) {                                \
-    GTEST_SKIP() << "no tensor-parallel backend for " << (device) << ": " << *why;        \
-  }
-
 at::Tensor read_logits(const fs::path& path) {
   for (auto& [name, t] : load_tensors(path.string()))
     if (name == "logits") return t;
@@ -41,15 +31,6 @@ at::Tensor read_logits(const fs::path& path) {
 std::map<std::string, at::Tensor> read_all(const fs::path& path) {
   std::map<std::string, at::Tensor> out;
   for (auto& [name, t] : load_tensors(path.string())) out.emplace(name, t);
-  return out;
-}
-
-/// Every tensor of a checkpoint directory (all its safetensors files) by name.
-std::map<std::string, at::Tensor> read_checkpoint(const fs::path& dir) {
-  std::map<std::string, at::Tensor> out;
-  for (const auto& entry : fs::directory_iterator(dir))
-    if (entry.path().extension() == ".safetensors")
-      for (auto& [name, t] : read_all(entry.path())) out.emplace(name, t);
   return out;
 }
 
@@ -73,16 +54,6 @@ CliResult save_sharded(const std::string& model, const fs::path& out, std::vecto
   std::vector<std::string> args{"save-sharded", "--model", model, "--out", out.string()};
   args.insert(args.end(), extra.begin(), extra.end());
   return run_cli(with_plugins(args));
-}
-
-/// Exit code `code`, exactly one error line naming every fragment, no trace.
-void expect_failure(const CliResult& r, int code, const std::vector<std::string>& fragments) {
-  EXPECT_EQ(r.code, code) << r.err;
-  const auto lines = r.error_lines();
-  ASSERT_EQ(lines.size(), 1u) << r.err;
-  for (const auto& f : fragments) EXPECT_NE(lines[0].find(f), std::string::npos) << "'" << f << "' not in: " << lines[0];
-  for (const char* bad : {"Exception raised from", "terminate called", "frame #"})
-    EXPECT_EQ(r.err.find(bad), std::string::npos) << r.err;
 }
 
 std::vector<fs::path> rank_files(const fs::path& dir, int rank) {
@@ -203,19 +174,6 @@ TEST(TensorParallel, RankThatDiesSilentlyStopsEveryRank) {
   EXPECT_LT(Clock::now() - start, std::chrono::seconds(60));
   expect_failure(r, 1, {"rank 1", "signal"});
   EXPECT_FALSE(fs::exists(tmp / "o"));
-}
-
-/// A free TCP port on the loopback (for the test's own torchrun-style launch).
-int free_port() {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
-  socklen_t len = sizeof addr;
-  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
-  close(fd);
-  return ntohs(addr.sin_port);
 }
 
 TEST(TensorParallel, JoinsATorchrunStyleGroupFromTheEnvironment) {

@@ -227,6 +227,7 @@ void finish_measuring(LoadReport& report, const c10::Device& device, uint64_t al
   report.layers_processed = stats.layers_processed;
   report.layers_delayed = stats.layers_delayed;
   report.untouched_modules = stats.untouched_modules;
+  report.journal_bytes = stats.journal_bytes;
 }
 }  // namespace
 
@@ -269,21 +270,27 @@ const LoadReport& LoadedModel::reload(const std::string& source_dir, bool proces
   return report_;
 }
 
-void LoadedModel::begin_update() {
+void LoadedModel::begin_update(Rollback rollback) {
   State& s = *state_;
-  s.reload->begin_update();
+  s.reload->begin_update(rollback);
   s.update_start = std::chrono::steady_clock::now();
   s.update_bytes = 0;
   report_.tensors = 0;
   start_measuring(s.ctx.device, s.allocated_at_start);
 }
 
-void LoadedModel::update(const std::vector<NamedWeight>& chunk) {
+void LoadedModel::update(const std::vector<NamedWeight>& chunk, Borrowed borrowed) {
   c10::AutoGradMode no_grad(false);
   State& s = *state_;
-  s.reload->update(chunk, [&](WeightStream& w) { s.model->load_weights(w); });
+  s.reload->update(chunk, [&](WeightStream& w) { s.model->load_weights(w); }, borrowed);
   for (const auto& w : chunk) s.update_bytes += w.tensor.nbytes();
   report_.tensors += chunk.size();
+}
+
+void LoadedModel::validate_update(const std::vector<NamedWeight>& planned, bool complete) {
+  c10::AutoGradMode no_grad(false);
+  State& s = *state_;
+  s.reload->validate_update(planned, [&](WeightStream& w) { s.model->load_weights(w); }, complete);
 }
 
 const LoadReport& LoadedModel::finish_update() {
@@ -294,6 +301,14 @@ const LoadReport& LoadedModel::finish_update() {
   finish_measuring(report_, s.ctx.device, s.allocated_at_start, s.update_start, stats);
   return report_;
 }
+
+void LoadedModel::rollback_update() {
+  c10::AutoGradMode no_grad(false);
+  state_->reload->rollback();
+  device::synchronize(state_->ctx.device);
+}
+
+void LoadedModel::commit_update() { state_->reload->commit(); }
 
 bool LoadedModel::updating() const { return state_->reload->updating(); }
 
@@ -332,6 +347,7 @@ std::string LoadReport::to_json() const {
   j["layers_processed"] = layers_processed;
   j["layers_delayed"] = layers_delayed;
   j["untouched_modules"] = untouched_modules;
+  j["journal_bytes"] = journal_bytes;
   return j.dump(2);
 }
 

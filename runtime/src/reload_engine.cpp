@@ -51,6 +51,7 @@ struct ModuleRecord {
   int64_t applied = 0;
   bool done = false;
   bool materialized = false;  ///< load format allocated on the device
+  bool journaled = false;  ///< its kernel tensors are in the journal
 };
 
 struct TensorFacts {
@@ -68,6 +69,33 @@ bool same_tensor(const at::Tensor& a, const at::Tensor& b) { return facts(a) == 
 
 at::Tensor meta_tensor(const std::vector<int64_t>& shape, at::ScalarType dtype) {
   return at::empty(shape, at::TensorOptions().dtype(dtype).device(at::kMeta));
+}
+
+/// A stand-in with `t`'s shape, strides and dtype and no data: what validation hands the loaders.
+at::Tensor meta_like(const at::Tensor& t) {
+  return at::empty_strided(t.sizes(), t.strides(), at::TensorOptions().dtype(t.scalar_type()).device(at::kMeta));
+}
+
+/// Another stream's tensors as meta stand-ins: validation neither reads nor copies weight data
+/// (a plugin's layout conversions, e.g. a transpose made contiguous, run on meta too).
+class MetaStream final : public WeightStream {
+ public:
+  explicit MetaStream(WeightStream& inner) : inner_(inner) {}
+  bool next(NamedWeight& out) override {
+    if (!inner_.next(out)) return false;
+    out.tensor = meta_like(out.tensor);
+    return true;
+  }
+
+ private:
+  WeightStream& inner_;
+};
+
+/// A host copy of `t` for the journal (pinned when it comes from a GPU: a faster copy back).
+at::Tensor host_copy(const at::Tensor& t) {
+  at::Tensor copy = at::empty(t.sizes(), at::TensorOptions().dtype(t.scalar_type()).device(at::kCPU).pinned_memory(t.is_cuda()));
+  copy.copy_(t);
+  return copy;
 }
 
 /// Passes a stream through, noting each tensor's name as it goes to the loaders.
@@ -105,6 +133,9 @@ struct ReloadEngine::Impl {
   std::string current_tensor;
   std::vector<std::string> validated_names;
   std::unordered_map<std::string, size_t> tensor_module;
+  Rollback rollback_mode = Rollback::None;
+  /// (kernel tensor, its copy from before the session), in the order taken.
+  std::vector<std::pair<at::Tensor, at::Tensor>> journal;
   ReloadStats stats;
   std::vector<std::pair<std::string, TensorFacts>> pointer_snapshot;
 
@@ -127,8 +158,10 @@ struct ReloadEngine::Impl {
 
   // ------------------------------------------------------------ sessions
 
-  void begin() {
+  void begin(Rollback rollback) {
     if (active) fail(ErrorKind::Usage, "a weight update is already in progress");
+    commit();  // the previous session's journal, if it was kept
+    rollback_mode = rollback;
     stats = {};
     pointer_snapshot.clear();
     for (size_t m = 0; m < modules.size(); ++m) {
@@ -146,6 +179,7 @@ struct ReloadEngine::Impl {
       mod.total = mod.applied = 0;
       mod.done = false;
       mod.materialized = false;
+      mod.journaled = false;
       mod.transforms = module.transforms_weights() || !kernel_matches_records(mod);
       for (auto& rec : mod.params) {
         rec.applied = rec.validated = 0;
@@ -195,6 +229,7 @@ struct ReloadEngine::Impl {
       if (mod.done)
         fail(ErrorKind::Input, "a weight for '", rec.qualified, "' arrived after module '", mod.name, "' was complete");
       const bool write_now = mod.transforms && eager && !mod.attention_like;
+      if (!mod.transforms) journal_module(mod);  // the loader writes straight into kernel storage
       if (write_now && !mod.materialized) materialize(mod);
       // Kernel storage; for transformed modules the materialised load format, or meta (calls kept).
       const int64_t n = rec.loader(param, loaded, shard);
@@ -231,6 +266,7 @@ struct ReloadEngine::Impl {
   /// loads, processes into its kernel tensors, frees.
   void process(ModuleRecord& mod) {
     Module& module = *mod.module;
+    journal_module(mod);  // processing writes into the kernel tensors
     if (!mod.materialized) {
       materialize(mod);
       for (const Call& call : mod.calls) {
@@ -319,7 +355,34 @@ struct ReloadEngine::Impl {
     return stats;
   }
 
-  /// Puts every module back as it was (nothing was written: validation failed).
+  /// Before the first write into `mod`'s kernel tensors in this session: keeps a copy of them.
+  void journal_module(ModuleRecord& mod) {
+    if (rollback_mode != Rollback::Journal || mod.journaled) return;
+    mod.journaled = true;
+    auto keep = [&](const at::Tensor& kernel) {
+      journal.emplace_back(kernel, host_copy(kernel));
+      stats.journal_bytes += kernel.nbytes();
+    };
+    for (auto& [name, kernel] : mod.kernel_data) keep(kernel);
+    for (auto& [name, kernel] : mod.kernel_buffers) keep(kernel);
+    ++stats.journaled_modules;
+  }
+
+  /// Copies the journal back, newest first (a tensor journaled twice, e.g. shared by two
+  /// modules, ends with its oldest copy), then lets go of it.
+  void restore_journal() {
+    for (auto it = journal.rbegin(); it != journal.rend(); ++it) it->first.copy_(it->second);
+    if (!journal.empty()) log::info(cat("rolled back ", stats.journaled_modules, " modules (", journal.size(), " kernel tensors)"));
+    commit();
+  }
+
+  void commit() {
+    journal.clear();
+    for (auto& mod : modules) mod.journaled = false;
+  }
+
+  /// Ends the session: modules put back as they were where nothing was written (or, with a
+  /// journal, everywhere).
   void abort() {
     for (auto& mod : modules) {
       mod.calls.clear();
@@ -327,8 +390,24 @@ struct ReloadEngine::Impl {
       if (mod.materialized) dematerialize(mod);
       restore_loaders(mod);
     }
+    restore_journal();
     active = false;
     eager = false;
+  }
+
+  /// Borrowed::UntilReturn: the cached calls that still reference the chunk's memory get their own copy.
+  void own_borrowed(const std::vector<NamedWeight>& chunk) {
+    std::unordered_set<const void*> borrowed;
+    for (const auto& w : chunk)
+      if (w.tensor.has_storage()) borrowed.insert(w.tensor.storage().unsafeGetStorageImpl());
+    uint64_t cloned = 0;
+    for (auto& mod : modules)
+      for (Call& call : mod.calls)
+        if (call.loaded.has_storage() && borrowed.count(call.loaded.storage().unsafeGetStorageImpl())) {
+          call.loaded = call.loaded.clone();
+          cloned += call.loaded.nbytes();
+        }
+    if (cloned) log::debug(cat("kept ", cloned, " bytes of a borrowed chunk for modules it left incomplete"));
   }
 
   bool pointers_unchanged() {
@@ -351,7 +430,7 @@ struct ReloadEngine::Impl {
     std::vector<std::string> missing;
     for (const auto& mod : modules)
       for (const auto& rec : mod.params)
-        if (rec.validated < rec.expected) missing.push_back(rec.qualified);
+        if (rec.applied + rec.validated < rec.expected) missing.push_back(rec.qualified);
     return missing;
   }
 
@@ -365,11 +444,12 @@ struct ReloadEngine::Impl {
     current_tensor.clear();
     validating = true;
     try {
+      MetaStream meta(stream);
       if (record) {
-        RecordingStream recording(stream, current_tensor, validated_names);
+        RecordingStream recording(meta, current_tensor, validated_names);
         load_weights(recording);
       } else {
-        load_weights(stream);
+        load_weights(meta);
       }
     } catch (...) {
       validating = false;
@@ -429,7 +509,7 @@ void ReloadEngine::release_load_format() {
 }
 
 ReloadStats ReloadEngine::reload(const StreamFactory& open, const Loader& load_weights) {
-  impl_->begin();
+  impl_->begin(Rollback::None);
   try {
     impl_->validate(*open(StreamUse::Validate, ApplyPlan{}), load_weights, /*record=*/true);
     fail_if_missing(impl_->incomplete_after_validation());
@@ -443,21 +523,39 @@ ReloadStats ReloadEngine::reload(const StreamFactory& open, const Loader& load_w
   }
 }
 
-void ReloadEngine::begin_update() { impl_->begin(); }
+void ReloadEngine::begin_update(Rollback rollback) { impl_->begin(rollback); }
 bool ReloadEngine::updating() const { return impl_->active; }
 
-void ReloadEngine::update(const std::vector<NamedWeight>& chunk, const Loader& load_weights) {
+void ReloadEngine::update(const std::vector<NamedWeight>& chunk, const Loader& load_weights, Borrowed borrowed) {
   if (!impl_->active) fail(ErrorKind::Usage, "update() without begin_update()");
   VectorWeightStream check(chunk);
   impl_->validate(check, load_weights);  // a bad chunk is rejected whole; earlier chunks stay applied
   VectorWeightStream apply(chunk);
   try {
     load_weights(apply);
+    if (borrowed == Borrowed::UntilReturn) impl_->own_borrowed(chunk);
   } catch (...) {
     impl_->abort();
     throw;
   }
 }
+
+void ReloadEngine::validate_update(const std::vector<NamedWeight>& planned, const Loader& load_weights, bool complete) {
+  if (!impl_->active) fail(ErrorKind::Usage, "validate_update() without begin_update()");
+  VectorWeightStream check(planned);
+  impl_->validate(check, load_weights);
+  if (complete) fail_if_missing(impl_->incomplete_after_validation());
+}
+
+void ReloadEngine::rollback() {
+  if (impl_->active) {
+    impl_->abort();
+  } else {
+    impl_->restore_journal();
+  }
+}
+
+void ReloadEngine::commit() { impl_->commit(); }
 
 ReloadStats ReloadEngine::finish_update() {
   if (!impl_->active) fail(ErrorKind::Usage, "finish_update() without begin_update()");

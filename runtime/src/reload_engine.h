@@ -14,7 +14,15 @@
 ///    straight into their kernel tensors: no staging copy at all;
 ///  - quantization writes into the kernel tensors in place (KernelTargets),
 ///    so a layer costs its load-format size in extra memory, then is freed;
-///  - pointer stability is measured, not assumed.
+///  - pointer stability is measured, not assumed;
+///  - validation never reads or copies weight data: the loaders see meta
+///    stand-ins of the given tensors (same shapes, strides and dtypes);
+///  - a streaming update may keep a journal (Rollback::Journal): before the
+///    first write into a module's kernel tensors in the session, a copy of
+///    them is kept (host memory for device tensors: the touched kernel bytes
+///    of this rank, once per session, one device-to-host copy each); an
+///    abort or rollback() copies them all back into the same storage, so
+///    the model is bit-identical to before and pointers stay put.
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
@@ -25,6 +33,7 @@
 #include <string>
 #include <vector>
 
+#include "loadkit/runtime/engine.h"  // Borrowed, Rollback
 #include "loadkit/weights.h"
 
 namespace loadkit {
@@ -36,7 +45,10 @@ struct ReloadStats {
   int layers_delayed = 0;    ///< modules processed only at the end (attention-like)
   bool pointers_stable = true;
   std::vector<std::string> untouched_modules;  ///< modules that received nothing
+  uint64_t journal_bytes = 0;  ///< host memory the rollback journal held (Rollback::Journal)
+  int journaled_modules = 0;   ///< modules whose kernel tensors it copied
 };
+
 
 class ReloadEngine {
  public:
@@ -79,11 +91,24 @@ class ReloadEngine {
 
   /// Streaming form for trainers: chunks are validated one by one and
   /// applied; a module may be completed by a later chunk. A partial update is
-  /// allowed; the stats list the modules that received nothing.
-  void begin_update();
-  void update(const std::vector<NamedWeight>& chunk, const Loader& load_weights);
+  /// allowed; the stats list the modules that received nothing. A chunk that
+  /// fails validation is rejected whole and the session goes on; a failure
+  /// while applying aborts the session (with a journal: everything undone).
+  void begin_update(Rollback rollback = Rollback::None);
+  void update(const std::vector<NamedWeight>& chunk, const Loader& load_weights,
+              Borrowed borrowed = Borrowed::UntilFinish);
+  /// Checks a whole planned update (tensors may be on the meta device) against the model
+  /// through its loaders without writing or keeping anything: names, shard shapes, dtypes,
+  /// duplicates and, when `complete`, that nothing is missing. Call right after begin_update().
+  void validate_update(const std::vector<NamedWeight>& planned, const Loader& load_weights, bool complete);
   ReloadStats finish_update();
   bool updating() const;
+  /// With Rollback::Journal: copies every journaled kernel tensor back (bit-identical, same
+  /// storage), during an update (which it ends) or after finish_update() until commit() or the
+  /// next begin_update(). Without a journal, during an update: ends it, keeping what was written.
+  void rollback();
+  /// Lets go of the journal of a finished update (its host memory).
+  void commit();
 
   /// Copies kernel-format tensors (named as the model's parameters) straight
   /// in, no loaders, no processing. Validates every name, shape and dtype (and,

@@ -3,6 +3,9 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <random>
+
 #include "loadkit/causal_lm.h"
 #include "loadkit/runtime/engine.h"
 #include "loadkit/runtime/registry.h"
@@ -16,9 +19,12 @@ Registry& build_registry() {
 }
 
 std::unique_ptr<LoadedModel> load_model(const std::string& dir, const std::string& device, const std::string& quant,
-                                        const std::string& dtype, const std::string& format) {
+                                        const std::string& dtype, const std::string& format, int tp_size,
+                                        int tp_rank) {
   LoadOptions o;
   o.model_dir = dir;
+  o.tp_size = tp_size;
+  o.tp_rank = tp_rank;
   o.device = device;
   o.quantization = quant;
   o.dtype = dtype;
@@ -53,6 +59,16 @@ std::map<std::string, at::Tensor> kernel_state(LoadedModel& m) {
   return out;
 }
 
+bool identical(const std::map<std::string, at::Tensor>& a, const std::map<std::string, at::Tensor>& b) {
+  if (a.size() != b.size()) return false;
+  for (const auto& [name, t] : a) {
+    auto it = b.find(name);
+    if (it == b.end() || t.scalar_type() != it->second.scalar_type() || t.sizes() != it->second.sizes()) return false;
+    if (!at::equal(t.contiguous().view(at::kByte), it->second.contiguous().view(at::kByte))) return false;
+  }
+  return true;
+}
+
 void expect_identical(const std::map<std::string, at::Tensor>& a, const std::map<std::string, at::Tensor>& b) {
   ASSERT_EQ(a.size(), b.size());
   for (const auto& [name, t] : a) {
@@ -63,6 +79,64 @@ void expect_identical(const std::map<std::string, at::Tensor>& a, const std::map
     // Bit-identical: compare the raw bytes (works for fp8, and for NaN).
     EXPECT_TRUE(at::equal(t.contiguous().view(at::kByte), it->second.contiguous().view(at::kByte))) << name;
   }
+}
+
+std::map<std::string, at::Tensor> read_checkpoint(const fs::path& dir) {
+  std::map<std::string, at::Tensor> out;
+  for (const auto& entry : fs::directory_iterator(dir))
+    if (entry.path().extension() == ".safetensors")
+      for (auto& [name, t] : load_tensors(entry.path().string())) out.emplace(name, t);
+  return out;
+}
+
+void write_llama_checkpoint(const fs::path& dir, int seed, int layers, int64_t hidden, int64_t inter) {
+  fs::create_directories(dir);
+  const int64_t heads = 16, kv = 4, head_dim = hidden / heads, vocab = 4000;
+  nlohmann::json cfg = {{"architectures", {"LlamaForCausalLM"}}, {"hidden_size", hidden}, {"intermediate_size", inter},
+                        {"num_hidden_layers", layers}, {"num_attention_heads", heads}, {"num_key_value_heads", kv},
+                        {"vocab_size", vocab}, {"rms_norm_eps", 1e-5}, {"torch_dtype", "bfloat16"},
+                        {"tie_word_embeddings", false}, {"rope_theta", 10000.0}};
+  write_bytes(dir / "config.json", cfg.dump());
+  std::vector<std::pair<std::string, std::vector<int64_t>>> shapes = {
+      {"model.embed_tokens.weight", {vocab, hidden}}, {"model.norm.weight", {hidden}}, {"lm_head.weight", {vocab, hidden}}};
+  for (int l = 0; l < layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    shapes.push_back({p + "self_attn.q_proj.weight", {hidden, hidden}});
+    shapes.push_back({p + "self_attn.k_proj.weight", {kv * head_dim, hidden}});
+    shapes.push_back({p + "self_attn.v_proj.weight", {kv * head_dim, hidden}});
+    shapes.push_back({p + "self_attn.o_proj.weight", {hidden, hidden}});
+    shapes.push_back({p + "mlp.gate_proj.weight", {inter, hidden}});
+    shapes.push_back({p + "mlp.up_proj.weight", {inter, hidden}});
+    shapes.push_back({p + "mlp.down_proj.weight", {hidden, inter}});
+    shapes.push_back({p + "input_layernorm.weight", {hidden}});
+    shapes.push_back({p + "post_attention_layernorm.weight", {hidden}});
+  }
+  std::shuffle(shapes.begin(), shapes.end(), std::mt19937(seed));
+  at::manual_seed(seed);
+  nlohmann::json weight_map;
+  for (int f = 0; f < 3; ++f) {
+    std::vector<std::pair<std::string, at::Tensor>> part;
+    const std::string file = "part-" + std::to_string(f) + ".safetensors";
+    for (size_t i = f; i < shapes.size(); i += 3) {
+      part.emplace_back(shapes[i].first, (at::randn(shapes[i].second) * 0.05).to(at::kBFloat16));
+      weight_map[shapes[i].first] = file;
+    }
+    save_tensors((dir / file).string(), part);
+  }
+  write_bytes(dir / "model.safetensors.index.json", nlohmann::json{{"weight_map", weight_map}}.dump());
+}
+
+fs::path write_next_step(const Fixture& f, const fs::path& dir, int seed) {
+  fs::create_directories(dir);
+  fs::copy_file(fs::canonical(fs::path(f.dir) / "config.json"), dir / "config.json");
+  at::manual_seed(seed);
+  std::vector<std::pair<std::string, at::Tensor>> next;
+  for (auto& [name, t] : read_checkpoint(f.dir)) {
+    at::Tensor x = t.to(at::kFloat);
+    next.emplace_back(name, (x / 2 + 0.05 * at::randn_like(x)).to(t.scalar_type()));
+  }
+  save_tensors((dir / "model.safetensors").string(), next);
+  return dir;
 }
 
 }  // namespace loadkit::test

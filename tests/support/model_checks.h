@@ -21,10 +21,11 @@ namespace loadkit::test {
 /// One registry over the build tree's plugin directory, shared by a test binary.
 Registry& build_registry();
 
-/// Loads `dir` through the C++ API.
+/// Loads `dir` through the C++ API (as tensor-parallel rank `tp_rank` of `tp_size`: its shard,
+/// no process group).
 std::unique_ptr<LoadedModel> load_model(const std::string& dir, const std::string& device = "cpu",
                                         const std::string& quant = "none", const std::string& dtype = "auto",
-                                        const std::string& format = "auto");
+                                        const std::string& format = "auto", int tp_size = 1, int tp_rank = 0);
 
 /// transformers' float32 logits stored with the fixture.
 at::Tensor reference_logits(const Fixture& f);
@@ -37,5 +38,18 @@ std::map<std::string, at::Tensor> kernel_state(LoadedModel& m);
 
 /// Same names, dtypes, shapes and bytes.
 void expect_identical(const std::map<std::string, at::Tensor>& a, const std::map<std::string, at::Tensor>& b);
+/// The same comparison as a value (for "this differs" checks).
+bool identical(const std::map<std::string, at::Tensor>& a, const std::map<std::string, at::Tensor>& b);
+
+/// Every tensor of a checkpoint directory (all its safetensors files), by name.
+std::map<std::string, at::Tensor> read_checkpoint(const fs::path& dir);
+
+/// A bigger Llama checkpoint written here (random bf16, HF names, 16 heads, 4 kv heads, vocab
+/// 4000), tensors shuffled over 3 files with an index.
+void write_llama_checkpoint(const fs::path& dir, int seed, int layers, int64_t hidden, int64_t inter);
+
+/// Another checkpoint of `f`'s shapes and config: every tensor t becomes t / 2 + noise (seeded),
+/// in one file. What a trainer's next step looks like.
+fs::path write_next_step(const Fixture& f, const fs::path& dir, int seed);
 
 }  // namespace loadkit::test

@@ -1,7 +1,12 @@
 #include "test_support.h"
 
+#include <arpa/inet.h>
 #include <fcntl.h>
 #include <ftw.h>
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -27,9 +32,12 @@ std::vector<std::string> CliResult::error_lines() const {
   return lines;
 }
 
-CliResult run_cli(const std::vector<std::string>& args, const std::vector<std::pair<std::string, std::string>>& env) {
-  TempDir tmp;
-  const std::string out_path = (tmp / "out").string(), err_path = (tmp / "err").string();
+namespace {
+
+/// Starts `program` with `args` and `env` added, its stdout and stderr into files.
+pid_t spawn(const std::string& program, const std::vector<std::string>& args,
+            const std::vector<std::pair<std::string, std::string>>& env, const std::string& out_path,
+            const std::string& err_path) {
   pid_t pid = fork();
   if (pid < 0) throw std::runtime_error("fork failed");
   if (pid == 0) {
@@ -38,7 +46,7 @@ CliResult run_cli(const std::vector<std::string>& args, const std::vector<std::p
     int err = open(err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
     dup2(out, 1);
     dup2(err, 2);
-    std::vector<std::string> argv_s{cli_path()};
+    std::vector<std::string> argv_s{program};
     argv_s.insert(argv_s.end(), args.begin(), args.end());
     std::vector<char*> argv;
     for (auto& a : argv_s) argv.push_back(a.data());
@@ -46,13 +54,89 @@ CliResult run_cli(const std::vector<std::string>& args, const std::vector<std::p
     execv(argv[0], argv.data());
     _exit(127);
   }
+  return pid;
+}
+
+int status_code(int status) { return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status); }
+
+}  // namespace
+
+CliResult run_cli(const std::vector<std::string>& args, const std::vector<std::pair<std::string, std::string>>& env) {
+  TempDir tmp;
+  const std::string out_path = (tmp / "out").string(), err_path = (tmp / "err").string();
+  const pid_t pid = spawn(cli_path(), args, env, out_path, err_path);
   int status = 0;
   waitpid(pid, &status, 0);
   CliResult r;
-  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  r.code = status_code(status);
   r.out = read_bytes(out_path);
   r.err = read_bytes(err_path);
   return r;
+}
+
+void expect_failure(const CliResult& r, int code, const std::vector<std::string>& fragments) {
+  EXPECT_EQ(r.code, code) << r.err;
+  const auto lines = r.error_lines();
+  ASSERT_EQ(lines.size(), 1u) << r.err;
+  for (const auto& f : fragments) EXPECT_NE(lines[0].find(f), std::string::npos) << "'" << f << "' not in: " << lines[0];
+  for (const char* bad : {"Exception raised from", "terminate called", "Traceback", "frame #"})
+    EXPECT_EQ(r.err.find(bad), std::string::npos) << r.err;
+}
+
+int free_port() {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
+  socklen_t len = sizeof addr;
+  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  close(fd);
+  return ntohs(addr.sin_port);
+}
+
+std::vector<CliResult> run_ranks(const std::string& program, const std::vector<std::string>& args, int world,
+                                 std::chrono::seconds timeout, bool& timed_out,
+                                 const std::vector<std::pair<std::string, std::string>>& env) {
+  TempDir tmp;
+  const std::string port = std::to_string(free_port());
+  std::vector<pid_t> pids;
+  for (int r = 0; r < world; ++r) {
+    auto rank_env = env;
+    rank_env.insert(rank_env.end(), {{"RANK", std::to_string(r)},
+                                     {"LOCAL_RANK", std::to_string(r)},
+                                     {"WORLD_SIZE", std::to_string(world)},
+                                     {"MASTER_ADDR", "127.0.0.1"},
+                                     {"MASTER_PORT", port}});
+    pids.push_back(spawn(program, args, rank_env, (tmp / ("out" + std::to_string(r))).string(),
+                         (tmp / ("err" + std::to_string(r))).string()));
+  }
+  std::vector<CliResult> results(world);
+  std::vector<bool> done(world, false);
+  int left = world;
+  timed_out = false;
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (left > 0) {
+    for (int r = 0; r < world; ++r) {
+      int status = 0;
+      if (done[r] || waitpid(pids[r], &status, WNOHANG) != pids[r]) continue;
+      done[r] = true;
+      --left;
+      results[r].code = status_code(status);
+    }
+    if (left == 0) break;
+    if (std::chrono::steady_clock::now() > deadline) {
+      timed_out = true;
+      for (int r = 0; r < world; ++r)
+        if (!done[r]) kill(pids[r], SIGKILL);
+    }
+    usleep(10000);
+  }
+  for (int r = 0; r < world; ++r) {
+    results[r].out = read_bytes(tmp / ("out" + std::to_string(r)));
+    results[r].err = read_bytes(tmp / ("err" + std::to_string(r)));
+  }
+  return results;
 }
 
 std::string Fixture::tokens_arg() const {

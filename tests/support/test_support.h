@@ -4,6 +4,7 @@
 /// directories, and raw safetensors surgery written independently of the
 /// reader under test.
 
+#include <chrono>
 #include <cstdint>
 #include <filesystem>
 #include <nlohmann/json.hpp>
@@ -32,6 +33,21 @@ struct CliResult {
 /// Runs the loadkit CLI with `args` (plugin dir not added), capturing both streams.
 CliResult run_cli(const std::vector<std::string>& args,
                   const std::vector<std::pair<std::string, std::string>>& env = {});
+
+/// Expects exit code `code` and exactly one error line on stderr naming every fragment, no crash
+/// or trace (GoogleTest assertions).
+void expect_failure(const CliResult& r, int code, const std::vector<std::string>& fragments);
+
+/// A free TCP port on the loopback (for a test's own torchrun-style launch).
+int free_port();
+
+/// `world` processes of `program` with `args`, each a rank as torchrun starts it (RANK,
+/// WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT on a free port) plus `env`, in rank order.
+/// Waits for all of them up to `timeout`; past it kills them and sets `timed_out`.
+/// CliResult::code is the exit code, or 128 + the signal that ended the process.
+std::vector<CliResult> run_ranks(const std::string& program, const std::vector<std::string>& args, int world,
+                                 std::chrono::seconds timeout, bool& timed_out,
+                                 const std::vector<std::pair<std::string, std::string>>& env = {});
 
 struct Fixture {
   std::string name, dir, reference, dtype;

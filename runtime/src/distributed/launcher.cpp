@@ -45,15 +45,6 @@ std::string describe_exit(int rank, int status) {
   return cat("rank ", rank, " exited with code ", WEXITSTATUS(status));
 }
 
-ErrorKind kind_of(int code) {
-  switch (code) {
-    case 2: return ErrorKind::Usage;
-    case 3: return ErrorKind::Input;
-    case 4: return ErrorKind::Plugin;
-    default: return ErrorKind::Other;
-  }
-}
-
 /// The variables this launcher sets for each rank (an outer torchrun's are replaced).
 bool is_rank_variable(std::string_view var) {
   for (const char* name : {"RANK=", "WORLD_SIZE=", "LOCAL_RANK=", "LOCAL_WORLD_SIZE=", "MASTER_ADDR=", "MASTER_PORT=",
@@ -159,10 +150,10 @@ int launch_local_ranks(int n) {
     const std::string value(bytes.begin(), bytes.end());
     const size_t nl = value.find('\n');
     const int code = std::atoi(value.substr(0, nl).c_str());
-    throw Error(kind_of(code), value.substr(nl + 1));
+    throw Error(error_kind(code), value.substr(nl + 1));
   }
   const int code = WIFEXITED(status[first_failed]) ? WEXITSTATUS(status[first_failed]) : 1;
-  throw Error(kind_of(code), describe_exit(first_failed, status[first_failed]));
+  throw Error(error_kind(code), describe_exit(first_failed, status[first_failed]));
 }
 
 }  // namespace loadkit

@@ -3,6 +3,7 @@
 // rank stop with the failing rank's error instead of waiting in a collective.
 
 #include <ATen/ATen.h>
+#include <c10/util/Logging.h>
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
@@ -14,8 +15,10 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
+#include <set>
 #include <string_view>
 #include <thread>
 
@@ -48,15 +51,6 @@ std::string env_str(const char* name, const std::string& fallback) {
 std::string step_key(const std::string& step, int rank) { return cat("loadkit/step/", step, "/", rank); }
 std::string failure_key(int rank) { return cat("loadkit/failed/", rank); }
 
-ErrorKind kind_of(int code) {
-  switch (code) {
-    case 2: return ErrorKind::Usage;
-    case 3: return ErrorKind::Input;
-    case 4: return ErrorKind::Plugin;
-    default: return ErrorKind::Other;
-  }
-}
-
 /// Another rank's failure, rethrown here: reported by that rank, not again by this one.
 class OtherRankFailure : public Error {
  public:
@@ -65,55 +59,207 @@ class OtherRankFailure : public Error {
 
 std::string to_string(const std::vector<uint8_t>& bytes) { return std::string(bytes.begin(), bytes.end()); }
 
-/// TensorParallelGroup over one c10d backend; collectives wait with the job's timeout.
-class C10dGroup final : public TensorParallelGroup {
- public:
-  C10dGroup(c10::intrusive_ptr<c10d::Backend> backend, int rank, int size, std::chrono::milliseconds timeout)
-      : backend_(std::move(backend)), rank_(rank), size_(size), timeout_(timeout) {}
-  ~C10dGroup() override {
-    // NCCL wants an orderly shutdown (it warns and may hang in its watchdog otherwise).
-    try {
-      backend_->shutdown();
-    } catch (...) {
-    }
+/// A c10d backend over `store` for `rank` of `size` on `device` (Gloo on the CPU, NCCL on CUDA).
+c10::intrusive_ptr<c10d::Backend> make_backend(const c10::intrusive_ptr<c10d::Store>& store, int rank, int size,
+                                               const c10::Device& device, std::chrono::milliseconds timeout) {
+  if (device.is_cuda()) {
+#if LOADKIT_NCCL
+    auto nccl = c10d::ProcessGroupNCCL::Options::create();
+    nccl->timeout = timeout;
+    return c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, size, nccl);
+#endif
+  } else {
+#if LOADKIT_GLOO
+    auto gloo = c10d::ProcessGroupGloo::Options::create(timeout);
+    gloo->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+    return c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, size, gloo);
+#endif
   }
-  int rank() const override { return rank_; }
-  int size() const override { return size_; }
-
-  void all_reduce(at::Tensor& tensor) override {
-    std::vector<at::Tensor> io{tensor.is_contiguous() ? tensor : tensor.contiguous()};
-    run("all_reduce", [&] { return backend_->allreduce(io); });
-    if (!io[0].is_same(tensor)) tensor.copy_(io[0]);
-  }
-
-  at::Tensor all_gather(const at::Tensor& tensor, int64_t dim) override {
-    std::vector<at::Tensor> in{tensor.contiguous()};
-    std::vector<std::vector<at::Tensor>> out(1);
-    for (int r = 0; r < size_; ++r) out[0].push_back(at::empty_like(in[0]));
-    run("all_gather", [&] { return backend_->allgather(out, in); });
-    return at::cat(out[0], dim);
-  }
-
- private:
-  template <class Start>
-  void run(const char* what, Start start) {
-    try {
-      start()->wait(timeout_);
-    } catch (const c10::Error& e) {
-      fail(ErrorKind::Other, "tensor parallel ", what, " on rank ", rank_, " failed: ", e.what_without_backtrace());
-    } catch (const std::exception& e) {
-      fail(ErrorKind::Other, "tensor parallel ", what, " on rank ", rank_, " failed: ", e.what());
-    }
-  }
-
-  c10::intrusive_ptr<c10d::Backend> backend_;
-  int rank_, size_;
-  std::chrono::milliseconds timeout_;
-};
+  (void)store, (void)rank, (void)size, (void)timeout;
+  fail(ErrorKind::Usage, "no process group backend for ", device.str(), " in this build");
+}
 
 }  // namespace
 
+struct ProcessGroup::Impl {
+  std::string name;
+  int rank = 0, size = 1;
+  std::vector<int> global_ranks;
+  c10::Device device = c10::Device(c10::kCPU);
+  std::chrono::milliseconds timeout{};
+  c10::intrusive_ptr<c10d::Backend> backend;
+  c10::intrusive_ptr<c10d::Store> exchange_store;  ///< a prefix of its own: no clash with the backend's keys
+  uint64_t exchanges = 0;
+
+  ~Impl() {
+    // NCCL wants an orderly shutdown (it warns and may hang in its watchdog otherwise).
+    try {
+      if (backend) backend->shutdown();
+    } catch (...) {
+    }
+  }
+
+  std::string label(const std::string& op) const { return cat("process group '", name, "': ", op); }
+
+  /// Runs one blocking collective (the tensor-parallel forward's).
+  template <class Start>
+  void run(const char* what, Start start) {
+    try {
+      start()->wait(timeout);
+    } catch (const std::exception& e) {
+      if (dynamic_cast<const Error*>(&e)) throw;
+      fail(ErrorKind::Other, "tensor parallel ", what, " on rank ", rank, " failed: ", failure_message(e));
+    }
+  }
+};
+
+struct ProcessGroup::Pending::State {
+  c10::intrusive_ptr<c10d::Work> work;
+  std::string what;
+  int rank = 0;
+  std::chrono::milliseconds timeout{};
+};
+
+ProcessGroup::Pending::Pending() = default;
+ProcessGroup::Pending::~Pending() = default;
+ProcessGroup::Pending::Pending(Pending&&) noexcept = default;
+ProcessGroup::Pending& ProcessGroup::Pending::operator=(Pending&&) noexcept = default;
+bool ProcessGroup::Pending::valid() const { return state_ != nullptr; }
+
+void ProcessGroup::Pending::wait() {
+  if (!state_) return;
+  const std::unique_ptr<State> s = std::move(state_);
+  try {
+    s->work->wait(s->timeout);
+  } catch (const std::exception& e) {
+    fail(ErrorKind::Other, s->what, " failed on rank ", s->rank, ": ", failure_message(e));
+  }
+}
+
+ProcessGroup::ProcessGroup(std::shared_ptr<Impl> impl) : impl_(std::move(impl)) {}
+ProcessGroup::~ProcessGroup() = default;
+const std::string& ProcessGroup::name() const { return impl_->name; }
+int ProcessGroup::rank() const { return impl_->rank; }
+int ProcessGroup::size() const { return impl_->size; }
+c10::Device ProcessGroup::device() const { return impl_->device; }
+int ProcessGroup::global_rank(int group_rank) const { return impl_->global_ranks.at(group_rank); }
+
+ProcessGroup::Pending ProcessGroup::broadcast(at::Tensor& tensor, int root, const std::string& what) {
+  Pending pending;
+  pending.state_ = std::make_unique<Pending::State>();
+  pending.state_->what = impl_->label(cat("broadcast of ", what, " from rank ", root));
+  pending.state_->rank = impl_->rank;
+  pending.state_->timeout = impl_->timeout;
+  std::vector<at::Tensor> io{tensor};
+  c10d::BroadcastOptions options;
+  options.rootRank = root;
+  try {
+    pending.state_->work = impl_->backend->broadcast(io, options);
+  } catch (const std::exception& e) {
+    fail(ErrorKind::Other, pending.state_->what, " could not start on rank ", impl_->rank, ": ", failure_message(e));
+  }
+  return pending;
+}
+
+ProcessGroup::Pending ProcessGroup::all_gather(at::Tensor& output, at::Tensor& input, const std::string& what) {
+  Pending pending;
+  pending.state_ = std::make_unique<Pending::State>();
+  pending.state_->what = impl_->label(cat("all-gather of ", what));
+  pending.state_->rank = impl_->rank;
+  pending.state_->timeout = impl_->timeout;
+  try {
+    pending.state_->work = impl_->backend->_allgather_base(output, input);
+  } catch (const std::exception& e) {
+    fail(ErrorKind::Other, pending.state_->what, " could not start on rank ", impl_->rank, ": ", failure_message(e));
+  }
+  return pending;
+}
+
+std::vector<std::string> ProcessGroup::exchange(const std::string& payload,
+                                                const std::function<bool(const std::string&)>& decisive) {
+  Impl& s = *impl_;
+  const uint64_t round = s.exchanges++;
+  auto key = [&](int r) { return cat(round, "/", r); };
+  auto unreachable = [&](const std::exception& e) {
+    fail(ErrorKind::Other, s.label("exchange"), " on rank ", s.rank, ": the store is unreachable: ", failure_message(e));
+  };
+  std::vector<std::optional<std::string>> seen(s.size);
+  try {
+    s.exchange_store->set(key(s.rank), std::vector<uint8_t>(payload.begin(), payload.end()));
+    // Poll rather than block on every key: a decisive payload is noticed at once, whoever sent it.
+    const auto deadline = Clock::now() + s.timeout;
+    size_t arrived = 0;
+    bool decided = false;
+    while (arrived < seen.size() && !decided) {
+      for (int r = 0; r < s.size && !decided; ++r) {
+        if (seen[r] || !s.exchange_store->check({key(r)})) continue;
+        seen[r] = to_string(s.exchange_store->get(key(r)));
+        ++arrived;
+        decided = decisive && decisive(*seen[r]);
+      }
+      if (arrived == seen.size() || decided) break;
+      if (Clock::now() > deadline) {
+        std::string missing;
+        for (int r = 0; r < s.size; ++r)
+          if (!seen[r]) missing += (missing.empty() ? "" : ", ") + std::to_string(s.global_ranks[r]);
+        fail(ErrorKind::Other, s.label("exchange"), ": rank(s) ", missing, " did not arrive within ",
+             s.timeout.count() / 1000, " s (LOADKIT_TP_TIMEOUT)");
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+  } catch (const Error&) {
+    throw;
+  } catch (const std::exception& e) {
+    unreachable(e);
+  }
+  std::vector<std::string> out;
+  for (auto& v : seen) out.push_back(v ? std::move(*v) : std::string());
+  return out;
+}
+
+std::shared_ptr<TensorParallelGroup> ProcessGroup::tensor_parallel() {
+  // A local class: it may name the private Impl, and keeps it alive.
+  class View final : public TensorParallelGroup {
+   public:
+    explicit View(std::shared_ptr<Impl> impl) : impl_(std::move(impl)) {}
+    int rank() const override { return impl_->rank; }
+    int size() const override { return impl_->size; }
+
+    void all_reduce(at::Tensor& tensor) override {
+      std::vector<at::Tensor> io{tensor.is_contiguous() ? tensor : tensor.contiguous()};
+      impl_->run("all_reduce", [&] { return impl_->backend->allreduce(io); });
+      if (!io[0].is_same(tensor)) tensor.copy_(io[0]);
+    }
+
+    at::Tensor all_gather(const at::Tensor& tensor, int64_t dim) override {
+      std::vector<at::Tensor> in{tensor.contiguous()};
+      std::vector<std::vector<at::Tensor>> out(1);
+      for (int r = 0; r < impl_->size; ++r) out[0].push_back(at::empty_like(in[0]));
+      impl_->run("all_gather", [&] { return impl_->backend->allgather(out, in); });
+      return at::cat(out[0], dim);
+    }
+
+   private:
+    std::shared_ptr<Impl> impl_;
+  };
+  return std::make_shared<View>(impl_);
+}
+
 bool is_other_rank_failure(const std::exception& e) { return dynamic_cast<const OtherRankFailure*>(&e) != nullptr; }
+
+ErrorKind error_kind(int exit_code) {
+  return exit_code >= 2 && exit_code <= 4 ? static_cast<ErrorKind>(exit_code) : ErrorKind::Other;
+}
+
+std::string failure_message(const std::exception& e) {
+  // c10d's messages may span lines; ours are one.
+  auto* c10 = dynamic_cast<const c10::Error*>(&e);
+  std::string text = c10 ? c10->what_without_backtrace() : e.what();
+  for (char& c : text)
+    if (c == '\n' || c == '\r') c = ' ';
+  while (!text.empty() && text.back() == ' ') text.pop_back();
+  return text;
+}
 
 std::optional<RankEnv> RankEnv::from_environment() {
   if (!std::getenv("WORLD_SIZE")) return std::nullopt;
@@ -154,26 +300,48 @@ std::optional<std::string> tp_unavailable_reason(const std::string& device_type)
 
 struct RankGroup::Impl {
   int rank = 0, size = 1;
+  c10::Device device = c10::Device(c10::kCPU);
   std::chrono::milliseconds timeout{};
   c10::intrusive_ptr<c10d::Store> store;
-  std::shared_ptr<C10dGroup> group;
+  std::shared_ptr<ProcessGroup> world;
+  std::shared_ptr<TensorParallelGroup> tp;
+
+  /// A group over `ranks` with its own store prefix (backend keys and exchange keys apart).
+  std::shared_ptr<ProcessGroup> make_group(const std::string& name, const std::string& prefix,
+                                           const std::vector<int>& ranks) {
+    auto g = std::make_shared<ProcessGroup::Impl>();
+    g->name = name;
+    g->global_ranks = ranks;
+    g->size = static_cast<int>(ranks.size());
+    g->rank = static_cast<int>(std::find(ranks.begin(), ranks.end(), rank) - ranks.begin());
+    g->device = device;
+    g->timeout = timeout;
+    g->exchange_store = c10::make_intrusive<c10d::PrefixStore>(prefix + "/exchange", store);
+    g->backend = make_backend(c10::make_intrusive<c10d::PrefixStore>(prefix, store), g->rank, g->size, device, timeout);
+    return std::shared_ptr<ProcessGroup>(new ProcessGroup(std::move(g)));
+  }
 };
 
 RankGroup::RankGroup(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 RankGroup::~RankGroup() = default;
 int RankGroup::rank() const { return impl_->rank; }
 int RankGroup::size() const { return impl_->size; }
-std::shared_ptr<TensorParallelGroup> RankGroup::tp_group() const { return impl_->group; }
+std::shared_ptr<TensorParallelGroup> RankGroup::tp_group() const { return impl_->tp; }
+std::shared_ptr<ProcessGroup> RankGroup::world() const { return impl_->world; }
 
 std::unique_ptr<RankGroup> RankGroup::join(const RankEnv& env, const std::string& device) {
   const c10::Device dev(device);
   if (auto reason = tp_unavailable_reason(dev.is_cuda() ? "cuda" : "cpu"))
     fail(ErrorKind::Usage, "--tp-size ", env.world_size, " on ", device, ": ", *reason);
+  // c10d's store client logs every failed call as a warning with a stack trace (a peer that died
+  // mid-sync, a store that went with it); loadkit reports each failure itself, as one line.
+  // TORCH_CPP_LOG_LEVEL set by the user wins.
+  if (!std::getenv("TORCH_CPP_LOG_LEVEL") && FLAGS_caffe2_log_level < 2) FLAGS_caffe2_log_level = 2;  // ERROR
   auto impl = std::make_unique<Impl>();
   impl->rank = env.rank;
   impl->size = env.world_size;
   impl->timeout = collective_timeout();
-  c10::intrusive_ptr<c10d::Backend> backend;
+  impl->device = dev;
   try {
     c10d::TCPStoreOptions options;
     options.port = static_cast<uint16_t>(env.master_port);
@@ -182,31 +350,40 @@ std::unique_ptr<RankGroup> RankGroup::join(const RankEnv& env, const std::string
     options.waitWorkers = false;
     options.timeout = impl->timeout;
     impl->store = c10::make_intrusive<c10d::TCPStore>(env.master_addr, options);
-    auto pg_store = c10::make_intrusive<c10d::PrefixStore>("loadkit/tp", impl->store);
     if (dev.is_cuda()) {
 #if LOADKIT_NCCL
-      c10::cuda::set_device(dev.has_index() ? dev.index() : static_cast<c10::DeviceIndex>(env.local_rank));
-      auto nccl = c10d::ProcessGroupNCCL::Options::create();
-      nccl->timeout = impl->timeout;
-      backend = c10::make_intrusive<c10d::ProcessGroupNCCL>(pg_store, env.rank, env.world_size, nccl);
-#endif
-    } else {
-#if LOADKIT_GLOO
-      auto gloo = c10d::ProcessGroupGloo::Options::create(impl->timeout);
-      gloo->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
-      backend = c10::make_intrusive<c10d::ProcessGroupGloo>(pg_store, env.rank, env.world_size, gloo);
+      const auto index = dev.has_index() ? dev.index() : static_cast<c10::DeviceIndex>(env.local_rank);
+      c10::cuda::set_device(index);
+      impl->device = c10::Device(c10::kCUDA, index);
+      // A collective that times out (a peer died) then throws on this rank instead of the
+      // watchdog ending the process: a weight sync must be able to roll back first.
+      ::setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2", /*overwrite=*/0);
 #endif
     }
-  } catch (const c10::Error& e) {
-    fail(ErrorKind::Other, "rank ", env.rank, " could not join the group at ", env.master_addr, ":", env.master_port,
-         ": ", e.what_without_backtrace());
+    std::vector<int> all(env.world_size);
+    for (int r = 0; r < env.world_size; ++r) all[r] = r;
+    impl->world = impl->make_group("world", "loadkit/tp", all);
+    impl->tp = impl->world->tensor_parallel();
   } catch (const std::exception& e) {
     if (dynamic_cast<const Error*>(&e)) throw;
     fail(ErrorKind::Other, "rank ", env.rank, " could not join the group at ", env.master_addr, ":", env.master_port,
-         ": ", e.what());
+         ": ", failure_message(e));
   }
-  impl->group = std::make_shared<C10dGroup>(backend, env.rank, env.world_size, impl->timeout);
   return std::unique_ptr<RankGroup>(new RankGroup(std::move(impl)));
+}
+
+std::shared_ptr<ProcessGroup> RankGroup::new_group(const std::string& name, const std::vector<int>& ranks) {
+  std::set<int> distinct(ranks.begin(), ranks.end());
+  if (distinct.size() != ranks.size() || ranks.empty() || *distinct.begin() < 0 || *distinct.rbegin() >= impl_->size)
+    fail(ErrorKind::Usage, "process group '", name, "': its ranks must be distinct ranks below ", impl_->size);
+  if (!distinct.count(impl_->rank))
+    fail(ErrorKind::Usage, "process group '", name, "': rank ", impl_->rank, " is not one of its ranks");
+  try {
+    return impl_->make_group(name, "loadkit/group/" + name, ranks);
+  } catch (const std::exception& e) {
+    if (dynamic_cast<const Error*>(&e)) throw;
+    fail(ErrorKind::Other, "rank ", impl_->rank, " could not create process group '", name, "': ", failure_message(e));
+  }
 }
 
 void RankGroup::publish_failure(int exit_code, const std::string& message) {
@@ -249,7 +426,7 @@ std::vector<std::string> RankGroup::step(const std::string& name, const std::fun
       if (value.rfind("fail\n", 0) == 0) {
         const size_t nl = value.find('\n', 5);
         const int code = std::atoi(value.substr(5, nl - 5).c_str());
-        throw OtherRankFailure(kind_of(code), cat("rank ", r, ": ", value.substr(nl + 1)));
+        throw OtherRankFailure(error_kind(code), cat("rank ", r, ": ", value.substr(nl + 1)));
       }
       seen[r] = value.substr(3);
       ++done;

@@ -19,6 +19,21 @@ class Registry;
 class TensorParallelGroup;
 struct ModelContext;
 
+/// How long the tensors of an update chunk stay valid (see LoadedModel::update).
+enum class Borrowed {
+  /// Until finish_update(): the engine may keep references (transformed modules cache their
+  /// loader calls until complete). No copy is made.
+  UntilFinish,
+  /// Until update() returns: the caller reuses the buffers (double-buffered receive). The
+  /// engine clones what it must keep past the call, and only that: the tensors cached by
+  /// transformed modules that the chunk left incomplete (and by attention-like modules,
+  /// processed at the end), on the device they came on.
+  UntilReturn,
+};
+
+/// Whether a streaming update can be undone (see LoadedModel::begin_update).
+enum class Rollback { None, Journal };
+
 struct LoadOptions {
   std::string model_dir;
   std::string device = "cpu";        ///< cpu, cuda, cuda:N
@@ -50,6 +65,8 @@ struct LoadReport {
   int layers_delayed = 0;
   /// Reloads and updates: modules that received no weight (kept as they were).
   std::vector<std::string> untouched_modules;
+  /// Updates with Rollback::Journal: host bytes the journal kept.
+  uint64_t journal_bytes = 0;
 
   double gb_per_s() const { return seconds > 0 ? static_cast<double>(bytes) / seconds / 1e9 : 0.0; }
   std::string to_json() const;
@@ -70,12 +87,37 @@ class LoadedModel {
   const LoadReport& reload(const std::string& source_dir = "", bool process = true);
 
   /// Streaming reload for trainers: weights arrive in chunks of (name, tensor)
-  /// in checkpoint naming. Each chunk is validated whole before it is applied;
-  /// a module is processed as soon as its last weight arrives. Tensors must
-  /// stay unchanged until finish_update(). A partial update is allowed.
-  void begin_update();
-  void update(const std::vector<NamedWeight>& chunk);
+  /// in checkpoint naming, on any device. Each chunk is validated whole before
+  /// it is applied (on meta stand-ins: no data is read or copied); a module is
+  /// processed as soon as its last weight arrives. Plain weights are copied
+  /// once, straight into their kernel tensors; quantized modules are rebuilt
+  /// in load format first (their one staging copy). A partial update is allowed.
+  ///
+  /// `borrowed` says how long the chunk's tensors stay valid: UntilFinish
+  /// (default; no copy) — unchanged until finish_update(), because quantized
+  /// modules keep the loader calls of their weights until the module is
+  /// complete; UntilReturn — the caller may overwrite them once update()
+  /// returns (a reused receive buffer): what the engine still needs from them
+  /// is cloned first, and only that (the weights of modules the chunk left
+  /// incomplete).
+  ///
+  /// With Rollback::Journal, every module's kernel tensors are copied to host
+  /// memory before the update first writes into them (once a session); a
+  /// failure while applying, or rollback_update(), puts them all back
+  /// bit-identically in the same storage. Costs the touched kernel bytes of
+  /// this rank in host memory and one device-to-host copy of them.
+  void begin_update(Rollback rollback = Rollback::None);
+  void update(const std::vector<NamedWeight>& chunk, Borrowed borrowed = Borrowed::UntilFinish);
+  /// Validates a whole planned update (tensors may be meta: shapes and dtypes only) against
+  /// the model without writing: names, shard shapes, dtypes, duplicates and, when `complete`,
+  /// that every weight is there. Right after begin_update(). Input error naming the tensor.
+  void validate_update(const std::vector<NamedWeight>& planned, bool complete);
   const LoadReport& finish_update();
+  /// With a journal: undoes the update in progress, or the last finished one until
+  /// commit_update() or the next begin_update(). Without: ends an update in progress.
+  void rollback_update();
+  /// Frees a finished update's journal.
+  void commit_update();
   /// Between begin_update() and finish_update() (a chunk that failed while
   /// being applied, past validation, ends the session).
   bool updating() const;
