@@ -8,6 +8,9 @@
 
 #include <ATen/ATen.h>
 
+#include <cstdlib>
+#include <string>
+
 #include <loadkit/error.h>
 #include <loadkit/layers/fused_moe.h>
 #include <loadkit/layers/linear.h>
@@ -96,27 +99,43 @@ class Fp8LinearMethod final : public OnlineQuantMethod {
     return w.size(0) % 16 == 0 && w.size(1) % 16 == 0;
   }
 
-  /// Dynamic per-token activation scales (one per row of x, computed on the device: no host sync,
-  /// graph-capturable) against the per-tensor weight scale broadcast over the output columns:
-  /// _scaled_mm's row-wise mode. A per-tensor activation scale lets one large token flatten the
-  /// others (seen on small MLA models: cosine 0.9898 against a 0.99 bound). Row-wise scaling writes
-  /// bf16/fp16 everywhere (fp32 only through cuBLAS on sm90), so float32 models get a bf16 product.
+  /// How activations are scaled for _scaled_mm: per token (default: one dynamic scale per row of x)
+  /// or per tensor (vLLM's default for online fp8; LOADKIT_FP8_ACTIVATION_SCALE=tensor). A
+  /// per-tensor scale lets the largest token flatten the others: on small MLA models (DeepseekV2
+  /// fixtures) logits fell to cosine 0.9898 against transformers, under the 0.99 bound.
+  static bool per_token_activations() {
+    static const bool per_token = [] {
+      const char* mode = std::getenv("LOADKIT_FP8_ACTIVATION_SCALE");
+      if (!mode || !*mode || std::string(mode) == "token") return true;
+      if (std::string(mode) == "tensor") return false;
+      fail(ErrorKind::Usage, "LOADKIT_FP8_ACTIVATION_SCALE='", mode, "' is not token or tensor");
+    }();
+    return per_token;
+  }
+
+  /// Scales are computed on the device (no host sync: graph-capturable). Per token, the product runs
+  /// with a unit activation scale into float32 and each row is then multiplied by its token's
+  /// scale: the same arithmetic as _scaled_mm's row-wise mode, on the per-tensor kernel, with a
+  /// float32 result for every model dtype.
   static at::Tensor scaled_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
                               const at::Tensor& bias) {
     const int64_t in = w.size(0), out = w.size(1);
     at::Tensor x2 = x.reshape({-1, in});
     const int64_t m = x2.size(0), padded = (m + 15) / 16 * 16;
-    at::Tensor x_scale = (x2.abs().amax(1, /*keepdim=*/true).to(at::kFloat) / kFp8Max).clamp_min(kMinScale);
+    const bool per_token = per_token_activations();
+    at::Tensor amax = per_token ? x2.abs().amax(1, /*keepdim=*/true) : x2.abs().amax();
+    at::Tensor x_scale = (amax.to(at::kFloat) / kFp8Max).clamp_min(kMinScale);
     at::Tensor xq = (x2.to(at::kFloat) / x_scale).clamp_(-kFp8Max, kFp8Max).to(at::kFloat8_e4m3fn);
-    if (padded != m) {
-      xq = at::constant_pad_nd(xq.view(at::kByte), {0, 0, 0, padded - m}).view(at::kFloat8_e4m3fn);
-      x_scale = at::constant_pad_nd(x_scale, {0, 0, 0, padded - m}, kMinScale);
+    if (padded != m) xq = at::constant_pad_nd(xq.view(at::kByte), {0, 0, 0, padded - m}).view(at::kFloat8_e4m3fn);
+    at::Tensor y;
+    if (per_token) {
+      at::Tensor unit = at::ones({}, x_scale.options());
+      y = at::_scaled_mm(xq, w, unit, w_scale.reshape({}), std::nullopt, std::nullopt, at::kFloat);
+      y = (y.narrow(0, 0, m) * x_scale).to(x.scalar_type());
+    } else {
+      y = at::_scaled_mm(xq, w, x_scale.reshape({}), w_scale.reshape({}), std::nullopt, std::nullopt, x.scalar_type());
+      y = y.narrow(0, 0, m);
     }
-    const at::ScalarType out_dtype = x.scalar_type() == at::kHalf ? at::kHalf : at::kBFloat16;
-    at::Tensor y = at::_scaled_mm(xq, w, x_scale, w_scale.reshape({1, 1}).expand({1, out}).contiguous(), std::nullopt,
-                                  std::nullopt, out_dtype);
-    if (padded != m) y = y.narrow(0, 0, m);
-    if (y.scalar_type() != x.scalar_type()) y = y.to(x.scalar_type());
     if (bias.defined()) y = y + bias;
     auto shape = x.sizes().vec();
     shape.back() = out;

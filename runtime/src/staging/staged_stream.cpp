@@ -148,6 +148,7 @@ class StagedStream final : public WeightStream {
   bool next(NamedWeight& out) override {
     out.tensor = at::Tensor();  // the previous tensor is consumed: free it before reading further ahead
     std::unique_lock<std::mutex> lock(mutex_);
+    applying_ = false;
     if (next_ > 0) release(next_ - 1);
     if (next_ >= items_.size()) return false;
     Item& item = items_[next_];
@@ -157,6 +158,7 @@ class StagedStream final : public WeightStream {
     out.name = item.info->name;
     out.origin = files_[item.file]->path();
     ++next_;
+    applying_ = true;
     if (item.bypassed) {
       out.tensor = view_tensor(files_[item.file], *item.info);
       return true;
@@ -237,11 +239,13 @@ class StagedStream final : public WeightStream {
     }
   }
 
-  /// The most the consumer can hold beside the stream while items next_..last are alive: modules
-  /// come together in the order, so the one materialised is that of one of these items.
+  /// The most the consumer can hold beside the stream while items up to `last` are alive: modules
+  /// come together in the order, so the one materialised is that of the item being applied (until
+  /// the consumer asks for the next one, its module may still be processing) or of one read ahead.
   uint64_t reserve_until(size_t last) const {
     uint64_t r = 0;
-    for (size_t i = next_; i <= last && i < items_.size(); ++i) r = std::max(r, items_[i].reserve);
+    const size_t first = applying_ && next_ > 0 ? next_ - 1 : next_;
+    for (size_t i = first; i <= last && i < items_.size(); ++i) r = std::max(r, items_[i].reserve);
     return r;
   }
 
@@ -355,6 +359,7 @@ class StagedStream final : public WeightStream {
   std::condition_variable cv_;
   bool stop_ = false;
   size_t next_ = 0;        ///< consumer position
+  bool applying_ = false;  ///< the consumer holds item next_ - 1 (between two next() calls)
   size_t take_item_ = 0;   ///< reader position
   int take_piece_ = 0;
   uint64_t in_flight_ = 0;  ///< bytes allocated and not yet released by the consumer
