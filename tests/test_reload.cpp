@@ -403,15 +403,14 @@ TEST(ReloadGpu, Fp8UsesScaledMmOnHopper) {
   layer.process_weights_after_loading();
   at::Tensor x = at::randn({5, 64}, ctx.options());
   at::Tensor w = layer.param("weight").data, ws = layer.param("weight_scale").data;
-  // The same computation written out with at::_scaled_mm directly: one activation scale per token
-  // (rows padded to 16), a unit scale in the product, float32 out, then each row times its scale.
-  at::Tensor xs = (x.abs().amax(1, true).to(at::kFloat) / 448.0).clamp_min(1e-12);
+  // The same computation written out with at::_scaled_mm directly (rows padded to 16): one dynamic
+  // activation scale for the whole input (the default, LOADKIT_FP8_ACTIVATION_SCALE unset).
+  at::Tensor xs = (x.abs().amax().to(at::kFloat) / 448.0).clamp_min(1e-12);
   at::Tensor xq = (x.to(at::kFloat) / xs).clamp(-448, 448).to(at::kFloat8_e4m3fn);
   at::Tensor padded = at::zeros({16, 64}, xq.options().dtype(at::kByte));
   padded.narrow(0, 0, 5).copy_(xq.view(at::kByte));
-  at::Tensor product = at::_scaled_mm(padded.view(at::kFloat8_e4m3fn), w, at::ones({}, xs.options()), ws.reshape({}),
-                                      std::nullopt, std::nullopt, at::kFloat);
-  at::Tensor expected = (product.narrow(0, 0, 5) * xs).to(at::kBFloat16);
+  at::Tensor expected = at::_scaled_mm(padded.view(at::kFloat8_e4m3fn), w, xs.reshape({}), ws.reshape({}),
+                                       std::nullopt, std::nullopt, at::kBFloat16).narrow(0, 0, 5);
   EXPECT_TRUE(at::equal(layer.forward(x), expected));
   at::Tensor exact = at::linear(x.to(at::kFloat), layer.param("weight").data.t().to(at::kFloat) * ws);
   EXPECT_GE(at::cosine_similarity(layer.forward(x).to(at::kFloat), exact, 1).min().item<double>(), 0.99);

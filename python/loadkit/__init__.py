@@ -15,13 +15,25 @@ message and the CLI's exit code as `.exit_code`.
 import json
 import operator
 import os
+import sys
 from collections.abc import Mapping
 
 # libtorch and libtorch_python first: the extension links against the very libraries this torch loaded.
 import torch
 
 from ._errors import Error, InputError, PluginError, UsageError
-from . import _loadkit
+
+# libtorch exports its own, older copy of std::filesystem. Where torch is loaded before
+# libstdc++ (a Python process: python itself does not link libstdc++), our libraries' calls
+# would bind to that copy and crash (seen on the GPU machine's Python 3.12). RTLD_DEEPBIND makes
+# the extension and the libraries it brings resolve symbols in their own dependencies first,
+# where libstdc++ comes before libtorch.
+_flags = sys.getdlopenflags()
+sys.setdlopenflags(_flags | os.RTLD_DEEPBIND)
+try:
+    from . import _loadkit
+finally:
+    sys.setdlopenflags(_flags)
 
 __all__ = ["Model", "set_log_level", "Error", "UsageError", "InputError", "PluginError"]
 

@@ -469,6 +469,10 @@ struct ReloadEngine::Impl {
       any_transformed = any_transformed || (mod.transforms && !mod.attention_like);
     }
     if (!any_transformed) return plan;
+    // Processing a module needs scratch beside it (the quantizer's float32 chunk of 4 MiB, see
+    // plugins/quant): the stream reads ahead within what is left.
+    constexpr uint64_t kProcessingScratch = 4ull << 20;
+    plan.budget = plan.budget > kProcessingScratch ? plan.budget - kProcessingScratch : 0;
     // Each transformed module's tensors together, modules in the order their first tensor came.
     constexpr size_t kNone = SIZE_MAX;
     std::unordered_map<size_t, std::vector<const std::string*>> groups;

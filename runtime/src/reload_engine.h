@@ -74,7 +74,8 @@ class ReloadEngine {
     /// it feeds (materialised beside the stream while it is applied), else 0.
     std::vector<uint64_t> reserve;
     /// Device bytes the stream and the materialised module may hold together:
-    /// the largest layer's load-format size, the reload's memory bound.
+    /// the largest layer's load-format size, the reload's memory bound (less the
+    /// processing scratch when modules are rebuilt).
     uint64_t budget = 0;
   };
   using StreamFactory = std::function<std::unique_ptr<WeightStream>(StreamUse, const ApplyPlan&)>;
