@@ -1,6 +1,7 @@
-# The torch-free core alone: the file-format parsers (loadkit_formats), their
-# GoogleTest suite and, with LOADKIT_FUZZ, their libFuzzer targets. No libtorch,
-# so that sanitizer and fuzz builds compile in well under a minute.
+# The torch-free core alone: the parsers (loadkit_formats: safetensors and the
+# index; loadkit_jobs: YAML jobs), their GoogleTest suites and, with
+# LOADKIT_FUZZ, their libFuzzer targets. No libtorch, so that sanitizer and
+# fuzz builds compile in well under a minute.
 #
 #   cmake -S . -B build-asan -DLOADKIT_SANITIZE=address,undefined     (gcc or clang)
 #   cmake -S . -B build-fuzz -DLOADKIT_FUZZ=ON -DLOADKIT_SANITIZE=address,undefined -DCMAKE_CXX_COMPILER=clang++
@@ -26,7 +27,7 @@ function(loadkit_warnings target)
   target_compile_options(${target} PRIVATE -Wall -Wextra)
 endfunction()
 
-add_subdirectory(runtime)  # stops after loadkit_formats (LOADKIT_CORE_ONLY)
+add_subdirectory(runtime)  # stops after loadkit_formats and loadkit_jobs (LOADKIT_CORE_ONLY)
 
 if(LOADKIT_BUILD_TESTS)
   enable_testing()
@@ -50,12 +51,16 @@ if(LOADKIT_BUILD_TESTS)
   target_link_libraries(loadkit_test_support PUBLIC GTest::gtest nlohmann_json::nlohmann_json)
   target_compile_definitions(loadkit_test_support PRIVATE LOADKIT_TEST_CLI="" LOADKIT_TEST_PLUGIN_DIR=""
                              LOADKIT_TEST_BAD_PLUGINS_DIR="" LOADKIT_TEST_FIXTURES_DIR="")
-  foreach(t test_safetensors_reader)
-    add_executable(${t} tests/${t}.cpp)
-    target_link_libraries(${t} PRIVATE loadkit_formats loadkit_test_support GTest::gtest_main)
-    loadkit_warnings(${t})
-    gtest_discover_tests(${t} DISCOVERY_MODE PRE_TEST)
-  endforeach()
+  # The torch-free suites, each on the one library it tests.
+  function(loadkit_core_test name library)
+    add_executable(${name} tests/${name}.cpp)
+    target_link_libraries(${name} PRIVATE ${library} loadkit_test_support GTest::gtest_main)
+    loadkit_warnings(${name})
+    gtest_discover_tests(${name} DISCOVERY_MODE PRE_TEST)
+  endfunction()
+  loadkit_core_test(test_safetensors_reader loadkit_formats)
+  loadkit_core_test(test_jobs loadkit_jobs)
+  target_compile_definitions(test_jobs PRIVATE LOADKIT_TEST_CONFIGS_DIR="${PROJECT_SOURCE_DIR}/configs")
 endif()
 
 if(LOADKIT_FUZZ)

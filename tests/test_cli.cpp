@@ -4,6 +4,8 @@
 
 #include <sys/stat.h>
 
+#include <functional>
+
 #include "test_support.h"
 
 namespace loadkit::test {
@@ -58,13 +60,31 @@ TEST_F(CliBadInput, UnknownArchitectureIsExit4) {
   expect_failure(load(), 4, {"'FancyNewForCausalLM'", plugin_dir()});
 }
 
-class CliCorruptCheckpoint : public ::testing::TestWithParam<std::pair<Corruption, std::string>> {};
+// Every row of the bad-input matrix, through `load` of the broken checkpoint and
+// through `reload --from` it into a good model (the C++ side of the reload, with
+// every tensor compared, is Reload.BadSourceLeavesEveryTensorUntouched).
+class CliCorruptCheckpoint : public ::testing::TestWithParam<std::pair<Corruption, std::string>> {
+ protected:
+  /// A broken copy of `name` (indexed, three files: every corruption applies) and what its error must say.
+  std::pair<fs::path, std::vector<std::string>> broken(const std::string& name) {
+    fs::path model = copy_fixture(fixture(name), tmp / name);
+    EXPECT_TRUE(applies(model, GetParam().first)) << name << " cannot hold " << GetParam().second;
+    auto fragments = corrupt(model, GetParam().first);
+    return {model, fragments};
+  }
+  TempDir tmp;
+};
 
 TEST_P(CliCorruptCheckpoint, LoadFailsWithExit3NamingTheCulprit) {
-  TempDir tmp;
-  fs::path model = copy_fixture(fixture("llama_fp32_gqa_sharded"), tmp / "model");
-  auto fragments = corrupt(model, GetParam().first);
+  auto [model, fragments] = broken("llama_fp32_gqa_sharded");
   expect_failure(run_cli({"load", "--model", model.string(), "--plugin-dir", plugin_dir()}), 3, fragments);
+}
+
+TEST_P(CliCorruptCheckpoint, ReloadFromItFailsWithExit3NamingTheCulprit) {
+  auto [from, fragments] = broken("llama_fp32_gqa_b");
+  expect_failure(run_cli({"reload", "--model", fixture("llama_fp32_gqa_sharded").dir, "--from", from.string(),
+                          "--plugin-dir", plugin_dir()}),
+                 3, fragments);
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, CliCorruptCheckpoint, ::testing::ValuesIn(all_corruptions()),
@@ -75,13 +95,59 @@ TEST_F(CliBadInput, ConfigDisagreeingWithWeightShapes) {
   expect_failure(load(), 3, {"model.layers.0.mlp.gate_proj.weight", "[200, 96]", "[208, 96]"});
 }
 
-TEST_F(CliBadInput, UnreadableModelDirectory) {
-  if (geteuid() == 0) GTEST_SKIP() << "root reads any directory; permissions cannot be tested as root";
-  fs::permissions(model, fs::perms::none);
-  auto r = load();
-  fs::permissions(model, fs::perms::owner_all);
-  expect_failure(r, 3, {model.string()});
+// Paths that exist but cannot be used as a checkpoint directory, for `load --model`
+// and `reload --from`. As root (CI) the CLI runs without root's permission
+// bypass (drop_root_file_access), so a mode of 000 refuses it too.
+struct BadPath {
+  const char* name;
+  const char* reason;  ///< strerror's text, in the one error line
+  std::function<fs::path(const fs::path& model, const fs::path& tmp)> make;  ///< breaks `model`, returns the path to give
+};
+
+const BadPath kBadPaths[] = {
+    {"PathComponentIsAFile", "Not a directory",
+     [](const fs::path& model, const fs::path&) { return model / "config.json" / "model"; }},
+    {"UnreadableDirectory", "Permission denied",
+     [](const fs::path& model, const fs::path&) {
+       fs::permissions(model, fs::perms::none);
+       return model;
+     }},
+};
+
+void PrintTo(const BadPath& path, std::ostream* os) { *os << path.name; }  // ctest shows the name, not bytes
+
+class CliBadPath : public ::testing::TestWithParam<BadPath> {
+ protected:
+  CliResult run(const std::vector<std::string>& args) {
+    CliResult r = run_cli(args, {}, drop_root_file_access);
+    if (r.code == kChildSetupFailed) skip_reason = r.err;
+    return r;
+  }
+  TempDir tmp;
+  std::string skip_reason;
+};
+
+TEST_P(CliBadPath, LoadIsExit3NamingThePathAndTheReason) {
+  fs::path model = copy_fixture(fixture("llama_fp32_gqa_sharded"), tmp / "model");
+  const fs::path path = GetParam().make(model, tmp.path());
+  auto r = run({"load", "--model", path.string(), "--plugin-dir", plugin_dir()});
+  fs::permissions(model, fs::perms::owner_all, fs::perm_options::add);
+  if (!skip_reason.empty()) GTEST_SKIP() << skip_reason;
+  expect_failure(r, 3, {path.string(), GetParam().reason});
 }
+
+TEST_P(CliBadPath, ReloadFromItIsExit3NamingThePathAndTheReason) {
+  fs::path from = copy_fixture(fixture("llama_fp32_gqa_b"), tmp / "b");
+  const fs::path path = GetParam().make(from, tmp.path());
+  auto r = run({"reload", "--model", fixture("llama_fp32_gqa_sharded").dir, "--from", path.string(), "--plugin-dir",
+                plugin_dir()});
+  fs::permissions(from, fs::perms::owner_all, fs::perm_options::add);
+  if (!skip_reason.empty()) GTEST_SKIP() << skip_reason;
+  expect_failure(r, 3, {path.string(), GetParam().reason});
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, CliBadPath, ::testing::ValuesIn(kBadPaths),
+                         [](const auto& info) { return std::string(info.param.name); });
 
 TEST_F(CliBadInput, PluginDirWithNonElfSoStillLoadsFromGoodPlugins) {
   write_bytes(tmp / "junk.so", "#!/bin/sh\n");

@@ -193,8 +193,31 @@ TEST(JobParser, MalformedInputsOnlyRaiseUsageErrorsWithAPosition) {
     } catch (const Error& e) {
       EXPECT_EQ(e.kind(), ErrorKind::Usage);
       EXPECT_EQ(std::string(e.what()).rfind("fuzz.yaml:", 0), 0u) << e.what();
+      EXPECT_EQ(std::string(e.what()).find('\n'), std::string::npos) << e.what();
     } catch (const std::exception& e) {
       ADD_FAILURE() << "escaped as " << typeid(e).name() << ": " << e.what();
+    }
+  }
+}
+
+// Found by fuzz_job_yaml: yaml-cpp's own messages and our "got '<value>'" quote
+// the input, raw; a newline there split the error in two. loadkit::Error now
+// writes every control character as \xNN.
+TEST(JobParser, ControlCharactersInTheInputStayOnOneLine) {
+  const std::pair<std::string, std::string> cases[] = {
+      {"model: {path: m, dtype: \"float\\n32\"}\nsteps: [load]\n",
+       "cfg/job.yaml:1:25: 'dtype' must be one of auto, float32, bfloat16, float16, got 'float\\x0a32'"},
+      {"model: {path: m}\nsteps:\n  - \"lo\\tad\"\n",
+       "cfg/job.yaml:3:5: unknown step 'lo\\x09ad' (expected one of: load, logits, reload, verify, save_sharded, report)"},
+      {std::string("\xff\0\n", 3), "cfg/job.yaml:2:1: unknown escape character: \\x0a"},  // the fuzzer's input
+  };
+  for (const auto& [text, message] : cases) {
+    try {
+      parse_job(text, "cfg/job.yaml");
+      ADD_FAILURE() << "accepted: " << text;
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::Usage);
+      EXPECT_EQ(std::string(e.what()), message);
     }
   }
 }

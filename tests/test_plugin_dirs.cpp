@@ -22,13 +22,31 @@ const BrokenKind kBroken[] = {
     {"MissingEntrySymbol", "no_entry.so", "broken: no entry symbol 'loadkit_plugin_v1'"},
     {"TextFileNamedSo", "notes.so", "broken: cannot open: "},
     {"RegistrationReportsAnError", "throwing.so", "broken: registration failed: cannot register: config table corrupt"},
+    {"SymlinkLoop", "loop_a.so", "broken: cannot open: symlink to 'loop_b.so': Too many levels of symbolic links"},
+    {"SymlinkToItself", "self.so", "broken: cannot open: symlink to 'self.so': Too many levels of symbolic links"},
+    {"DanglingSymlink", "dangling.so", "broken: cannot open: symlink to 'gone.so': No such file or directory"},
 };
+
+void PrintTo(const BrokenKind& kind, std::ostream* os) { *os << kind.name; }  // ctest shows the name, not bytes
+
+const BrokenKind& broken_kind(std::string_view name) {
+  for (const auto& k : kBroken)
+    if (name == k.name) return k;
+  throw std::runtime_error("no broken plugin kind " + std::string(name));
+}
 
 fs::path drop(const BrokenKind& kind, const fs::path& dir) {
   fs::create_directories(dir);
   const std::string file = kind.file;
   if (file == "notes.so") {
     write_bytes(dir / file, "these are notes, saved with the wrong extension\n");
+  } else if (file == "loop_a.so") {
+    fs::create_symlink("loop_b.so", dir / "loop_a.so");
+    fs::create_symlink("loop_a.so", dir / "loop_b.so");
+  } else if (file == "self.so") {
+    fs::create_symlink("self.so", dir / "self.so");
+  } else if (file == "dangling.so") {
+    fs::create_symlink("gone.so", dir / "dangling.so");
   } else {
     const std::string stem = file.substr(0, file.size() - 3);
     fs::copy_file(test_plugin_dir(stem) + "/" + file, dir / file);
@@ -72,8 +90,54 @@ TEST_P(BrokenPlugin, NeededIsExit4NamingTheFileAndReason) {
   EXPECT_NE(line.find(std::string(GetParam().file) + " is " + GetParam().status), std::string::npos) << line;
 }
 
+// A broken file first in the search order: a model that a good plugin serves loads anyway, and the broken
+// one is reported on stderr as a warning, not an error.
+TEST_P(BrokenPlugin, UnneededNeverStopsALoad) {
+  TempDir tmp;
+  const fs::path file = drop(GetParam(), tmp / "plugins");
+  auto r = run_cli({"load", "--model", fixture("llama_bf16_mqa").dir, "--plugin-dir", (tmp / "plugins").string(),
+                    "--plugin-dir", plugin_dir()});
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_TRUE(r.error_lines().empty()) << r.err;
+  EXPECT_NE(r.err.find(file.string()), std::string::npos) << "broken plugin not reported: " << r.err;
+}
+
 INSTANTIATE_TEST_SUITE_P(Kinds, BrokenPlugin, ::testing::ValuesIn(kBroken),
                          [](const auto& info) { return std::string(info.param.name); });
+
+// throwing.so adds ThrowingForCausalLM, then throws: what it added before throwing is not served.
+TEST(PluginDirs, ArchitectureAddedBeforeTheHookThrewIsExit4NamingThePlugin) {
+  TempDir tmp;
+  drop(broken_kind("RegistrationReportsAnError"), tmp / "plugins");
+  const fs::path model = copy_fixture(fixture("llama_bf16_mqa"), tmp / "model");
+  auto config = nlohmann::json::parse(read_bytes(model / "config.json"));
+  config["architectures"] = {"ThrowingForCausalLM"};
+  write_bytes(model / "config.json", config.dump());
+  auto r = run_cli({"load", "--model", model.string(), "--plugin-dir", (tmp / "plugins").string(), "--plugin-dir",
+                    plugin_dir(), "--log-level", "error"});
+  EXPECT_EQ(r.code, 4) << r.err;
+  ASSERT_EQ(r.error_lines().size(), 1u) << r.err;
+  const std::string line = r.error_lines()[0];
+  EXPECT_NE(line.find("no plugin serves architecture 'ThrowingForCausalLM'"), std::string::npos) << line;
+  EXPECT_NE(line.find("throwing.so is broken: registration failed: cannot register: config table corrupt"),
+            std::string::npos) << line;
+}
+
+// Both ends of a two-link loop are listed; the plugin directory itself being a loop is a warning, not a stop.
+TEST(PluginDirs, SymlinkLoopsAreListedAtBothEndsAndALoopedDirectoryIsSkipped) {
+  TempDir tmp;
+  drop(broken_kind("SymlinkLoop"), tmp / "plugins");
+  fs::create_symlink("looped", tmp / "looped");
+  auto r = run_cli({"plugins", "list", "--json", "--plugin-dir", (tmp / "looped").string(), "--plugin-dir",
+                    (tmp / "plugins").string(), "--plugin-dir", plugin_dir()});
+  ASSERT_EQ(r.code, 0) << r.err;
+  auto plugins = by_file(nlohmann::json::parse(r.out));
+  EXPECT_EQ(plugins[(tmp / "plugins" / "loop_b.so").string()]["status"],
+            "broken: cannot open: symlink to 'loop_a.so': Too many levels of symbolic links");
+  EXPECT_EQ(plugins[plugin_dir() + "/llama.so"]["status"], "ok");
+  EXPECT_NE(r.err.find((tmp / "looped").string() + ": cannot access: Too many levels of symbolic links"),
+            std::string::npos) << r.err;
+}
 
 TEST(PluginDirs, ListingShowsNameVersionArchitecturesAndBuildVersions) {
   auto r = run_cli({"plugins", "list", "--json", "--plugin-dir", plugin_dir()});

@@ -111,10 +111,12 @@ TEST_P(Reload, BadSourceLeavesEveryTensorUntouched) {
   auto model = load(a().dir, device(), quant());
   const auto original = kernel_state(*model);
   const auto before = storage_facts(*model);
+  int tried = 0;
   for (const auto& [kind, label] : all_corruptions()) {
-    if (!fs::exists(fs::path(b().dir) / "model.safetensors.index.json")) continue;
     TempDir tmp;
     fs::path bad = copy_fixture(b(), tmp / "b");
+    if (!applies(bad, kind)) continue;  // e.g. index rows on a single-file checkpoint
+    ++tried;
     auto fragments = corrupt(bad, kind);
     try {
       model->reload(bad.string());
@@ -126,6 +128,16 @@ TEST_P(Reload, BadSourceLeavesEveryTensorUntouched) {
     expect_identical(kernel_state(*model), original);
     EXPECT_EQ(storage_facts(*model), before) << label;
   }
+  EXPECT_GE(tried, static_cast<int>(all_corruptions().size()) - 3);
+  // A path that is no directory at all (ENOTDIR): refused the same way.
+  try {
+    model->reload((fs::path(b().dir) / "config.json" / "b").string());
+    ADD_FAILURE() << "accepted a path under a file";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::Input) << e.what();
+    EXPECT_NE(std::string(e.what()).find("Not a directory"), std::string::npos) << e.what();
+  }
+  expect_identical(kernel_state(*model), original);
   // Still fully usable afterwards.
   model->reload(b().dir);
   auto fresh_b = load(b().dir, device(), quant());

@@ -117,17 +117,17 @@ Registry::~Registry() = default;
 void Registry::Impl::scan(const std::string& dir) {
   std::error_code ec;
   if (!fs::exists(dir, ec)) {
-    log::debug(cat("plugin directory ", dir, " does not exist"));
+    if (ec)  // e.g. the directory is a symlink loop: say so, it is not merely absent
+      log::warn(cat("plugin directory ", dir, ": cannot access: ", ec.message()));
+    else
+      log::debug(cat("plugin directory ", dir, " does not exist"));
     return;
   }
-  fs::directory_iterator it(dir, ec);
-  if (ec) {
-    log::warn(cat("plugin directory ", dir, ": cannot list: ", ec.message()));
-    return;
-  }
+  // increment(ec), not range-for: a read error mid-listing must not throw out of the scan.
   std::vector<fs::path> files;
-  for (const auto& entry : it)
-    if (entry.path().extension() == ".so") files.push_back(entry.path());
+  for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec))
+    if (it->path().extension() == ".so") files.push_back(it->path());
+  if (ec) log::warn(cat("plugin directory ", dir, ": cannot list: ", ec.message()));
   std::sort(files.begin(), files.end());
   for (const auto& file : files) load(file);
 }
@@ -142,7 +142,14 @@ void Registry::Impl::load(const fs::path& path) {
   };
 
   std::error_code ec;
-  if (!fs::is_regular_file(path, ec)) return broken(ec ? ec.message() : "not a regular file");
+  if (!fs::is_regular_file(path, ec)) {
+    if (!ec) return broken("not a regular file");
+    // A symlink loop (ELOOP) or a dangling link (ENOENT): name where the link points.
+    std::error_code not_link;
+    const fs::path target = fs::read_symlink(path, not_link);
+    return broken(not_link ? cat("cannot open: ", ec.message())
+                           : cat("cannot open: symlink to '", target.string(), "': ", ec.message()));
+  }
 
   // 1. open
   Library library;

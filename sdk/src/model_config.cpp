@@ -1,5 +1,7 @@
 #include "loadkit/model_config.h"
 
+#include <cerrno>
+#include <cstring>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -83,8 +85,10 @@ ModelConfig::ModelConfig(const ModelConfig&) = default;
 ModelConfig& ModelConfig::operator=(const ModelConfig&) = default;
 
 ModelConfig ModelConfig::from_file(const std::string& path) {
+  errno = 0;
   std::ifstream in(path, std::ios::binary);
-  if (!in) fail(ErrorKind::Input, path, ": cannot open model config (missing or unreadable)");
+  // filebuf::open leaves open(2)'s errno: say which of missing, unreadable, not a directory it was.
+  if (!in) fail(ErrorKind::Input, path, ": cannot open model config: ", errno ? std::strerror(errno) : "unknown reason");
   std::stringstream text;
   text << in.rdbuf();
   if (in.bad()) fail(ErrorKind::Input, path, ": read error");

@@ -2,8 +2,9 @@
 # Builds the torch-free core on its own (cmake/loadkitCore.cmake) and runs it:
 #
 #   run_core.sh sanitize SOURCE_DIR WORK_DIR CXX [LAUNCHER]
-#       LOADKIT_SANITIZE=address,undefined with CXX; runs test_safetensors_reader
-#       under ASan (leak checking on) and UBSan (every report fatal).
+#       LOADKIT_SANITIZE=address,undefined with CXX; runs the torch-free suites
+#       (test_safetensors_reader, test_jobs) under ASan (leak checking on) and
+#       UBSan (every report fatal).
 #   run_core.sh fuzz SOURCE_DIR WORK_DIR FIXTURES_DIR [LAUNCHER]
 #       clang + libFuzzer + ASan/UBSan; runs every fuzz target for
 #       LOADKIT_FUZZ_SECONDS (default 20) from its seed corpus (our fixtures).
@@ -34,11 +35,14 @@ case "$MODE" in
     BUILD=$WORK/build
     cmake -S "$SRC" -B "$BUILD" "${GENERATOR[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER="$CXX" \
       ${LAUNCHER:+-DCMAKE_CXX_COMPILER_LAUNCHER=$LAUNCHER} -DLOADKIT_SANITIZE=address,undefined -DLOADKIT_BUILD_TESTS=ON >/dev/null
-    cmake --build "$BUILD" -j "$JOBS" --target test_safetensors_reader
-    log "running test_safetensors_reader under ASan+UBSan"
-    ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:detect_stack_use_after_return=1 \
-    UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-      "$BUILD/bin/test_safetensors_reader"
+    SUITES=(test_safetensors_reader test_jobs)
+    cmake --build "$BUILD" -j "$JOBS" --target "${SUITES[@]}"
+    for suite in "${SUITES[@]}"; do
+      log "running $suite under ASan+UBSan"
+      ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:detect_stack_use_after_return=1 \
+      UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+        "$BUILD/bin/$suite"
+    done
     ;;
   fuzz)
     FIXTURES=$4 LAUNCHER=${5:-}

@@ -9,13 +9,20 @@ OUT_DIR/<target>/ gets one file per seed:
   (b) the same names, dtypes and metadata with every dimension clamped to 2 and
   the offsets recomputed, a small valid file; plus a few hand-made files.
 - fuzz_index: every fixture's model.safetensors.index.json, plus small edge cases.
+- fuzz_job_yaml: every configs/*.yaml and the jobs written in tests/test_jobs.cpp
+  (its raw-string jobs, its bad jobs and its malformed inputs).
 Where FIXTURES_DIR holds no fixtures, only the hand-made seeds are written.
 """
+import codecs
+import glob
 import hashlib
 import json
 import os
+import re
 import struct
 import sys
+
+REPO = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
             "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
@@ -52,9 +59,28 @@ def fixture_files(root, suffix):
                 yield os.path.join(dirpath, f)
 
 
+C_STRING = r'"((?:[^"\\\n]|\\.)*)"'
+
+
+def c_string(literal):
+    """The bytes of a C string literal's body (\\n, \\", \\xNN; the tests use nothing else)."""
+    return codecs.escape_decode(literal.encode("latin-1"))[0]
+
+
+def test_jobs():
+    """The job texts of tests/test_jobs.cpp: R"(...)" jobs, kBadJobs' texts, the malformed inputs."""
+    source = open(os.path.join(REPO, "tests", "test_jobs.cpp"), encoding="utf-8").read()
+    jobs = [m.encode() for m in re.findall(r'R"\((.*?)\)"', source, re.S)]
+    jobs += [c_string(m) for m in re.findall(r'\{"\w+", ' + C_STRING, source)]
+    malformed = re.search(r"const char\* inputs\[\] = \{(.*?)\n  \};", source, re.S)
+    if malformed:
+        jobs += [c_string(m) for m in re.findall(C_STRING, malformed.group(1))]
+    return jobs
+
+
 def main():
     fixtures, out = sys.argv[1], sys.argv[2]
-    seeds = {"fuzz_safetensors_header": [], "fuzz_index": []}
+    seeds = {"fuzz_safetensors_header": [], "fuzz_index": [], "fuzz_job_yaml": []}
 
     st = seeds["fuzz_safetensors_header"]
     two = {"a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]},
@@ -81,6 +107,13 @@ def main():
     ix.append(b'{"weight_map": {}}')
     for path in fixture_files(fixtures, "model.safetensors.index.json"):
         ix.append(open(path, "rb").read())
+
+    yml = seeds["fuzz_job_yaml"]
+    for path in sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml"))):
+        yml.append(open(path, "rb").read())
+    yml += test_jobs()
+    yml.append(b"[" * 3000)  # deep nesting: yaml-cpp's depth guard, not our stack
+    yml.append(b"a: &x [*x]\nmodel: {path: m}\nsteps: [load]\n")  # an alias of its own anchor
 
     for target, items in seeds.items():
         d = os.path.join(out, target)

@@ -7,11 +7,18 @@
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <linux/capability.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <random>
 #include <sstream>
@@ -34,10 +41,11 @@ std::vector<std::string> CliResult::error_lines() const {
 
 namespace {
 
-/// Starts `program` with `args` and `env` added, its stdout and stderr into files.
+/// Starts `program` with `args` and `env` added, its stdout and stderr into files; `setup` runs in
+/// the child just before exec.
 pid_t spawn(const std::string& program, const std::vector<std::string>& args,
             const std::vector<std::pair<std::string, std::string>>& env, const std::string& out_path,
-            const std::string& err_path) {
+            const std::string& err_path, const ChildSetup& setup = {}) {
   pid_t pid = fork();
   if (pid < 0) throw std::runtime_error("fork failed");
   if (pid == 0) {
@@ -46,6 +54,7 @@ pid_t spawn(const std::string& program, const std::vector<std::string>& args,
     int err = open(err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
     dup2(out, 1);
     dup2(err, 2);
+    if (setup) setup();
     std::vector<std::string> argv_s{program};
     argv_s.insert(argv_s.end(), args.begin(), args.end());
     std::vector<char*> argv;
@@ -61,17 +70,40 @@ int status_code(int status) { return WIFEXITED(status) ? WEXITSTATUS(status) : 1
 
 }  // namespace
 
-CliResult run_cli(const std::vector<std::string>& args, const std::vector<std::pair<std::string, std::string>>& env) {
+CliResult run_cli(const std::vector<std::string>& args, const std::vector<std::pair<std::string, std::string>>& env,
+                  const ChildSetup& setup) {
   TempDir tmp;
   const std::string out_path = (tmp / "out").string(), err_path = (tmp / "err").string();
-  const pid_t pid = spawn(cli_path(), args, env, out_path, err_path);
+  const pid_t pid = spawn(cli_path(), args, env, out_path, err_path, setup);
   int status = 0;
-  waitpid(pid, &status, 0);
+  struct rusage usage {};
+  wait4(pid, &status, 0, &usage);
   CliResult r;
   r.code = status_code(status);
+  r.peak_rss_bytes = static_cast<uint64_t>(usage.ru_maxrss) * 1024;  // Linux reports KiB
   r.out = read_bytes(out_path);
   r.err = read_bytes(err_path);
   return r;
+}
+
+void drop_root_file_access() {
+  if (geteuid() != 0) return;
+  // Root's permitted capabilities after exec are its bounding set.
+  for (int cap : {CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH})
+    if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0) {
+      dprintf(2, "cannot drop root's file access: prctl(PR_CAPBSET_DROP, %d): %s\n", cap, std::strerror(errno));
+      _exit(kChildSetupFailed);
+    }
+}
+
+ChildSetup limit_address_space(uint64_t bytes) {
+  return [bytes] {
+    const struct rlimit limit {bytes, bytes};
+    if (setrlimit(RLIMIT_AS, &limit) != 0) {
+      dprintf(2, "cannot limit the address space: setrlimit(RLIMIT_AS): %s\n", std::strerror(errno));
+      _exit(kChildSetupFailed);
+    }
+  };
 }
 
 void expect_failure(const CliResult& r, int code, const std::vector<std::string>& fragments) {
@@ -236,12 +268,21 @@ RawSafetensors RawSafetensors::read(const fs::path& path) {
 
 void RawSafetensors::write(const fs::path& path) const { write_bytes(path, safetensors_bytes(header_text(), data)); }
 
-fs::path file_holding(const fs::path& dir, const std::string& tensor) {
+namespace {
+
+/// The checkpoint's *.safetensors files, in name order.
+std::vector<fs::path> shards(const fs::path& model) {
   std::vector<fs::path> files;
-  for (const auto& e : fs::directory_iterator(dir))
+  for (const auto& e : fs::directory_iterator(model))
     if (e.path().extension() == ".safetensors") files.push_back(e.path());
   std::sort(files.begin(), files.end());
-  for (const auto& f : files)
+  return files;
+}
+
+}  // namespace
+
+fs::path file_holding(const fs::path& dir, const std::string& tensor) {
+  for (const auto& f : shards(dir))
     if (RawSafetensors::read(f).header.contains(tensor)) return f;
   throw std::runtime_error("no file in " + dir.string() + " holds " + tensor);
 }
@@ -250,6 +291,26 @@ namespace {
 
 using ojson = nlohmann::ordered_json;
 const std::string kQ = "model.layers.1.self_attn.q_proj.weight";
+
+fs::path index_of(const fs::path& model) { return model / "model.safetensors.index.json"; }
+
+/// Edits the index's weight_map, where there is an index.
+void edit_weight_map(const fs::path& model, const std::function<void(ojson&)>& edit) {
+  if (!fs::exists(index_of(model))) return;
+  ojson index = ojson::parse(read_bytes(index_of(model)));
+  edit(index["weight_map"]);
+  write_bytes(index_of(model), index.dump());
+}
+
+/// The tensor whose data comes last in the file.
+std::string last_in_data(const RawSafetensors& raw) {
+  std::string last;
+  uint64_t begin = 0;
+  for (auto& [k, v] : raw.header.items())
+    if (k != "__metadata__" && (last.empty() || v["data_offsets"][0].get<uint64_t>() >= begin))
+      last = k, begin = v["data_offsets"][0].get<uint64_t>();
+  return last;
+}
 
 /// Rewrites a file without `tensor`, keeping the data contiguous, and drops it from the index.
 void drop_tensor(const fs::path& model, const std::string& tensor) {
@@ -268,22 +329,32 @@ void drop_tensor(const fs::path& model, const std::string& tensor) {
   raw.header = header;
   raw.data = data;
   raw.write(shard);
-  auto index_path = model / "model.safetensors.index.json";
-  ojson index = ojson::parse(read_bytes(index_path));
-  index["weight_map"].erase(tensor);
-  write_bytes(index_path, index.dump());
+  edit_weight_map(model, [&](ojson& map) { map.erase(tensor); });
 }
 
 }  // namespace
 
 const std::vector<std::pair<Corruption, std::string>>& all_corruptions() {
   static const std::vector<std::pair<Corruption, std::string>> all = {
-      {Corruption::TruncatedShard, "TruncatedShard"},
+      {Corruption::ZeroByteFile, "ZeroByteFile"},
+      {Corruption::HeaderLengthZero, "HeaderLengthZero"},
       {Corruption::HeaderLengthBeyondFile, "HeaderLengthBeyondFile"},
-      {Corruption::OverlappingOffsets, "OverlappingOffsets"},
+      {Corruption::HeaderNotJson, "HeaderNotJson"},
+      {Corruption::DuplicateTensorName, "DuplicateTensorName"},
+      {Corruption::MetadataOfWrongType, "MetadataOfWrongType"},
       {Corruption::UnknownDtype, "UnknownDtype"},
+      {Corruption::NegativeDimension, "NegativeDimension"},
+      {Corruption::NumelOverflow, "NumelOverflow"},
+      {Corruption::HundredGigabyteTensor, "HundredGigabyteTensor"},
+      {Corruption::ReversedOffsets, "ReversedOffsets"},
+      {Corruption::OverlappingOffsets, "OverlappingOffsets"},
+      {Corruption::OffsetsOutsideDataSection, "OffsetsOutsideDataSection"},
+      {Corruption::GapBetweenTensors, "GapBetweenTensors"},
       {Corruption::NumelBytesMismatch, "NumelBytesMismatch"},
+      {Corruption::TruncatedShard, "TruncatedShard"},
       {Corruption::IndexNamesMissingFile, "IndexNamesMissingFile"},
+      {Corruption::IndexNamesTensorNotInFile, "IndexNamesTensorNotInFile"},
+      {Corruption::TwoShardsDefineOneTensor, "TwoShardsDefineOneTensor"},
       {Corruption::UnexpectedTensorName, "UnexpectedTensorName"},
       {Corruption::MissingWeight, "MissingWeight"},
       {Corruption::WrongShape, "WrongShape"},
@@ -291,51 +362,143 @@ const std::vector<std::pair<Corruption, std::string>>& all_corruptions() {
   return all;
 }
 
+bool applies(const fs::path& model, Corruption kind) {
+  const bool indexed = fs::exists(index_of(model));
+  switch (kind) {
+    case Corruption::IndexNamesMissingFile: return indexed;
+    case Corruption::IndexNamesTensorNotInFile: return indexed && shards(model).size() > 1;
+    case Corruption::TwoShardsDefineOneTensor: return !indexed || shards(model).size() > 1;
+    default: return true;
+  }
+}
+
 std::vector<std::string> corrupt(const fs::path& model, Corruption kind) {
   const fs::path shard = file_holding(model, kQ);
+  auto edit = [&](const std::function<void(RawSafetensors&)>& change) {
+    auto raw = RawSafetensors::read(shard);
+    change(raw);
+    raw.write(shard);
+  };
   switch (kind) {
-    case Corruption::TruncatedShard:
-      fs::resize_file(shard, fs::file_size(shard) - 7);
-      return {shard.string(), "truncated"};
+    case Corruption::ZeroByteFile:
+      fs::resize_file(shard, 0);
+      return {shard.string(), "empty file"};
+    case Corruption::HeaderLengthZero: {
+      std::string bytes = read_bytes(shard);
+      std::fill(bytes.begin(), bytes.begin() + 8, '\0');
+      write_bytes(shard, bytes);
+      return {shard.string(), "header length is 0"};
+    }
     case Corruption::HeaderLengthBeyondFile: {
       std::string bytes = read_bytes(shard);
       bytes[5] = '\x01';
       write_bytes(shard, bytes);
       return {shard.string(), "header length"};
     }
-    case Corruption::OverlappingOffsets: {
+    case Corruption::HeaderNotJson: {
       auto raw = RawSafetensors::read(shard);
-      raw.header["model.layers.1.extra.weight"] = raw.header[kQ];  // a second tensor over the same bytes
-      raw.write(shard);
-      return {shard.string(), "overlap"};
+      std::string text = raw.header_text();
+      text.back() = ',';  // `{...,` : the object never closes
+      write_bytes(shard, safetensors_bytes(text, raw.data));
+      return {shard.string(), "header is not valid JSON"};
     }
-    case Corruption::UnknownDtype: {
+    case Corruption::DuplicateTensorName: {
+      // Text surgery: a JSON object cannot hold the same key twice.
       auto raw = RawSafetensors::read(shard);
-      raw.header[kQ]["dtype"] = "F12";
-      raw.write(shard);
+      const std::string text = raw.header_text();
+      const std::string twice = "{" + ojson(kQ).dump() + ":" + raw.header[kQ].dump() + "," + text.substr(1);
+      write_bytes(shard, safetensors_bytes(twice, raw.data));
+      return {shard.string(), kQ, "defined twice"};
+    }
+    case Corruption::MetadataOfWrongType:
+      edit([](RawSafetensors& raw) { raw.header["__metadata__"] = ojson::array({1, 2}); });
+      return {shard.string(), "__metadata__"};
+    case Corruption::UnknownDtype:
+      edit([](RawSafetensors& raw) { raw.header[kQ]["dtype"] = "F12"; });
       return {shard.string(), kQ, "unknown dtype 'F12'"};
-    }
-    case Corruption::NumelBytesMismatch: {
+    case Corruption::NegativeDimension:
+      edit([](RawSafetensors& raw) { raw.header[kQ]["shape"][0] = -raw.header[kQ]["shape"][0].get<int64_t>(); });
+      return {shard.string(), kQ, "negative"};
+    case Corruption::NumelOverflow:
+      edit([](RawSafetensors& raw) { raw.header[kQ]["shape"] = {int64_t{1} << 40, int64_t{1} << 40}; });
+      return {shard.string(), kQ, "overflows"};
+    case Corruption::HundredGigabyteTensor:
+      edit([](RawSafetensors& raw) {
+        const uint64_t begin = raw.header[kQ]["data_offsets"][0];
+        raw.header[kQ]["dtype"] = "F32";
+        raw.header[kQ]["shape"] = {int64_t{25'000'000'000}};
+        raw.header[kQ]["data_offsets"] = {begin, begin + uint64_t{100'000'000'000}};
+      });
+      return {shard.string(), kQ, "data section holds only"};
+    case Corruption::ReversedOffsets:
+      edit([](RawSafetensors& raw) {
+        auto& offsets = raw.header[kQ]["data_offsets"];
+        offsets = {offsets[1], offsets[0]};
+      });
+      return {shard.string(), kQ, "reversed"};
+    case Corruption::OverlappingOffsets:
+      edit([](RawSafetensors& raw) { raw.header["model.layers.1.extra.weight"] = raw.header[kQ]; });  // same bytes
+      return {shard.string(), "overlap"};
+    case Corruption::OffsetsOutsideDataSection:
+      edit([](RawSafetensors& raw) {
+        auto& offsets = raw.header[kQ]["data_offsets"];
+        const uint64_t past = raw.data.size();
+        offsets = {offsets[0].get<uint64_t>() + past, offsets[1].get<uint64_t>() + past};
+      });
+      return {shard.string(), kQ, "data section holds only"};
+    case Corruption::GapBetweenTensors: {
       auto raw = RawSafetensors::read(shard);
-      auto shape = raw.header[kQ]["shape"];
-      raw.header[kQ]["shape"] = {shape[0].get<int64_t>() - 1, shape[1]};
+      const std::string last = last_in_data(raw);
+      auto& offsets = raw.header[last]["data_offsets"];
+      offsets = {offsets[0].get<uint64_t>() + 8, offsets[1].get<uint64_t>() + 8};  // 8 unclaimed bytes before it
+      raw.data += std::string(8, '\0');
       raw.write(shard);
-      return {shard.string(), kQ, "bytes"};
+      return {shard.string(), last, "gap"};
     }
+    case Corruption::NumelBytesMismatch:
+      edit([](RawSafetensors& raw) {
+        auto shape = raw.header[kQ]["shape"];
+        raw.header[kQ]["shape"] = {shape[0].get<int64_t>() - 1, shape[1]};
+      });
+      return {shard.string(), kQ, "bytes"};
+    case Corruption::TruncatedShard:
+      fs::resize_file(shard, fs::file_size(shard) - 7);
+      return {shard.string(), "truncated"};
     case Corruption::IndexNamesMissingFile:
       fs::remove(shard);
       return {"model.safetensors.index.json", shard.filename().string(), "missing file"};
+    case Corruption::IndexNamesTensorNotInFile: {
+      const auto files = shards(model);
+      const fs::path other = files[files[0] == shard ? 1 : 0];
+      edit_weight_map(model, [&](ojson& map) { map[kQ] = other.filename().string(); });
+      return {"model.safetensors.index.json", kQ, other.filename().string(), "does not contain it"};
+    }
+    case Corruption::TwoShardsDefineOneTensor: {
+      // A copy of q_proj's bytes in a second file: an indexed file, or a new file where all of them are read.
+      const auto files = shards(model);
+      const fs::path other = fs::exists(index_of(model)) ? files[files[0] == shard ? 1 : 0] : model / "extra.safetensors";
+      const auto from = RawSafetensors::read(shard);
+      RawSafetensors to;
+      if (fs::exists(other)) to = RawSafetensors::read(other);
+      const uint64_t b = from.header[kQ]["data_offsets"][0], e = from.header[kQ]["data_offsets"][1];
+      ojson entry = from.header[kQ];
+      entry["data_offsets"] = {to.data.size(), to.data.size() + (e - b)};
+      to.header[kQ] = entry;
+      to.data += from.data.substr(b, e - b);
+      to.write(other);
+      return {kQ, "is also defined in", shard.filename().string(), other.filename().string()};
+    }
     case Corruption::UnexpectedTensorName: {
-      auto raw = RawSafetensors::read(shard);
-      ojson renamed = ojson::object();
-      for (auto& [k, v] : raw.header.items()) renamed[k == kQ ? "model.layers.1.self_attn.query.weight" : k] = v;
-      raw.header = renamed;
-      raw.write(shard);
-      auto index_path = model / "model.safetensors.index.json";
-      ojson index = ojson::parse(read_bytes(index_path));
-      index["weight_map"]["model.layers.1.self_attn.query.weight"] = index["weight_map"][kQ];
-      index["weight_map"].erase(kQ);
-      write_bytes(index_path, index.dump());
+      const std::string query = "model.layers.1.self_attn.query.weight";
+      edit([&](RawSafetensors& raw) {
+        ojson renamed = ojson::object();
+        for (auto& [k, v] : raw.header.items()) renamed[k == kQ ? query : k] = v;
+        raw.header = renamed;
+      });
+      edit_weight_map(model, [&](ojson& map) {
+        map[query] = map[kQ];
+        map.erase(kQ);
+      });
       return {"There is no module or parameter named 'model.layers.1.self_attn.query' in LlamaAttention", shard.string()};
     }
     case Corruption::MissingWeight:

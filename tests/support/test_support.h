@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <string_view>
@@ -26,13 +27,30 @@ std::string fixtures_dir();
 struct CliResult {
   int code = -1;
   std::string out, err;
+  uint64_t peak_rss_bytes = 0;  ///< the CLI process's maximum resident set (getrusage of the child)
   /// Lines of stderr that carry an error (start with "loadkit: error:").
   std::vector<std::string> error_lines() const;
 };
 
+/// Runs in the CLI's process between fork and exec (resource limits, privileges).
+/// It may only make system calls; on failure it writes a line to stderr and
+/// calls _exit(kChildSetupFailed).
+using ChildSetup = std::function<void()>;
+constexpr int kChildSetupFailed = 125;
+
 /// Runs the loadkit CLI with `args` (plugin dir not added), capturing both streams.
 CliResult run_cli(const std::vector<std::string>& args,
-                  const std::vector<std::pair<std::string, std::string>>& env = {});
+                  const std::vector<std::pair<std::string, std::string>>& env = {}, const ChildSetup& setup = {});
+
+/// A ChildSetup: as root, drops the capabilities that let root ignore file
+/// modes (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH) from the bounding set, so that
+/// after exec a mode of 000 refuses the CLI as it would refuse any user. (Root
+/// stays root otherwise: the CLI still reaches torch under a 0700 home, which
+/// switching to `nobody` would not.) Does nothing for other users.
+void drop_root_file_access();
+
+/// A ChildSetup: caps the CLI's address space (RLIMIT_AS) at `bytes`.
+ChildSetup limit_address_space(uint64_t bytes);
 
 /// Expects exit code `code` and exactly one error line on stderr naming every fragment, no crash
 /// or trace (GoogleTest assertions).
@@ -95,20 +113,36 @@ std::string safetensors_bytes(const std::string& header_text, const std::string&
 /// The first safetensors file of a checkpoint directory that holds `tensor`.
 fs::path file_holding(const fs::path& dir, const std::string& tensor);
 
-/// Ways to break an indexed Llama checkpoint (a copy), each still a set of
-/// files a careless reader might accept.
+/// Ways to break a Llama checkpoint (a copy), each still a set of files a
+/// careless reader might accept: the rows of docs/reliability.md's matrix.
+/// The file edited is the one holding layer 1's q_proj.
 enum class Corruption {
-  TruncatedShard,
+  ZeroByteFile,
+  HeaderLengthZero,
   HeaderLengthBeyondFile,
-  OverlappingOffsets,
+  HeaderNotJson,
+  DuplicateTensorName,
+  MetadataOfWrongType,
   UnknownDtype,
+  NegativeDimension,
+  NumelOverflow,
+  HundredGigabyteTensor,  ///< a 100 GB tensor claimed by a file of a few KB
+  ReversedOffsets,
+  OverlappingOffsets,
+  OffsetsOutsideDataSection,
+  GapBetweenTensors,
   NumelBytesMismatch,
-  IndexNamesMissingFile,
+  TruncatedShard,
+  IndexNamesMissingFile,      ///< needs an index
+  IndexNamesTensorNotInFile,  ///< needs an index of two files or more
+  TwoShardsDefineOneTensor,   ///< needs two files or more
   UnexpectedTensorName,
   MissingWeight,
   WrongShape,
 };
 const std::vector<std::pair<Corruption, std::string>>& all_corruptions();  ///< with a test-name suffix each
+/// Whether `kind` can be made in the checkpoint `model` (some need an index or several files).
+bool applies(const fs::path& model, Corruption kind);
 /// Breaks the checkpoint in `model`; returns fragments its error message must contain.
 std::vector<std::string> corrupt(const fs::path& model, Corruption kind);
 

@@ -29,12 +29,12 @@ std::map<std::string, std::string> parse_index(std::string_view text, const std:
   std::map<std::string, std::string> weight_map;
   for (auto it = map_it->begin(); it != map_it->end(); ++it) {
     if (!it.value().is_string())
-      fail(ErrorKind::Input, printable(cat(origin, ": weight_map entry '", it.key(), "' must be a file name string")));
+      fail(ErrorKind::Input, origin, ": weight_map entry '", it.key(), "' must be a file name string");
     const std::string file = it.value().get<std::string>();
     const fs::path p(file);
     if (file.empty() || p.is_absolute() || std::any_of(p.begin(), p.end(), [](const fs::path& part) { return part == ".."; }))
-      fail(ErrorKind::Input, printable(cat(origin, ": weight_map entry '", it.key(), "' names '", file,
-                                           "', which is not a file inside the checkpoint directory")));
+      fail(ErrorKind::Input, origin, ": weight_map entry '", it.key(), "' names '", file,
+           "', which is not a file inside the checkpoint directory");
     weight_map.emplace(it.key(), file);
   }
   return weight_map;
@@ -74,8 +74,8 @@ CheckpointFiles open_checkpoint(const std::string& directory) {
     for (const auto& [tensor, file] : weight_map) {
       if (!unique.insert(file).second) continue;
       if (!fs::is_regular_file(dir / file, ec))
-        fail(ErrorKind::Input, printable(cat(out.index_path, ": weight_map names missing file '", file, "' (for tensor '",
-                                             tensor, "')")));
+        fail(ErrorKind::Input, out.index_path, ": weight_map names missing file '", file, "' (for tensor '", tensor,
+             "')");
     }
     names.assign(unique.begin(), unique.end());
   } else {
@@ -93,7 +93,7 @@ CheckpointFiles open_checkpoint(const std::string& directory) {
     for (const auto& t : file->tensors()) {
       auto [it, inserted] = owner.emplace(t.name, file.get());
       if (!inserted)
-        fail(ErrorKind::Input, printable(cat(file->path(), ": tensor '", t.name, "' is also defined in ", it->second->path())));
+        fail(ErrorKind::Input, file->path(), ": tensor '", t.name, "' is also defined in ", it->second->path());
       out.total_bytes += t.bytes();
     }
     out.total_tensors += file->tensors().size();
@@ -103,8 +103,8 @@ CheckpointFiles open_checkpoint(const std::string& directory) {
     auto it = owner.find(tensor);
     const std::string expected = (dir / file).string();
     if (it == owner.end() || it->second->path() != expected)
-      fail(ErrorKind::Input, printable(cat(out.index_path, ": weight_map maps tensor '", tensor, "' to '", file,
-                                           "', which does not contain it")));
+      fail(ErrorKind::Input, out.index_path, ": weight_map maps tensor '", tensor, "' to '", file,
+           "', which does not contain it");
   }
   return out;
 }

@@ -42,7 +42,7 @@ struct Mapping {
 };
 
 [[noreturn]] void bad(const std::string& origin, const std::string& what) {
-  fail(ErrorKind::Input, printable(origin + ": " + what));
+  fail(ErrorKind::Input, origin, ": ", what);
 }
 
 uint64_t read_u64_le(const uint8_t* p) {
@@ -69,19 +69,6 @@ size_t dtype_size(DType dtype) {
   for (const auto& e : kDTypes)
     if (e.dtype == dtype) return e.size;
   return 0;
-}
-
-std::string printable(std::string_view text) {
-  std::string out;
-  for (unsigned char c : text) {
-    if (c >= 0x20 && c != 0x7f) {
-      out += static_cast<char>(c);
-      continue;
-    }
-    const char hex[] = "0123456789abcdef";
-    out += {'\\', 'x', hex[c >> 4], hex[c & 15]};
-  }
-  return out;
 }
 
 SafetensorsFile::~SafetensorsFile() = default;

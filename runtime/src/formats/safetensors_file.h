@@ -26,8 +26,6 @@ enum class DType { BOOL, U8, I8, I16, U16, I32, U32, I64, U64, F16, BF16, F32, F
 std::optional<DType> parse_dtype(std::string_view name);
 const char* dtype_name(DType dtype);
 size_t dtype_size(DType dtype);
-/// `text` with control characters (a tensor name may hold "\n") written as \xNN, for one-line errors.
-std::string printable(std::string_view text);
 
 struct TensorInfo {
   std::string name;
