@@ -18,22 +18,24 @@ import os
 import sys
 from collections.abc import Mapping
 
+# libtorch exports its own, older copy of std::filesystem. In a process that has not loaded
+# libstdc++ before libtorch (python itself does not link it), our libraries' calls can bind to
+# that copy and crash: seen on the GPU machine (Ubuntu 24.04, Python 3.12, built with gcc 13),
+# where LD_PRELOAD=libstdc++.so.6 made its CUDA tests pass. Loading libstdc++ into the global scope
+# before torch does the same; when torch is already imported it is too late (then preload it).
+if "torch" not in sys.modules:
+    import ctypes
+    import ctypes.util
+
+    _libstdcxx = ctypes.util.find_library("stdc++")
+    if _libstdcxx:
+        ctypes.CDLL(_libstdcxx, mode=ctypes.RTLD_GLOBAL)
+
 # libtorch and libtorch_python first: the extension links against the very libraries this torch loaded.
 import torch
 
 from ._errors import Error, InputError, PluginError, UsageError
-
-# libtorch exports its own, older copy of std::filesystem. Where torch is loaded before
-# libstdc++ (a Python process: python itself does not link libstdc++), our libraries' calls
-# would bind to that copy and crash (seen on the GPU machine's Python 3.12). RTLD_DEEPBIND makes
-# the extension and the libraries it brings resolve symbols in their own dependencies first,
-# where libstdc++ comes before libtorch.
-_flags = sys.getdlopenflags()
-sys.setdlopenflags(_flags | os.RTLD_DEEPBIND)
-try:
-    from . import _loadkit
-finally:
-    sys.setdlopenflags(_flags)
+from . import _loadkit
 
 __all__ = ["Model", "set_log_level", "Error", "UsageError", "InputError", "PluginError"]
 
