@@ -247,10 +247,8 @@ const LoadReport& LoadedModel::reload(const std::string& source_dir, bool proces
   auto open = [&](ReloadEngine::StreamUse use, const ReloadEngine::ApplyPlan& plan) {
     if (use == ReloadEngine::StreamUse::Apply && staging_enabled(device)) {
       StagingOptions staging;
-      // Kernel-format copies come without a plan: one tensor at a time at most. A budget of 0 (a
-      // model too small for its quantizer's scratch) stages nothing: every tensor read from the mapping.
-      const bool planned = plan.budget > 0 || !plan.order.empty();
-      staging.window_bytes = planned ? std::max<uint64_t>(plan.budget, 1) : safetensors::largest_tensor_bytes(files);
+      // Kernel-format copies come without a plan: one tensor at a time at most.
+      staging.window_bytes = plan.budget ? plan.budget : safetensors::largest_tensor_bytes(files);
       staging.order = plan.order;
       staging.reserve = plan.reserve;
       return staged_safetensors_stream(files, device, std::move(staging));

@@ -71,11 +71,11 @@ class ReloadEngine {
     /// together), or empty: as validated.
     std::vector<std::string> order;
     /// With `order`: per tensor, the load-format bytes of the transformed module
-    /// it feeds (materialised beside the stream while it is applied), else 0.
+    /// it feeds (materialised beside the stream while it is applied) and the
+    /// processing scratch, else 0.
     std::vector<uint64_t> reserve;
     /// Device bytes the stream and the materialised module may hold together:
-    /// the largest layer's load-format size, the reload's memory bound (less the
-    /// processing scratch when modules are rebuilt).
+    /// the largest layer's load-format size, the reload's memory bound.
     uint64_t budget = 0;
   };
   using StreamFactory = std::function<std::unique_ptr<WeightStream>(StreamUse, const ApplyPlan&)>;
