@@ -3,10 +3,11 @@
 /// Page-locked host buffers for the staged readers, pinned once per process
 /// and handed to every later stream.
 ///
-/// Pinning is the hidden cost of a fast load: on the GPU machine (H200 host)
-/// cudaHostAlloc pinned 2 GB/s, so the 512 MiB ring a load used to allocate
-/// cost ~0.27 s of a 0.44 s load, while mapping pages (MAP_POPULATE) and
-/// registering them with cudaHostRegister ran at ~17 GB/s. Buffers come back
+/// Pinning is the hidden cost of a fast load: on the GPU machine (H200 hosts)
+/// cudaHostAlloc pinned 2.0-2.7 GB/s, so the 512 MiB ring a load used to
+/// allocate cost ~0.27 s of a 0.44 s load; registering faulted-in pages with
+/// cudaHostRegister ran at 17 GB/s on one machine and 3 GB/s on another, so
+/// the ring is kept small (threads x depth x piece: 96 MiB). Buffers come back
 /// to the pool when a stream ends, so a reload in the same process (a trainer
 /// syncing every step) pins nothing at all. They stay pinned until the process
 /// exits (unregistering at exit would race CUDA's own teardown).
