@@ -304,7 +304,9 @@ TEST(ShardedState, SmallMaxPartSizeWritesSeveralPartsThatLoadBack) {
       uint64_t bytes = 0;
       for (auto& [name, t] : tensors) bytes += t.nbytes();
       // A part only exceeds the limit when it holds one tensor that does.
-      if (tensors.size() > 1) EXPECT_LE(bytes, limit) << part;
+      if (tensors.size() > 1) {
+        EXPECT_LE(bytes, limit) << part;
+      }
     }
   }
   at::Tensor hf = cli_logits(f.dir, f.tokens_arg(), tmp / "hf", {"--tp-size", "3"});
