@@ -128,6 +128,16 @@ std::unique_ptr<LoadedModel> LoadedModel::load(const LoadOptions& options, const
   // process whose CUDA is already initialised.
   device::synchronize(ctx.device);
   start = std::chrono::steady_clock::now();
+  // Per-stage times at debug level: where a fresh process's load goes (issue 8's profile).
+  auto lap_start = start;
+  const bool profile = log::enabled(log::Level::debug);
+  auto lap = [&](const char* stage) {
+    if (!profile) return;
+    device::synchronize(ctx.device);
+    const auto now = std::chrono::steady_clock::now();
+    log::debug(cat("load stage ", stage, ": ", std::chrono::duration<double, std::milli>(now - lap_start).count(), " ms"));
+    lap_start = now;
+  };
   ctx.tp_rank = options.tp_rank;
   ctx.tp_size = options.tp_size;
   ctx.tp_group = options.tp_group;
@@ -154,10 +164,26 @@ std::unique_ptr<LoadedModel> LoadedModel::load(const LoadOptions& options, const
   report.plugin = registry.provider(report.architecture).path;
   if (options.quantization != "none") ctx.quant = registry.create_quant(options.quantization, ctx);
   if (files) check_fits(*files, ctx);  // before any tensor exists: nothing partial is left behind
+  lap("open and validate");
 
-  device::synchronize(ctx.device);
+  // The stream starts before the model is built: its readers pin their buffers and read ahead
+  // while the parameters are allocated (a fresh process's cudaMalloc and pinning overlap the reads).
+  std::unique_ptr<WeightStream> stream;
+  if (files && !sharded) {
+    if (staging_enabled(ctx.device)) {
+      // A window of at least the largest tensor: every tensor is staged (none read from the mapping).
+      StagingOptions staging;
+      staging.window_bytes = std::max(safetensors::largest_tensor_bytes(*files), default_window_bytes());
+      stream = staged_safetensors_stream(*files, ctx.device, std::move(staging));
+    } else {
+      stream = safetensors_stream(*files);
+    }
+  }
+  lap("start the stream");
+
   device::reset_peak(ctx.device);
   auto model = registry.create_model(report.architecture, ctx);
+  lap("build the model (parameter allocation)");
   loaded->state_->reload = std::make_unique<ReloadEngine>(*model, ctx.device);
   loaded->state_->model_dir = options.model_dir;
   loaded->state_->sharded_pattern = options.sharded_pattern;
@@ -167,19 +193,13 @@ std::unique_ptr<LoadedModel> LoadedModel::load(const LoadOptions& options, const
   if (sharded) {
     // Kernel format is what processing makes: build it, then copy the rank's state over it.
     initialize_dummy_weights(*model);
-  } else if (files) {
-    std::unique_ptr<WeightStream> stream;
-    if (staging_enabled(ctx.device)) {
-      // A window of at least the largest tensor: every tensor is staged (none read from the mapping).
-      StagingOptions staging;
-      staging.window_bytes = std::max(safetensors::largest_tensor_bytes(*files), default_window_bytes());
-      stream = staged_safetensors_stream(*files, ctx.device, std::move(staging));
-    } else {
-      stream = safetensors_stream(*files);
-    }
+  } else if (stream) {
     reset_load_counts(*model);
     model->load_weights(*stream);
     check_all_initialized(*model);
+    lap("read and copy the weights");
+    stream.reset();
+    lap("stop the stream");
     report.bytes = files->total_bytes;
     report.tensors = files->total_tensors;
   } else {
@@ -188,6 +208,7 @@ std::unique_ptr<LoadedModel> LoadedModel::load(const LoadOptions& options, const
   report.pointers_stable = std::all_of(built.begin(), built.end(), [](const auto& b) { return b.first->data.data_ptr() == b.second; });
   report.layers_processed = process_all(*model);
   loaded->state_->reload->release_load_format();
+  lap("process");
   if (sharded) {
     const ReloadStats copied = copy_sharded_state(*model, *files, ctx.device);
     report.pointers_stable = report.pointers_stable && copied.pointers_stable;

@@ -3,12 +3,14 @@
 #include <ATen/ATen.h>
 
 #include <cerrno>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <string>
 #include <unordered_map>
 
 #include "loadkit/error.h"
+#include "loadkit/runtime/log.h"
 #include "tensor_io.h"
 
 #if LOADKIT_CUDA
@@ -272,6 +274,7 @@ class StagedStream final : public WeightStream {
       bool busy = false;
     };
     std::vector<Buffer> buffers(depth_);
+    const auto started = std::chrono::steady_clock::now();
     try {
       check_cuda(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
       for (auto& b : buffers) {
@@ -281,6 +284,9 @@ class StagedStream final : public WeightStream {
     } catch (const std::exception& e) {
       fail_all(e.what());
     }
+    if (reader == 0)
+      log::debug(cat("staging reader 0: stream and ", depth_, " pinned buffers ready in ",
+                     std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started).count(), " ms"));
     size_t k = 0;
     std::unique_lock<std::mutex> lock(mutex_);
     size_t index = 0;
