@@ -122,9 +122,14 @@ TEST(DeepseekV2Experts, Fp8QuantizesEachExpertWithItsOwnScaleAndLeavesTheRouter)
     EXPECT_EQ(state.at(moe + "gate.weight").scalar_type(), at::kFloat);
     EXPECT_TRUE(at::equal(state.at(moe + "gate.weight"), ckpt.at(moe + "gate.weight")));
     EXPECT_FALSE(state.count(moe + "gate.weight_scale"));
-    // The other linear layers are quantized as usual.
+    // The other linear layers are quantized as usual, except kv_b_proj (see the plugin): the
+    // checkpoint's values, no scale.
     EXPECT_EQ(state.at(moe + "shared_experts.gate_up_proj.weight").scalar_type(), at::kFloat8_e4m3fn);
-    EXPECT_EQ(state.at(layer(l) + "self_attn.kv_b_proj.weight").scalar_type(), at::kFloat8_e4m3fn);
+    EXPECT_EQ(state.at(layer(l) + "self_attn.o_proj.weight").scalar_type(), at::kFloat8_e4m3fn);
+    const std::string kv_b = layer(l) + "self_attn.kv_b_proj.weight";
+    EXPECT_EQ(state.at(kv_b).scalar_type(), at::kFloat);
+    EXPECT_TRUE(at::equal(state.at(kv_b), ckpt.at(kv_b)));
+    EXPECT_FALSE(state.count(layer(l) + "self_attn.kv_b_proj.weight_scale"));
   }
 }
 

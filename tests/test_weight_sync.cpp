@@ -419,7 +419,7 @@ TEST(WeightSyncGpu, FsdpPeakExtraMemoryIsOneLayer) {
               << " bytes, largest layer " << largest_layer << ", largest tensor " << largest_tensor << ", model "
               << model_bytes << std::endl;
     // fp8: the module being rebuilt in load format beside the layer, and the quantizer's float32
-    // scratch (4 MiB chunks, kChunkElements in plugins/quant); 5 % and 4 MiB for the allocator.
+    // scratch (at most 4 MiB: rows_per_chunk in plugins/quant); 5 % and 4 MiB for the allocator.
     const uint64_t held = largest_layer + (quant == "fp8" ? largest_module + (4u << 20) : 0);
     const uint64_t bound = held + held / 20 + (4u << 20);
     EXPECT_LE(*r.peak_extra_device_bytes, bound);

@@ -8,6 +8,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 
@@ -22,9 +23,16 @@ using namespace loadkit;
 
 constexpr double kFp8Max = 448.0;           // largest finite float8_e4m3fn
 constexpr double kMinScale = 1e-12;         // an all-zero weight quantizes to zeros, never inf/NaN
-constexpr int64_t kChunkElements = 1 << 20;  // float32 scratch per chunk: 4 MiB
 
-int64_t rows_per_chunk(int64_t cols) { return std::max<int64_t>(1, kChunkElements / std::max<int64_t>(1, cols)); }
+/// Rows per float32 scratch chunk of a [rows, cols] weight: a sixteenth of the weight, within
+/// 64 Ki..1 Mi elements (256 KiB..4 MiB). Small layers get a small scratch, so a reload's peak stays
+/// near the layer's own size; large layers get few, large chunks (kernel launches are what a
+/// small chunk costs). The reload engine reserves the bound of this (clamp(load bytes / 8,
+/// 256 KiB, 4 MiB), runtime/src/reload_engine.cpp) beside a module being rebuilt.
+int64_t rows_per_chunk(int64_t rows, int64_t cols) {
+  const int64_t elements = std::clamp<int64_t>(rows * cols / 16, int64_t{1} << 16, int64_t{1} << 20);
+  return std::max<int64_t>(1, elements / std::max<int64_t>(1, cols));
+}
 
 /// `targets[name]` when it is there with this shape and dtype, else a fresh tensor.
 at::Tensor target_or(const KernelTargets& targets, const char* name, at::IntArrayRef shape, at::ScalarType dtype,
@@ -74,7 +82,7 @@ class Fp8LinearMethod final : public OnlineQuantMethod {
       return at::empty({out, in}, w.options().dtype(at::kFloat8_e4m3fn)).t();
     });
     at::Tensor rows = weight.t();  // [out, in] view of the same storage
-    const int64_t step = rows_per_chunk(in);
+    const int64_t step = rows_per_chunk(out, in);
     for (int64_t r = 0; r < out; r += step) {
       const int64_t n = std::min(step, out - r);
       // One float32 scratch per chunk, transformed in place, then narrowed to fp8 straight into the kernel tensor.
@@ -156,7 +164,7 @@ class Int8LinearMethod final : public OnlineQuantMethod {
                                   [&] { return at::empty({out, in}, w.options().dtype(at::kChar)); });
     at::Tensor scale = target_or(targets, "weight_scale", {out}, at::kFloat,
                                  [&] { return at::empty({out}, w.options().dtype(at::kFloat)); });
-    const int64_t step = rows_per_chunk(in);
+    const int64_t step = rows_per_chunk(out, in);
     for (int64_t r = 0; r < out; r += step) {
       const int64_t n = std::min(step, out - r);
       at::Tensor chunk = w.narrow(0, r, n).to(at::kFloat);  // the one float32 scratch
@@ -232,7 +240,7 @@ class Fp8MoEMethod final : public OnlineQuantMoEMethod {
     scale.copy_((at::maximum(lo.abs(), hi.abs()).to(at::kFloat) / kFp8Max).clamp_min(kMinScale));
     at::Tensor weight = target_or(targets, name.c_str(), w.sizes(), at::kFloat8_e4m3fn,
                                   [&] { return at::empty(w.sizes(), w.options().dtype(at::kFloat8_e4m3fn)); });
-    const int64_t step = rows_per_chunk(cols);
+    const int64_t step = rows_per_chunk(experts * rows, cols);
     for (int64_t e = 0; e < experts; ++e) {
       at::Tensor s = scale.narrow(0, e, 1);
       for (int64_t r = 0; r < rows; r += step) {
@@ -270,7 +278,7 @@ class Int8MoEMethod final : public OnlineQuantMoEMethod {
     // Every expert's rows are rows of one [E * rows, cols] matrix: per-row quantization as for a linear layer.
     at::Tensor all_rows = w.reshape({experts * rows, cols}), out = weight.view({experts * rows, cols});
     at::Tensor out_scale = scale.view({experts * rows});
-    const int64_t total = experts * rows, step = rows_per_chunk(cols);
+    const int64_t total = experts * rows, step = rows_per_chunk(total, cols);
     for (int64_t r = 0; r < total; r += step) {
       const int64_t n = std::min(step, total - r);
       at::Tensor chunk = all_rows.narrow(0, r, n).to(at::kFloat);

@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -469,11 +470,14 @@ struct ReloadEngine::Impl {
       any_transformed = any_transformed || (mod.transforms && !mod.attention_like);
     }
     if (!any_transformed) return plan;
-    // Processing a module needs scratch beside it (the quantizer's float32 chunk of 4 MiB, see
-    // plugins/quant): part of what the module holds while it is rebuilt. (Taking it off the whole
-    // budget instead left the largest plain tensor, the embedding, outside the window: read from
-    // the mapping, it halved an fp8 reload on the GPU machine.)
-    constexpr uint64_t kProcessingScratch = 4ull << 20;
+    // Processing a module needs scratch beside it (the quantizer's float32 chunk: at most an
+    // eighth of the module's 16-bit load format, within 256 KiB..4 MiB, see plugins/quant): part
+    // of what the module holds while it is rebuilt. (Taking it off the whole budget instead left
+    // the largest plain tensor, the embedding, outside the window: read from the mapping, it
+    // halved an fp8 reload on the GPU machine.)
+    auto processing_scratch = [](uint64_t load_bytes) {
+      return std::clamp<uint64_t>(load_bytes / 8, 256ull << 10, 4ull << 20);
+    };
     // Each transformed module's tensors together, modules in the order their first tensor came.
     constexpr size_t kNone = SIZE_MAX;
     std::unordered_map<size_t, std::vector<const std::string*>> groups;
@@ -497,7 +501,7 @@ struct ReloadEngine::Impl {
       }
       for (const std::string* n : groups[m]) {
         plan.order.push_back(*n);
-        plan.reserve.push_back(modules[m].load_bytes + kProcessingScratch);
+        plan.reserve.push_back(modules[m].load_bytes + processing_scratch(modules[m].load_bytes));
       }
     }
     return plan;

@@ -139,6 +139,7 @@ class StagedStream final : public WeightStream {
     }
     cv_.notify_all();
     for (auto& w : workers_) w.join();
+    log::debug(cat("staging: ", pinning_nanoseconds().load() / 1e6, " ms spent pinning buffers so far (all readers)"));
     for (auto& item : items_) {
       for (auto& [reader, e] : item.copied) cudaEventDestroy(e);
       if (item.allocated) cudaEventDestroy(item.allocated);
