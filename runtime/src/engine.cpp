@@ -166,8 +166,8 @@ std::unique_ptr<LoadedModel> LoadedModel::load(const LoadOptions& options, const
   if (files) check_fits(*files, ctx);  // before any tensor exists: nothing partial is left behind
   lap("open and validate");
 
-  // The stream starts before the model is built: its readers pin their buffers and read ahead
-  // while the parameters are allocated (a fresh process's cudaMalloc and pinning overlap the reads).
+  // The stream starts before the model is built: its readers pin their buffers (a fresh process's
+  // main set-up cost, see staging/pinned_pool.h) and read ahead while the model is built.
   std::unique_ptr<WeightStream> stream;
   if (files && !sharded) {
     if (staging_enabled(ctx.device)) {
@@ -183,7 +183,7 @@ std::unique_ptr<LoadedModel> LoadedModel::load(const LoadOptions& options, const
 
   device::reset_peak(ctx.device);
   auto model = registry.create_model(report.architecture, ctx);
-  lap("build the model (parameter allocation)");
+  lap("build the model");
   loaded->state_->reload = std::make_unique<ReloadEngine>(*model, ctx.device);
   loaded->state_->model_dir = options.model_dir;
   loaded->state_->sharded_pattern = options.sharded_pattern;
