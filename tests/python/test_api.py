@@ -1,0 +1,146 @@
+#!/usr/bin/env python3
+"""The package's surface (ctest python.api on the CPU, python.api_cuda on CUDA): version, the torch
+it was built against, Model as a context manager and close(), typed signatures, plugins().
+
+    test_api.py --device cpu|cuda [name patterns]
+"""
+import os
+import re
+import sys
+import threading
+import typing
+import unittest
+
+import harness
+
+harness.skip_without_module()
+
+import loadkit  # noqa: E402
+import torch  # noqa: E402
+
+FIXTURES = harness.fixtures()
+HERE = os.path.dirname(os.path.abspath(__file__))
+loadkit.set_log_level("warn")
+
+
+def version_header():
+    """MAJOR.MINOR.PATCH from sdk/include/loadkit/version.h, the one place the version lives."""
+    text = open(os.path.join(HERE, "..", "..", "sdk", "include", "loadkit", "version.h")).read()
+    return ".".join(re.search(rf"#define LOADKIT_VERSION_{p} (\d+)", text).group(1) for p in ("MAJOR", "MINOR", "PATCH"))
+
+
+class Package(unittest.TestCase):
+    def test_version_is_the_sdk_headers(self):
+        self.assertEqual(loadkit.__version__, version_header())
+
+    def test_another_torch_major_minor_is_an_import_error_naming_both(self):
+        built = loadkit._BUILT_AGAINST_TORCH
+        self.assertEqual(built.split(".")[:2], torch.__version__.split("+")[0].split(".")[:2])
+        child = harness.run_child("""
+            import torch
+            torch.__version__ = "1.99.3+cpu"
+            try:
+                import loadkit
+            except ImportError as e:
+                print(e)
+            else:
+                print("imported")
+        """, 120)
+        self.assertIsNone(child.verdict(), child.verdict())
+        message = child.stdout.strip()
+        self.assertIn("1.99.3+cpu", message)
+        self.assertIn(built, message)
+
+    def test_public_signatures_resolve_to_types(self):
+        for function in (loadkit.Model.__init__, loadkit.Model.update, loadkit.Model.reload, loadkit.Model.logits,
+                         loadkit.Model.sync_fsdp_shards, loadkit.plugins, loadkit.RankGroup.join):
+            hints = typing.get_type_hints(function, vars(loadkit))
+            self.assertIn("return", hints, function.__qualname__)
+        self.assertTrue(os.path.isfile(os.path.join(os.path.dirname(loadkit.__file__), "py.typed")))
+        for error in (loadkit.UsageError, loadkit.InputError, loadkit.PluginError):
+            self.assertTrue(issubclass(error, loadkit.Error))
+
+    def test_plugins_lists_what_the_cli_lists(self):
+        found = {p["name"]: p for p in loadkit.plugins()}
+        self.assertIn("LlamaForCausalLM", found["llama"]["architectures"])
+        self.assertEqual(found["llama"]["status"], "ok")
+        self.assertIn("fp8", [m for p in found.values() for m in p["quant_methods"]])
+        self.assertEqual(found["llama"]["torch_version"].split(".")[:2], torch.__version__.split(".")[:2])
+
+
+class Lifetime(unittest.TestCase):
+    device = "cpu"
+    name = "llama_fp32_gqa_sharded"
+
+    def load(self, **kw):
+        return loadkit.Model(FIXTURES[self.name]["dir"], device=self.device, **kw)
+
+    def test_with_block_closes_the_model_and_later_calls_are_usage_errors(self):
+        tokens = FIXTURES[self.name]["tokens"]
+        with self.load() as model:
+            self.assertEqual(model.logits(tokens).shape[0], len(tokens))
+            self.assertFalse(model.closed)
+        self.assertTrue(model.closed)
+        self.assertEqual(repr(model), "<loadkit.Model (closed)>")
+        for call in (lambda: model.logits(tokens), model.reload, model.begin_update, model.finish_update,
+                     lambda: model.report, lambda: model.updating, lambda: model.plugin_search_path,
+                     lambda: model.update({})):
+            with self.assertRaises(loadkit.UsageError) as caught:
+                call()
+            self.assertIn("closed", str(caught.exception))
+        model.close()  # again: nothing to do
+
+    def test_with_block_closes_on_an_exception_too(self):
+        with self.assertRaises(KeyError):
+            with self.load() as model:
+                raise KeyError("trainer failed")
+        self.assertTrue(model.closed)
+
+    def test_close_waits_for_a_call_in_progress_on_another_thread(self):
+        model = self.load()
+        target = FIXTURES[FIXTURES[self.name]["reload_target"]]["dir"]
+        outcome = []
+
+        def reload():
+            try:
+                outcome.append(model.reload(target))
+            except loadkit.Error as e:
+                outcome.append(e)
+
+        reloading = threading.Thread(target=reload)
+        reloading.start()
+        model.close()
+        reloading.join()
+        self.assertTrue(model.closed)
+        # The reload either ran to completion before close() or was refused after it; never cut off.
+        if isinstance(outcome[0], dict):
+            self.assertTrue(outcome[0]["pointers_stable"])
+        else:
+            self.assertIsInstance(outcome[0], loadkit.UsageError)
+            self.assertIn("closed", str(outcome[0]))
+
+
+class LifetimeCpu(Lifetime):
+    device = "cpu"
+
+
+@unittest.skipUnless(torch.cuda.is_available(), harness.CUDA_SKIP)
+class LifetimeCuda(Lifetime):
+    device = "cuda"
+
+    def test_close_frees_the_device_memory(self):
+        # loadkit allocates through torch's CUDA allocator: torch's counter sees its tensors.
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        with self.load(dtype="float32") as model:
+            held = torch.cuda.memory_allocated() - before
+            self.assertGreaterEqual(held, model.report["bytes"])
+        torch.cuda.synchronize()
+        self.assertEqual(torch.cuda.memory_allocated(), before)
+
+
+if __name__ == "__main__":
+    harness.main({
+        "cpu": [Package, LifetimeCpu],
+        "cuda": [LifetimeCuda],
+    })
