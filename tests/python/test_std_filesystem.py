@@ -38,17 +38,20 @@ BINDING = re.compile(r"binding file (\S+) \[\d+\] to (\S+) \[\d+\]: normal symbo
 def our_binaries():
     """Every ELF file we built: shared libraries, plugins, the extension, executables."""
     root = os.environ.get("LOADKIT_BINARIES") or os.environ["LOADKIT_BUILD_DIR"]
-    found = []
+    candidates = [os.path.join(root, f) for f in os.listdir(root)]  # an installed package's extension
     for folder in ("lib", "bin", "python"):
         for dirpath, _, files in os.walk(os.path.join(root, folder)):
-            for f in files:
-                path = os.path.join(dirpath, f)
-                if os.path.islink(path) or not (f.endswith(".so") or ".so." in f or folder == "bin"):
-                    continue
-                with open(path, "rb") as fh:
-                    if fh.read(4) == b"\x7fELF":
-                        found.append(os.path.realpath(path))
-    return sorted(set(found))
+            candidates += [os.path.join(dirpath, f) for f in files]
+    found = set()
+    for path in candidates:
+        name = os.path.basename(path)
+        in_bin = os.path.basename(os.path.dirname(path)) == "bin"
+        if os.path.islink(path) or not os.path.isfile(path) or not (".so" in name or in_bin):
+            continue
+        with open(path, "rb") as fh:
+            if fh.read(4) == b"\x7fELF":
+                found.add(os.path.realpath(path))
+    return sorted(found)
 
 
 def is_ours(path, binaries):
