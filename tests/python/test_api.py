@@ -68,6 +68,63 @@ class Package(unittest.TestCase):
         self.assertEqual(found["llama"]["torch_version"].split(".")[:2], torch.__version__.split(".")[:2])
 
 
+class FsdpSyncOneRank(unittest.TestCase):
+    """Model.sync_fsdp_shards through the bindings on a group of one rank (the shards are whole
+    tensors), in a child that has torchrun's variables; examples/rl_sync runs it over two ranks."""
+
+    def run_rank(self, script):
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port))
+        f = FIXTURES["llama_fp32_gqa_sharded"]
+        child = harness.run_child(f"PATH, TARGET, TOKENS = {f['dir']!r}, "
+                                  f"{FIXTURES[f['reload_target']]['dir']!r}, {f['tokens']!r}\n" + script, 300, env=env)
+        self.assertIsNone(child.verdict(), child.verdict())
+        return child.stdout.strip().splitlines()[-1]
+
+    def test_shards_of_one_rank_update_the_model_as_a_fresh_load_of_them(self):
+        out = self.run_rank("""
+import glob, torch, loadkit
+from safetensors.torch import load_file
+loadkit.set_log_level("warn")
+state = {}
+for f in glob.glob(TARGET + "/*.safetensors"):
+    state.update(load_file(f))
+with loadkit.RankGroup.join("cpu") as group, loadkit.Model(PATH) as model:
+    assert (group.rank, group.size) == (0, 1)
+    triples = [(n, t, list(t.shape)) for n, t in state.items()]
+    report = model.sync_fsdp_shards(group, triples)
+    assert report["tensors"] == len(state) and report["pointers_stable"], report
+    assert torch.equal(model.logits(TOKENS), loadkit.Model(TARGET).logits(TOKENS))
+    before = model.logits(TOKENS)
+    bad = [("model.layers.0.mlp.nowhere.weight", torch.zeros(4, 4), [4, 4])] + triples
+    try:
+        model.sync_fsdp_shards(group, bad)
+    except loadkit.InputError as e:
+        assert "model.layers.0.mlp.nowhere.weight" in str(e), e
+    else:
+        raise AssertionError("an unknown tensor was accepted")
+    assert torch.equal(model.logits(TOKENS), before)
+print("ok")
+""")
+        self.assertEqual(out, "ok")
+
+    def test_join_without_torchrun_variables_is_a_usage_error(self):
+        child = harness.run_child("""
+            import os, loadkit
+            os.environ.pop("WORLD_SIZE", None)
+            try:
+                loadkit.RankGroup.join("cpu")
+            except loadkit.UsageError as e:
+                print("usage error:", e)
+        """, 120, env={k: v for k, v in os.environ.items() if k != "WORLD_SIZE"})
+        self.assertIn("usage error:", child.stdout)
+        self.assertIn("torchrun", child.stdout)
+
+
 class Lifetime(unittest.TestCase):
     device = "cpu"
     name = "llama_fp32_gqa_sharded"
@@ -141,6 +198,6 @@ class LifetimeCuda(Lifetime):
 
 if __name__ == "__main__":
     harness.main({
-        "cpu": [Package, LifetimeCpu],
+        "cpu": [Package, FsdpSyncOneRank, LifetimeCpu],
         "cuda": [LifetimeCuda],
     })
