@@ -13,7 +13,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def library_dirs():
+def library_dirs() -> list[str]:
     """torch/lib and the nvidia/*/lib folders beside torch (where its CUDA libraries live)."""
     spec = importlib.util.find_spec("torch")
     if spec is None or not spec.submodule_search_locations:
@@ -23,7 +23,7 @@ def library_dirs():
     return [os.path.join(torch_dir, "lib")] + sorted(glob.glob(os.path.join(site, "nvidia", "*", "lib")))
 
 
-def main():
+def main() -> None:
     binary = os.path.join(HERE, "bin", "loadkit")
     if not os.access(binary, os.X_OK):
         sys.stderr.write(f"loadkit: no CLI binary at {binary} (this loadkit package was not installed from a wheel)\n")
