@@ -11,11 +11,13 @@ and loadkit's logits are compared with the trainer's own forward pass on the sam
                                     # FSDP2-sharded trainer ranks; model.sync_fsdp_shards(group, ...)
                                     # gathers one layer at a time into each rank's model
     python train.py --mode fsdp     # the same: starts torchrun itself (--ranks N, default 2)
+    python train.py --mode update stream fsdp   # all three in turn
 
 Options: --device cpu|cuda (fsdp on CUDA: one GPU per rank), --steps N, --model DIR (a Hugging
 Face checkpoint to start from instead of a random tiny Llama), --tolerance (max |logits
 difference| allowed, float32). Exits 1 when a step's logits differ beyond it or did not change,
-77 when this machine cannot run the mode (the reason printed), 0 otherwise.
+77 when this machine can run none of the modes asked for (the reasons printed; a mode it cannot
+run among others is skipped with its reason), 0 otherwise.
 """
 import argparse
 import os
@@ -211,8 +213,9 @@ def launch(args):
               f"{torch.cuda.device_count()} GPUs here")
         return SKIP
     import subprocess
+    forwarded = [a for a in sys.argv[1:] if a not in ("update", "stream")]  # the ranks run fsdp only
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.ranks}",
-               os.path.abspath(__file__), *sys.argv[1:]]
+               os.path.abspath(__file__), *forwarded]
     return subprocess.run(command).returncode
 
 
@@ -224,7 +227,8 @@ def report_failures(checker):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", choices=["update", "stream", "fsdp"], required=True)
+    parser.add_argument("--mode", choices=["update", "stream", "fsdp"], nargs="+", required=True,
+                        help="one or more, run in turn (fsdp last: it runs in torchrun's ranks)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--model", help="a Hugging Face checkpoint to start from (default: a random tiny Llama)")
@@ -239,7 +243,11 @@ def main():
     global transformers
     import transformers
     transformers.utils.logging.disable_progress_bar()
-    sys.exit(run_fsdp(args) if args.mode == "fsdp" else run_single(args, args.mode))
+    codes = [run_single(args, mode) for mode in args.mode if mode != "fsdp"]
+    if "fsdp" in args.mode:
+        codes.append(run_fsdp(args))
+    failed = [c for c in codes if c not in (0, SKIP)]
+    sys.exit(failed[0] if failed else SKIP if all(c == SKIP for c in codes) else 0)
 
 
 if __name__ == "__main__":

@@ -101,7 +101,8 @@ def _chunk(named_tensors: NamedTensors) -> list[tuple[bytes, torch.Tensor]]:
         try:
             name, tensor = item
         except (TypeError, ValueError):
-            raise TypeError(f"update() takes (name, tensor) pairs or a dict, got an item {type(item).__name__}") from None
+            raise TypeError(f"update() takes (name, tensor) pairs or a dict, got an item {type(item).__name__}") \
+                from None
         encoded = _name(name, "update()")
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"update(): '{name}' is a {type(tensor).__name__}, not a torch.Tensor")

@@ -26,7 +26,8 @@ loadkit.set_log_level("warn")
 def version_header():
     """MAJOR.MINOR.PATCH from sdk/include/loadkit/version.h, the one place the version lives."""
     text = open(os.path.join(HERE, "..", "..", "sdk", "include", "loadkit", "version.h")).read()
-    return ".".join(re.search(rf"#define LOADKIT_VERSION_{p} (\d+)", text).group(1) for p in ("MAJOR", "MINOR", "PATCH"))
+    parts = (re.search(rf"#define LOADKIT_VERSION_{p} (\d+)", text).group(1) for p in ("MAJOR", "MINOR", "PATCH"))
+    return ".".join(parts)
 
 
 class Package(unittest.TestCase):
