@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The two README commands:
-#   ./run.sh demo   set up, build, run the demo job on an embedded tiny model
+#   ./run.sh demo   set up, build the CLI and plugins, run the demo jobs on a tiny model
 #   ./run.sh test   set up, build, run the whole test suite (ctest)
 # Environment: LOADKIT_BUILD_DIR (default ./build), LOADKIT_JOBS (default: cores),
 # CTEST_ARGS (extra ctest arguments, e.g. "-R Logits").
@@ -36,7 +36,10 @@ if [ ! -f "$BUILD/CMakeCache.txt" ]; then
   cmake -S "$ROOT" -B "$BUILD" "${GENERATOR[@]}" "${LAUNCHER[@]}" "${COMPILER[@]}" \
     -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" -DLOADKIT_PYTHON="$LOADKIT_PYTHON" ${LOADKIT_CMAKE_ARGS:-} >&2
 fi
-cmake --build "$BUILD" -j "$JOBS" >&2
+# The demo needs the CLI, its runtime and the shipped plugins; test (and build) everything.
+TARGETS=()
+[ "$MODE" = demo ] && TARGETS=(--target loadkit_cli_and_plugins)
+cmake --build "$BUILD" -j "$JOBS" "${TARGETS[@]}" >&2
 
 case "$MODE" in
   build) ;;

@@ -32,6 +32,6 @@ class PluginError(Error):
 _BY_EXIT_CODE = {cls.exit_code: cls for cls in (Error, UsageError, InputError, PluginError)}
 
 
-def error_type(exit_code):
+def error_type(exit_code: int) -> type[Error]:
     """The class for a failure of this exit code (the extension raises through this)."""
     return _BY_EXIT_CODE.get(exit_code, Error)

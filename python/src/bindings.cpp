@@ -1,11 +1,13 @@
-// loadkit._loadkit: the runtime's C++ API (Registry, LoadedModel) for the Python
-// package. loadkit/__init__.py is the documented interface; it hands this module
-// arguments already normalised (strings, lists of (name, tensor) pairs).
+// loadkit._loadkit: the runtime's C++ API (Registry, LoadedModel, weight sync)
+// for the Python package. loadkit/__init__.py is the documented interface; it
+// hands this module arguments already normalised (paths and names as bytes,
+// lists of (name, tensor) pairs).
 //
-// Every call that loads, copies or runs the model releases the GIL; calls on one
-// model are serialised (LoadedModel is not thread-safe). Tensors cross the
-// boundary through torch's own casters: the at::Tensor here is the caller's
-// TensorImpl, same storage, no copy.
+// Every call follows host_calls.h: the GIL is released for the whole call,
+// a model's lock is only taken without the GIL, and whatever the caller handed
+// over is released with the GIL, outside the lock. Tensors cross the boundary
+// through torch's own casters: the at::Tensor here is the caller's TensorImpl,
+// same storage, no copy.
 
 #include <torch/csrc/utils/pybind.h>  // pybind11 as torch ships it, torch.Tensor <-> at::Tensor
 
@@ -13,14 +15,17 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
+#include "host_calls.h"
 #include "loadkit/error.h"
+#include "loadkit/runtime/distributed.h"
 #include "loadkit/runtime/engine.h"
-#include "loadkit/runtime/failure.h"
 #include "loadkit/runtime/log.h"
 #include "loadkit/runtime/registry.h"
+#include "loadkit/runtime/weight_sync.h"
 
 namespace loadkit::python {
 namespace {
@@ -28,39 +33,98 @@ namespace {
 namespace py = pybind11;
 
 using Chunk = std::vector<std::pair<std::string, at::Tensor>>;
+using Shards = std::vector<std::tuple<std::string, at::Tensor, std::vector<int64_t>>>;
 
-/// Sets the Python exception for `failure` (loadkit._errors maps its kind to a class) and
-/// unwinds to pybind11, which hands it to the caller.
-[[noreturn]] void raise(const Failure& failure) {
-  py::object type = py::module_::import("loadkit._errors").attr("error_type")(exit_code(failure.kind));
-  PyErr_SetString(type.ptr(), failure.message.c_str());
-  throw py::error_already_set();
+py::str os_str(const std::string& text) { return py::reinterpret_steal<py::str>(os_text(text)); }
+
+py::list os_strs(const std::vector<std::string>& texts) {
+  py::list out;
+  for (const auto& text : texts) out.append(os_str(text));
+  return out;
 }
 
-/// Runs `work` without the GIL: it touches no Python object. A failure becomes
-/// loadkit's Python exception, one line, no C++ backtrace. The message is taken
-/// while whatever threw (a plugin's code included) is still loaded.
-template <class Work>
-auto without_gil(Work&& work) -> decltype(work()) {
-  Failure failure;
-  {
-    py::gil_scoped_release release;
-    try {
-      return work();
-    } catch (...) {
-      failure = current_failure();
-    }
+/// The report as Model.report documents it; names and paths as os.fsdecode gives them.
+py::dict report_dict(const LoadReport& r) {
+  py::dict d;
+  d["architecture"] = os_str(r.architecture);
+  d["plugin"] = os_str(r.plugin);
+  d["device"] = os_str(r.device);
+  d["dtype"] = os_str(r.dtype);
+  d["quantization"] = os_str(r.quantization);
+  d["tensors"] = r.tensors;
+  d["bytes"] = r.bytes;
+  d["seconds"] = r.seconds;
+  d["gb_per_s"] = r.gb_per_s();
+  d["peak_extra_device_bytes"] = r.peak_extra_device_bytes ? py::object(py::int_(*r.peak_extra_device_bytes)) : py::none();
+  d["pointers_stable"] = r.pointers_stable;
+  d["layers_processed"] = r.layers_processed;
+  d["layers_delayed"] = r.layers_delayed;
+  d["untouched_modules"] = os_strs(r.untouched_modules);
+  d["journal_bytes"] = r.journal_bytes;
+  return d;
+}
+
+/// With the GIL: the caller's tensor, detached (no autograd; same storage). detach() of a tensor
+/// subclass dispatches to Python, which is why this runs before the GIL is released; such a
+/// subclass (a DTensor of a sharded parameter) holds no plain data and is refused.
+at::Tensor plain(const std::string& name, const at::Tensor& tensor, const char* what) {
+  at::Tensor detached = tensor.detach();
+  if (detached.key_set().has(c10::DispatchKey::Python)) {
+    py::object text = py::reinterpret_steal<py::object>(escaped_text(name));
+    throw py::type_error(py::str("{}: '{}' is a tensor subclass that dispatches to Python (a DTensor of a sharded "
+                                 "parameter?): pass a plain tensor (DTensor.full_tensor()), or FSDP shards to "
+                                 "Model.sync_fsdp_shards")
+                             .format(what, text));
   }
-  raise(failure);
+  return detached;
 }
 
-/// The caller's tensors as checkpoint weights: detached (no autograd), same storage.
-std::vector<NamedWeight> as_weights(const Chunk& chunk) {
-  std::vector<NamedWeight> weights;
-  weights.reserve(chunk.size());
-  for (const auto& [name, tensor] : chunk) weights.push_back({name, tensor.detach(), "loadkit.Model.update"});
-  return weights;
-}
+/// A process's place among torchrun's ranks: loadkit's own group (RankGroup::join) for weight
+/// sync. Its collectives run one at a time (one mutex, always taken after a model's).
+class Group {
+ public:
+  Group(const std::string& device, std::optional<int> master_port) {
+    without_gil([&] {
+      std::optional<RankEnv> env = RankEnv::from_environment();
+      if (!env)
+        fail(ErrorKind::Usage, "loadkit.RankGroup.join: WORLD_SIZE is not set: start the ranks with torchrun ",
+             "(or set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)");
+      if (master_port) {
+        // A port of its own: rank 0 hosts loadkit's store there (the agent's store is not used).
+        if (*master_port < 1 || *master_port > 65535)
+          fail(ErrorKind::Usage, "loadkit.RankGroup.join: master_port=", *master_port, " is not a TCP port");
+        env->master_port = *master_port;
+        env->agent_store = false;
+      }
+      group_ = RankGroup::join(*env, device);
+    });
+  }
+
+  int rank() { return without_gil([&] { return locked([](RankGroup& g) { return g.rank(); }); }); }
+  int size() { return without_gil([&] { return locked([](RankGroup& g) { return g.size(); }); }); }
+
+  void close() {
+    without_gil([&] {
+      std::unique_ptr<RankGroup> group;
+      {
+        std::lock_guard lock(mutex_);
+        group = std::move(group_);
+      }
+    });
+  }
+
+  /// Runs `fn(RankGroup&)` under this group's lock; Usage error once closed.
+  template <class Fn>
+  auto locked(Fn&& fn) -> decltype(fn(std::declval<RankGroup&>())) {
+    std::lock_guard lock(mutex_);
+    if (!group_) fail(ErrorKind::Usage, "loadkit.RankGroup: the group is closed");
+    return fn(*group_);
+  }
+
+ private:
+  std::mutex mutex_;
+  std::unique_ptr<RankGroup> group_;
+};
 
 /// One loaded model and the registry that served it.
 class Engine {
@@ -73,85 +137,173 @@ class Engine {
   }
 
   at::Tensor logits(const std::vector<int64_t>& tokens) {
-    return without_gil([&] {
-      std::lock_guard lock(mutex_);
-      return model_->logits(tokens);
-    });
+    return without_gil([&] { return locked([&](LoadedModel& m) { return m.logits(tokens); }); });
   }
 
-  std::string reload(const std::string& path, bool process) {
-    return without_gil([&] {
-      std::lock_guard lock(mutex_);
-      return model_->reload(path, process).to_json();
-    });
+  LoadReport reload(const std::string& path, bool process) {
+    return without_gil([&] { return locked([&](LoadedModel& m) { return m.reload(path, process); }); });
   }
 
   void begin_update() {
-    without_gil([&] {
-      std::lock_guard lock(mutex_);
-      model_->begin_update();
-    });
+    without_gil([&] { locked([](LoadedModel& m) { m.begin_update(); }); });
   }
 
   /// Inside begin_update()/finish_update(): one chunk, nothing returned. Outside: a whole
   /// update on its own, returning its report.
-  std::optional<std::string> update(const Chunk& chunk) {
-    return without_gil([&]() -> std::optional<std::string> {
-      std::lock_guard lock(mutex_);
-      const std::vector<NamedWeight> weights = as_weights(chunk);
-      if (model_->updating()) {
-        model_->update(weights);
-        return std::nullopt;
-      }
-      model_->begin_update();
-      try {
-        model_->update(weights);
-      } catch (...) {
-        // The chunk was validated whole before anything was applied: after a validation failure
-        // finishing puts every module back untouched. (A failure past validation has already
-        // ended the session, and this finish only says so.) The first error is the one to report.
-        try {
-          model_->finish_update();
-        } catch (...) {
+  std::optional<LoadReport> update(const Chunk& chunk) {
+    std::vector<NamedWeight> weights;
+    weights.reserve(chunk.size());
+    for (const auto& [name, tensor] : chunk)
+      weights.push_back({name, plain(name, tensor, "loadkit.Model.update"), "loadkit.Model.update"});
+    std::vector<at::Tensor> released;  // declared before the call: dropped after it, with the GIL
+    return without_gil([&] {
+      return locked([&](LoadedModel& m) -> std::optional<LoadReport> {
+        for (const auto& item : chunk) held_.push_back(item.second);
+        SessionEnd end{m, held_, released};
+        if (m.updating()) {
+          m.update(weights);
+          return std::nullopt;
         }
-        throw;
-      }
-      return model_->finish_update().to_json();
+        m.begin_update();
+        try {
+          m.update(weights);
+        } catch (...) {
+          // The chunk was validated whole before anything was applied: after a validation failure
+          // finishing puts every module back untouched. (A failure past validation has already
+          // ended the session, and this finish only says so.) The first error is the one to report.
+          try {
+            m.finish_update();
+          } catch (...) {
+          }
+          throw;
+        }
+        return m.finish_update();
+      });
     });
   }
 
-  std::string finish_update() {
+  LoadReport finish_update() {
+    std::vector<at::Tensor> released;
     return without_gil([&] {
-      std::lock_guard lock(mutex_);
-      return model_->finish_update().to_json();
+      return locked([&](LoadedModel& m) {
+        SessionEnd end{m, held_, released};
+        return m.finish_update();
+      });
+    });
+  }
+
+  LoadReport sync_fsdp_shards(Group& group, const Shards& shards, bool complete) {
+    std::vector<LocalShard> locals;
+    locals.reserve(shards.size());
+    for (const auto& [name, local, full_shape] : shards)
+      locals.push_back({name, plain(name, local, "loadkit.Model.sync_fsdp_shards"), full_shape});
+    FsdpSyncOptions options;
+    options.complete = complete;
+    return without_gil([&] {
+      return locked([&](LoadedModel& m) {
+        return group.locked([&](RankGroup& g) { return loadkit::sync_fsdp_shards(m, *g.world(), locals, options); });
+      });
     });
   }
 
   bool updating() {
-    std::lock_guard lock(mutex_);
-    return model_->updating();
+    return without_gil([&] { return locked([](LoadedModel& m) { return m.updating(); }); });
   }
 
-  std::string report() {
-    std::lock_guard lock(mutex_);
-    return model_->report().to_json();
+  LoadReport report() {
+    return without_gil([&] { return locked([](LoadedModel& m) { return m.report(); }); });
   }
 
-  std::vector<std::string> plugin_search_path() const { return registry_->directories(); }
+  std::vector<std::string> plugin_search_path() {
+    return without_gil([&] { return locked([&](LoadedModel&) { return registry_->directories(); }); });
+  }
+
+  /// Frees the model (device memory included) and unloads its plugins, without the GIL; later
+  /// calls are Usage errors. Waits for a call in progress on another thread.
+  void close() {
+    std::vector<at::Tensor> released;
+    without_gil([&] {
+      std::unique_ptr<LoadedModel> model;
+      std::unique_ptr<Registry> registry;
+      {
+        std::lock_guard lock(mutex_);
+        model = std::move(model_);
+        registry = std::move(registry_);
+        released = std::move(held_);
+      }
+      model.reset();  // before the plugins that made it
+    });
+  }
+
+  bool closed() {
+    return without_gil([&] {
+      std::lock_guard lock(mutex_);
+      return model_ == nullptr;
+    });
+  }
 
  private:
+  /// Runs `fn(LoadedModel&)` under the model's lock (called without the GIL). Work that was
+  /// waiting for the lock when the interpreter began to exit is not started.
+  template <class Fn>
+  auto locked(Fn&& fn) -> decltype(fn(std::declval<LoadedModel&>())) {
+    std::lock_guard lock(mutex_);
+    if (!model_) fail(ErrorKind::Usage, "loadkit.Model: the model is closed");
+    if (calls::exiting()) fail(ErrorKind::Other, "loadkit: the interpreter is exiting; no new call is started");
+    return fn(*model_);
+  }
+
+  /// Under the lock, at the end of a call that may end an update session: once it has ended,
+  /// the caller's tensors held for it move to `released`, which the caller drops with the GIL.
+  struct SessionEnd {
+    LoadedModel& model;
+    std::vector<at::Tensor>& held;
+    std::vector<at::Tensor>& released;
+    ~SessionEnd() {
+      if (!model.updating()) {
+        released.insert(released.end(), std::make_move_iterator(held.begin()), std::make_move_iterator(held.end()));
+        held.clear();
+      }
+    }
+  };
+
   // Declared first, destroyed last: every plugin stays loaded while the model lives.
   std::unique_ptr<Registry> registry_;
   std::unique_ptr<LoadedModel> model_;
+  /// The caller's tensors of the update session in progress (the model may hold views of them
+  /// until it ends): their last reference is never dropped under the lock.
+  std::vector<at::Tensor> held_;
   std::mutex mutex_;
 };
+
+py::list plugins(const std::vector<std::string>& plugin_dirs) {
+  std::vector<PluginInfo> found = without_gil([&] { return Registry(Registry::search_path(plugin_dirs)).plugins(); });
+  py::list out;
+  for (const PluginInfo& p : found) {
+    py::dict d;
+    d["path"] = os_str(p.path);
+    d["name"] = os_str(p.name);
+    d["version"] = os_str(p.version);
+    d["abi_version"] = p.abi_version;
+    d["sdk_version"] = os_str(p.sdk_version);
+    d["torch_version"] = os_str(p.torch_version);
+    d["architectures"] = os_strs(p.architectures);
+    d["quant_methods"] = os_strs(p.quant_methods);
+    d["status"] = os_str(p.status);
+    out.append(d);
+  }
+  return out;
+}
 
 }  // namespace
 }  // namespace loadkit::python
 
 PYBIND11_MODULE(_loadkit, m) {
   using loadkit::python::Engine;
+  using loadkit::python::Group;
+  using loadkit::python::report_dict;
   namespace py = pybind11;
+  namespace calls = loadkit::python::calls;
   m.doc() = "loadkit's C++ runtime; use the `loadkit` package (loadkit.Model), not this module.";
   py::class_<Engine>(m, "Engine")
       .def(py::init([](const std::string& path, const std::string& device, const std::string& dtype,
@@ -170,14 +322,33 @@ PYBIND11_MODULE(_loadkit, m) {
            py::arg("path"), py::arg("device"), py::arg("dtype"), py::arg("quantization"), py::arg("load_format"),
            py::arg("plugin_dirs"), py::arg("tp_rank"), py::arg("tp_size"))
       .def("logits", &Engine::logits, py::arg("tokens"))
-      .def("reload", &Engine::reload, py::arg("path"), py::arg("process"))
+      .def("reload", [](Engine& e, const std::string& path, bool process) { return report_dict(e.reload(path, process)); },
+           py::arg("path"), py::arg("process"))
       .def("begin_update", &Engine::begin_update)
-      .def("update", &Engine::update, py::arg("chunk"))
-      .def("finish_update", &Engine::finish_update)
+      .def("update", [](Engine& e, const loadkit::python::Chunk& chunk) -> py::object {
+             auto report = e.update(chunk);
+             return report ? py::object(report_dict(*report)) : py::object(py::none());
+           }, py::arg("chunk"))
+      .def("finish_update", [](Engine& e) { return report_dict(e.finish_update()); })
+      .def("sync_fsdp_shards", [](Engine& e, Group& group, const loadkit::python::Shards& shards, bool complete) {
+             return report_dict(e.sync_fsdp_shards(group, shards, complete));
+           }, py::arg("group"), py::arg("shards"), py::arg("complete"))
       .def_property_readonly("updating", &Engine::updating)
-      .def_property_readonly("report", &Engine::report)
-      .def_property_readonly("plugin_search_path", &Engine::plugin_search_path);
+      .def_property_readonly("report", [](Engine& e) { return report_dict(e.report()); })
+      .def_property_readonly("plugin_search_path", [](Engine& e) {
+        return loadkit::python::os_strs(e.plugin_search_path());
+      })
+      .def("close", &Engine::close)
+      .def_property_readonly("closed", &Engine::closed);
+  py::class_<Group>(m, "Group")
+      .def(py::init<const std::string&, std::optional<int>>(), py::arg("device"), py::arg("master_port"))
+      .def_property_readonly("rank", &Group::rank)
+      .def_property_readonly("size", &Group::size)
+      .def("close", &Group::close);
+  m.def("plugins", &loadkit::python::plugins, py::arg("plugin_dirs"));
   m.def("set_log_level", [](const std::string& level) {
     loadkit::python::without_gil([&] { loadkit::log::set_level(loadkit::log::parse_level(level)); });
   }, py::arg("level"));
+  m.def("_shutdown", &calls::shutdown, "atexit: waits for the calls in flight (see host_calls.h)");
+  m.def("_after_fork_in_child", &calls::after_fork_in_child);
 }

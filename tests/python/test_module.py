@@ -11,7 +11,6 @@ others shows as "skipped '<reason>'" in the log.
 References are independent of loadkit: transformers' logits of the same (updated) model, and a fresh
 loadkit load of the updated weights saved by transformers.
 """
-import argparse
 import json
 import os
 import random
@@ -23,18 +22,17 @@ import tempfile
 import textwrap
 import unittest
 
-if os.environ.get("LOADKIT_PYTHON_MODULE_MISSING"):
-    print(f"SKIPPED: the loadkit Python module was not built: {os.environ['LOADKIT_PYTHON_MODULE_MISSING']}")
-    sys.exit(77)
+import harness
+
+harness.skip_without_module()
 
 import loadkit  # noqa: E402  (first: it must not break torch or transformers imported after it)
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-FIXTURES_DIR = os.environ["LOADKIT_FIXTURES"]
-FIXTURES = {f["name"]: f for f in json.load(open(os.path.join(FIXTURES_DIR, "fixtures.json")))["fixtures"]}
-CUDA_SKIP = "no CUDA device here; runs on the GPU machine"
-FP32_TOLERANCE = 1e-4
+FIXTURES = harness.fixtures()
+CUDA_SKIP = harness.CUDA_SKIP
+FP32_TOLERANCE = harness.FP32_TOLERANCE
 
 
 def hf_model(name, device):
@@ -395,27 +393,8 @@ class Installed(unittest.TestCase):
         self.assertNotIn("[info]", run.stdout)  # set_log_level("warn") silenced the load's line
 
 
-SUITES = {
-    "cpu": [TrainerUpdateCpu, LoadingCpu, Errors, Installed],
-    "cuda": [TrainerUpdateCuda, LoadingCuda],
-}
-
-
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--device", choices=sorted(SUITES), default="cpu")
-    args, rest = parser.parse_known_args()
-    loader = unittest.TestLoader()
-    if rest:
-        loader.testNamePatterns = rest  # -k style selection: fnmatch patterns
-    suite = unittest.TestSuite(loader.loadTestsFromTestCase(c) for c in SUITES[args.device])
-    result = unittest.TextTestRunner(verbosity=2, stream=sys.stdout).run(suite)
-    if result.testsRun and len(result.skipped) == result.testsRun:
-        reasons = sorted({reason for _, reason in result.skipped})
-        print(f"SKIPPED: all {result.testsRun} tests: {'; '.join(reasons)}")
-        sys.exit(77)
-    sys.exit(0 if result.wasSuccessful() else 1)
-
-
 if __name__ == "__main__":
-    main()
+    harness.main({
+        "cpu": [TrainerUpdateCpu, LoadingCpu, Errors, Installed],
+        "cuda": [TrainerUpdateCuda, LoadingCuda],
+    })
