@@ -2,7 +2,7 @@
 """Load, reload and update throughput on a GPU, dense and MoE, against ceilings and other
 loaders measured in the same run.
 
-    load_bench.py --build BUILD --work DIR --out DIR [--shapes moe,dense8,dense32,many]
+    load_bench.py --build BUILD --work DIR --out DIR [--shapes moe,dense32,many,dense8]
                   [--rows probe,load,reload,update,peers] [--peers LIST] [--repeats 3]
                   [--budget-s 500] [--mmap-path] [--cold] [--sweep]
 
@@ -14,7 +14,8 @@ Shapes (bench/gen_checkpoint.py, bf16 random values; checkpoints A and B of the 
   many     the MoE layout at small sizes, 52 layers (20 158 tensors, 0.68 GB): the update row's
            host time per tensor
 
-Rows (each shape, in this order; --rows picks them):
+Rows (--rows picks them; loadkit's rows for every shape run first, the peers after, so that a
+time budget cuts the peers of the last shapes rather than loadkit's own rows):
   probe    ceilings, once: the pinned host-to-device copy and device-to-device copy rates
            (torch, 4 GiB), and BUILD/bin/raw_probe (pinning experiments, copies, page-cache reads)
   load     `loadkit load` in a fresh process (after CUDA start-up, pinning included) and again in
@@ -253,7 +254,7 @@ def main():
     ap.add_argument("--build", help="the loadkit build directory")
     ap.add_argument("--work", help="where the checkpoints go (/dev/shm on the GPU machine)")
     ap.add_argument("--out", default=".")
-    ap.add_argument("--shapes", default="moe,dense8,dense32,many")
+    ap.add_argument("--shapes", default="moe,dense32,many,dense8")
     ap.add_argument("--rows", default="probe,load,reload,update,peers")
     ap.add_argument("--peers", default=",".join(ALL_PEERS))
     ap.add_argument("--repeats", type=int, default=3)
@@ -310,14 +311,14 @@ def main():
             out["raw_probe"] = f"missing: {probe} (a CUDA build makes it)"
         log("ceilings: pinned H2D", round(ceilings[0]["gb_per_s"], 1), "GB/s, D2D", round(ceilings[1]["gb_per_s"], 1))
 
+    # loadkit's rows for every shape first, the other loaders after: under a time budget, what
+    # is left out is the peers of the last shapes, not loadkit's own rows.
     for s in shapes:
         A, B = dirs[s]
         nbytes = checkpoint_bytes(A)
         tensors = len(json.load(open(os.path.join(A, "model.safetensors.index.json")))["weight_map"])
         results, profile = list(ceilings), {}
         loadkit_rows(a, s, A, B, nbytes, budget, results, profile)
-        if "peers" in a.rows and s != "many":
-            peer_rows(a, s, A, budget, results)
         if a.sweep and s == "dense8":
             for threads in (16, 24):
                 for piece_kb in (1024, 2048, 4096):
@@ -339,7 +340,13 @@ def main():
                 results.append(absent("loadkit_load_cold_cache", "skipped: cannot write /proc/sys/vm/drop_caches"))
         out["shapes"][s] = {"title": SHAPES[s]["title"], "bytes": nbytes, "tensors": tensors,
                             "reload_source": "B (other weights)" if A != B else "A again (same checkpoint)",
-                            "results": results, "ratios": ratios_of(results), "profile": profile}
+                            "results": results, "profile": profile}
+    if "peers" in a.rows:
+        for s in shapes:
+            if s != "many":
+                peer_rows(a, s, dirs[s][0], budget, out["shapes"][s]["results"])
+    for d in out["shapes"].values():
+        d["ratios"] = ratios_of(d["results"])
     # Drift: the ceiling again at the end.
     if "probe" in a.rows:
         out["ceilings_at_end"] = list(measure_ceilings(a.repeats))
