@@ -10,6 +10,7 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include <memory>
 #include <string>
 #include <tuple>
 
@@ -95,39 +96,40 @@ class QuantKernels : public ::testing::TestWithParam<Param> {
   at::ScalarType dtype() const { return std::get<1>(GetParam()); }
   /// The tiny-value case underflows fp16 (and bf16 loses its spread there): float32 only.
   bool representable(double magnitude) const { return magnitude == 0 || magnitude >= 1e-6 || dtype() == at::kFloat; }
+
+  /// For every linear case this dtype can hold: a linear layer loaded with a fresh weight and
+  /// quantized with `quant`, then `check(layer, w, case)` with the values it was loaded with.
+  template <class Check>
+  void for_each_quantized_linear(const std::string& quant, int seed, Check&& check) const {
+    for (const auto& c : kLinearCases) {
+      if (!representable(c.magnitude)) continue;
+      SCOPED_TRACE(testing::Message() << c.out << "x" << c.in << " at " << c.magnitude);
+      ReplicatedLinear layer(c.in, c.out, context(quant, dtype(), device()));
+      const at::Tensor w = weight({c.out, c.in}, c.magnitude, dtype(), seed);
+      layer.param("weight").data.copy_(w);
+      layer.process_weights_after_loading();
+      check(layer, w, c);
+    }
+  }
 };
 
 TEST_P(QuantKernels, Fp8LinearEqualsTheReference) {
   SKIP_WITHOUT(device());
-  for (const auto& c : kLinearCases) {
-    if (!representable(c.magnitude)) continue;
-    SCOPED_TRACE(testing::Message() << c.out << "x" << c.in << " at " << c.magnitude);
-    const ModelContext ctx = context("fp8", dtype(), device());
-    ReplicatedLinear layer(c.in, c.out, ctx);
-    const at::Tensor w = weight({c.out, c.in}, c.magnitude, dtype(), 1);
-    layer.param("weight").data.copy_(w);
-    layer.process_weights_after_loading();
+  for_each_quantized_linear("fp8", 1, [](LinearBase& layer, const at::Tensor& w, const LinearCase& c) {
     const at::Tensor scale = reference_scale(w, 1, 448.0);
     expect_same_bytes(layer.param("weight_scale").data, scale, "weight_scale");
     // Kernel layout [in, out]; its transpose is the [out, in] weight.
     expect_same_bytes(layer.param("weight").data.t(), reference_fp8(w, scale.expand({c.out})), "weight");
-  }
+  });
 }
 
 TEST_P(QuantKernels, Int8LinearEqualsTheReference) {
   SKIP_WITHOUT(device());
-  for (const auto& c : kLinearCases) {
-    if (!representable(c.magnitude)) continue;
-    SCOPED_TRACE(testing::Message() << c.out << "x" << c.in << " at " << c.magnitude);
-    const ModelContext ctx = context("int8", dtype(), device());
-    ReplicatedLinear layer(c.in, c.out, ctx);
-    const at::Tensor w = weight({c.out, c.in}, c.magnitude, dtype(), 2);
-    layer.param("weight").data.copy_(w);
-    layer.process_weights_after_loading();
+  for_each_quantized_linear("int8", 2, [](LinearBase& layer, const at::Tensor& w, const LinearCase& c) {
     const at::Tensor scale = reference_scale(w, c.out, 127.0);
     expect_same_bytes(layer.param("weight_scale").data, scale, "weight_scale");
     expect_same_bytes(layer.param("weight").data, reference_int8(w, scale), "weight");
-  }
+  });
 }
 
 /// A FusedMoE layer of `experts` experts, every expert at its own magnitude (one all zero).
@@ -147,37 +149,40 @@ std::unique_ptr<FusedMoE> moe_layer(const ModelContext& ctx, int64_t experts, in
 // Small and odd; then one whose experts span several CPU chunks each.
 const std::tuple<int64_t, int64_t, int64_t> kMoECases[] = {{5, 48, 40}, {3, 512, 768}};
 
-TEST_P(QuantKernels, Fp8ExpertsEachEqualTheReference) {
-  SKIP_WITHOUT(device());
+/// For every MoE case: a FusedMoE layer loaded and quantized with `quant`, then
+/// `check(layer, name, w)` for each stacked weight and the values it was loaded with.
+template <class Check>
+void for_each_quantized_experts(const std::string& quant, at::ScalarType dtype, const std::string& device, int seed,
+                                Check&& check) {
   for (const auto& [experts, hidden, inter] : kMoECases) {
     SCOPED_TRACE(testing::Message() << experts << " experts, hidden " << hidden << ", intermediate " << inter);
-    const ModelContext ctx = context("fp8", dtype(), device());
     at::Tensor w13, w2;
-    auto layer = moe_layer(ctx, experts, hidden, inter, 3, w13, w2);
+    auto layer = moe_layer(context(quant, dtype, device), experts, hidden, inter, seed, w13, w2);
     layer->process_weights_after_loading();
-    for (const auto& [name, w] : {std::pair{std::string("w13_weight"), w13}, std::pair{std::string("w2_weight"), w2}}) {
-      const at::Tensor scale = reference_scale(w, experts, 448.0);  // one per expert
-      expect_same_bytes(layer->param(name + "_scale").data, scale, name + "_scale");
-      expect_same_bytes(layer->param(name).data, reference_fp8(w, scale), name);
-    }
+    check(*layer, "w13_weight", w13);
+    check(*layer, "w2_weight", w2);
   }
+}
+
+TEST_P(QuantKernels, Fp8ExpertsEachEqualTheReference) {
+  SKIP_WITHOUT(device());
+  for_each_quantized_experts("fp8", dtype(), device(), 3, [](FusedMoE& layer, const std::string& name,
+                                                              const at::Tensor& w) {
+    const at::Tensor scale = reference_scale(w, w.size(0), 448.0);  // one per expert
+    expect_same_bytes(layer.param(name + "_scale").data, scale, name + "_scale");
+    expect_same_bytes(layer.param(name).data, reference_fp8(w, scale), name);
+  });
 }
 
 TEST_P(QuantKernels, Int8ExpertsEachRowEqualsTheReference) {
   SKIP_WITHOUT(device());
-  for (const auto& [experts, hidden, inter] : kMoECases) {
-    SCOPED_TRACE(testing::Message() << experts << " experts, hidden " << hidden << ", intermediate " << inter);
-    const ModelContext ctx = context("int8", dtype(), device());
-    at::Tensor w13, w2;
-    auto layer = moe_layer(ctx, experts, hidden, inter, 4, w13, w2);
-    layer->process_weights_after_loading();
-    for (const auto& [name, w] : {std::pair{std::string("w13_weight"), w13}, std::pair{std::string("w2_weight"), w2}}) {
-      const int64_t rows = w.size(0) * w.size(1);
-      const at::Tensor scale = reference_scale(w, rows, 127.0);
-      expect_same_bytes(layer->param(name + "_scale").data.reshape({rows}), scale, name + "_scale");
-      expect_same_bytes(layer->param(name).data, reference_int8(w.reshape({rows, -1}), scale).view(w.sizes()), name);
-    }
-  }
+  for_each_quantized_experts("int8", dtype(), device(), 4, [](FusedMoE& layer, const std::string& name,
+                                                               const at::Tensor& w) {
+    const int64_t rows = w.size(0) * w.size(1);  // every expert's rows, one scale each
+    const at::Tensor scale = reference_scale(w, rows, 127.0);
+    expect_same_bytes(layer.param(name + "_scale").data.reshape({rows}), scale, name + "_scale");
+    expect_same_bytes(layer.param(name).data, reference_int8(w.reshape({rows, -1}), scale).view(w.sizes()), name);
+  });
 }
 
 /// A reload hands processing the kernel tensors to write into: the results land in that storage

@@ -8,12 +8,10 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
-#include <algorithm>
 #include <cstdlib>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <optional>
-#include <random>
 
 #include "device_skip.h"
 #include "loadkit/module.h"
@@ -21,7 +19,6 @@
 #include "loadkit/runtime/engine.h"
 #include "model_checks.h"
 #include "staging/staged_stream.h"
-#include "tensor_io.h"
 #include "test_support.h"
 
 namespace loadkit::test {
@@ -68,19 +65,7 @@ void write_moe_checkpoint(const fs::path& dir, int seed, int layers, int64_t exp
     mlp(p + "mlp.shared_experts.", inter);
     for (int64_t e = 0; e < experts; ++e) mlp(p + "mlp.experts." + std::to_string(e) + ".", inter);
   }
-  std::shuffle(shapes.begin(), shapes.end(), std::mt19937(seed));
-  at::manual_seed(seed);
-  nlohmann::json weight_map;
-  for (int f = 0; f < 2; ++f) {
-    std::vector<std::pair<std::string, at::Tensor>> part;
-    const std::string file = "part-" + std::to_string(f) + ".safetensors";
-    for (size_t i = f; i < shapes.size(); i += 2) {
-      part.emplace_back(shapes[i].first, (at::randn(shapes[i].second) * 0.05).to(at::kBFloat16));
-      weight_map[shapes[i].first] = file;
-    }
-    save_tensors((dir / file).string(), part);
-  }
-  write_bytes(dir / "model.safetensors.index.json", nlohmann::json{{"weight_map", weight_map}}.dump());
+  write_random_checkpoint(dir, std::move(shapes), seed, 2);
 }
 
 // 32 experts of 1536 x 1024: 302 MB of routed experts a layer, the largest layer. A twentieth of it

@@ -70,6 +70,9 @@ void write_scale(at::Tensor scale, const at::Tensor& amax, double range) {
 
 /// fp8 quantization of the [rows, cols] weight `w` into `out` (same shape, e4m3) with the
 /// per-tensor `scale` ([1], float32). CUDA: one kernel. CPU: float32 chunks (see the file comment).
+/// No clamp: |w| <= amax, so the quotient exceeds 448 by a rounding error at most, which e4m3
+/// rounds back to 448. The scale must have a dimension: a 0-dim float32 scale would lose type
+/// promotion to the 16-bit weight, and the division would run in bf16.
 void quantize_fp8_rows(at::Tensor out, const at::Tensor& w, const at::Tensor& scale) {
   if (w.is_cuda()) {
     at::div_out(out, w, scale);
