@@ -4,7 +4,8 @@ loaders measured in the same run.
 
     load_bench.py --build BUILD --work DIR --out DIR [--shapes moe,dense32,many,dense8]
                   [--rows probe,load,reload,update,peers] [--peers LIST] [--repeats 3]
-                  [--budget-s 500] [--mmap-path] [--cold] [--sweep]
+                  [--budget-s 500] [--mmap-path] [--cold] [--sweep] [--smoke]
+    load_bench.py --report-only bench.json --out DIR      (the tables and plot again)
 
 Shapes (bench/gen_checkpoint.py, bf16 random values; checkpoints A and B of the same shapes):
   dense8   Llama-3-8B shapes, 8 layers (5.59 GB, 75 tensors)
@@ -30,6 +31,8 @@ time budget cuts the peers of the last shapes rather than loadkit's own rows):
 --mmap-path adds the plain mmap path (LOADKIT_STAGING=0) for load and reload; --cold (root)
 cold-cache loads; --sweep the staged load over reader threads, piece size and ring depth.
 --budget-s: past this many seconds, rows not yet run are skipped (and listed as skipped).
+--smoke: toy sizes on the CPU, no ceilings or peers: checks the bench itself where there is no GPU.
+A loadkit process that fails leaves a row saying so, and the bench goes on.
 
 Writes bench.json, bench.txt (tables and the targets) and, with matplotlib, bench.png under
 --out. A benchmark, never a test: no pass or fail.
@@ -56,6 +59,11 @@ SHAPES = {
 }
 ALL_PEERS = ["instanttensor", "fastsafetensors", "runai", "safetensors", "transformers"]
 START = time.time()
+DEVICE = "cuda"  # --smoke: "cpu"
+# --smoke: every shape at toy sizes, on the CPU, without the ceilings and peers: a check of the
+# bench itself (generation, every loadkit row, the tables), in a minute, where there is no GPU.
+SMOKE_SIZES = ["--layers", "3", "--hidden", "64", "--intermediate", "96", "--heads", "4", "--kv-heads", "2", "--vocab", "500"]
+SMOKE_MOE = ["--moe-intermediate", "32", "--experts", "8"]
 
 
 def log(*x):
@@ -102,7 +110,7 @@ def absent(name, why):
 
 def cli_load(build, model, env=None, quant="none", level="warn"):
     with tempfile.NamedTemporaryFile(suffix=".json") as rep:
-        p = subprocess.run([os.path.join(build, "bin", "loadkit"), "load", "--model", model, "--device", "cuda",
+        p = subprocess.run([os.path.join(build, "bin", "loadkit"), "load", "--model", model, "--device", DEVICE,
                             "--quantization", quant, "--report", rep.name, "--log-level", level],
                            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                            env=dict(os.environ, **(env or {})))
@@ -110,7 +118,8 @@ def cli_load(build, model, env=None, quant="none", level="warn"):
 
 
 def bench_tool(build, args, env=None):
-    out = subprocess.run([os.path.join(build, "bin", "loadkit_bench")] + args, check=True, capture_output=True,
+    out = subprocess.run([os.path.join(build, "bin", "loadkit_bench")] + args + ["--device", DEVICE], check=True,
+                         capture_output=True,
                          text=True, env=dict(os.environ, **(env or {})))
     return json.loads(out.stdout)
 
@@ -136,6 +145,19 @@ def median_of(stages, *path):
         if isinstance(v, (int, float)):
             values.append(v)
     return statistics.median(values) if values else None
+
+
+def guarded(results, name, fn):
+    """Runs a row; a loadkit process that fails becomes a row saying so (the bench goes on)."""
+    try:
+        fn()
+    except (subprocess.CalledProcessError, KeyError, ValueError) as e:
+        why = f"{type(e).__name__}: {e}"
+        if isinstance(e, subprocess.CalledProcessError):
+            tail = (e.stderr or "").strip().splitlines()
+            why = f"exit {e.returncode}: {tail[-1] if tail else 'no message'}"
+        results.append(absent(name, "failed: " + why))
+        log(name, "failed:", why)
 
 
 class Budget:
@@ -170,7 +192,8 @@ def measure_ceilings(repeats):
 
 def loadkit_rows(a, shape, A, B, nbytes, budget, results, profile):
     build = a.build
-    if "load" in a.rows and shape != "many" and budget.allows(f"{shape} load"):
+
+    def loads():
         reps = [cli_load(build, A)[0] for _ in range(a.repeats)]
         # Every repeat is a new process: each is a first load (pinning, model build and all).
         results.append(row("loadkit_load_fresh_process", reps[0]["bytes"], [r["seconds"] for r in reps],
@@ -183,35 +206,29 @@ def loadkit_rows(a, shape, A, B, nbytes, budget, results, profile):
         r = bench_tool(build, ["load", "--model", A, "--repeats", str(a.repeats + 1)])["load"]
         results.append(row("loadkit_load_in_process", r["bytes"], r["seconds"][1:], first_s=r["seconds"][0]))
         profile["in_process_load_staging"] = r.get("staging")
-        log(shape, "loads done")
-    if "reload" in a.rows and shape != "many":
-        variants = [("", {})] + ([("_mmap_path", {"LOADKIT_STAGING": "0"})] if a.mmap_path else [])
-        for quant in ("none", "fp8"):
-            for suffix, env in variants:
-                label = f"loadkit_reload_{'bf16' if quant == 'none' else quant}{suffix}"
-                if not budget.allows(f"{shape} {label}"):
-                    continue
-                r = bench_tool(build, ["reload", "--model", A, "--from", B, "--quantization", quant,
-                                       "--repeats", str(max(a.repeats, 3))], env)["reload"]
-                stages = r.get("stages", [])
-                results.append(row(label, r["bytes"], r["seconds"], peak_extra_device_bytes=r["peak_extra_device_bytes"],
-                                   pointers_stable=r["pointers_stable"]))
-                if not suffix:
-                    profile[label] = {
-                        "before_stream_ms": median_of(stages, "before_stream_ms"),
-                        "stream_open_ms": median_of(stages, "staging", "open_ms"),
-                        "consumer_wait_ms": median_of(stages, "staging", "consumer_wait_ms"),
-                        "consumer_work_ms": median_of(stages, "staging", "consumer_work_ms"),
-                        "consumer_work_after_rebuilt_ms": median_of(stages, "staging", "consumer_work_after_reserved_ms"),
-                        "after_stream_ms": median_of(stages, "after_stream_ms"),
-                        "validate_ms": r["validate"]["seconds_min"] * 1e3,
-                        "bypassed_tensors": median_of(stages, "staging", "bypassed_tensors"),
-                        "readers_window_wait_ms": median_of(stages, "staging", "window_wait_ms"),
-                        "readers_ring_wait_ms": median_of(stages, "staging", "ring_wait_ms"),
-                        "last": stages[-1] if stages else None,
-                    }
-        log(shape, "reloads done")
-    if "update" in a.rows and budget.allows(f"{shape} update"):
+
+    def reload(quant, suffix, env, label):
+        r = bench_tool(build, ["reload", "--model", A, "--from", B, "--quantization", quant,
+                               "--repeats", str(max(a.repeats, 3))], env)["reload"]
+        stages = r.get("stages", [])
+        results.append(row(label, r["bytes"], r["seconds"], peak_extra_device_bytes=r["peak_extra_device_bytes"],
+                           pointers_stable=r["pointers_stable"]))
+        if not suffix:
+            profile[label] = {
+                "before_stream_ms": median_of(stages, "before_stream_ms"),
+                "stream_open_ms": median_of(stages, "staging", "open_ms"),
+                "consumer_wait_ms": median_of(stages, "staging", "consumer_wait_ms"),
+                "consumer_work_ms": median_of(stages, "staging", "consumer_work_ms"),
+                "consumer_work_after_rebuilt_ms": median_of(stages, "staging", "consumer_work_after_reserved_ms"),
+                "after_stream_ms": median_of(stages, "after_stream_ms"),
+                "validate_ms": r["validate"]["seconds_min"] * 1e3,
+                "bypassed_tensors": median_of(stages, "staging", "bypassed_tensors"),
+                "readers_window_wait_ms": median_of(stages, "staging", "window_wait_ms"),
+                "readers_ring_wait_ms": median_of(stages, "staging", "ring_wait_ms"),
+                "last": stages[-1] if stages else None,
+            }
+
+    def update():
         u = bench_tool(build, ["update", "--model", A, "--from", B, "--repeats", str(max(a.repeats, 3))])
         up, block = u["update"], u["d2d_copy_one_block"]
         per_tensor = (up["seconds_min"] - block["seconds_min"]) / up["tensors"] * 1e6
@@ -221,6 +238,20 @@ def loadkit_rows(a, shape, A, B, nbytes, budget, results, profile):
                            overhead_us_per_tensor=per_tensor, validate_us_per_tensor=up["validate"]["us_per_tensor"]))
         results.append(row("d2d_copy_per_tensor", u["d2d_copy_per_tensor"]["bytes"], u["d2d_copy_per_tensor"]["seconds"]))
         results.append(row("d2d_copy_one_block", block["bytes"], block["seconds"]))
+
+    if "load" in a.rows and shape != "many" and budget.allows(f"{shape} load"):
+        guarded(results, "loadkit_load", loads)
+        log(shape, "loads done")
+    if "reload" in a.rows and shape != "many":
+        variants = [("", {})] + ([("_mmap_path", {"LOADKIT_STAGING": "0"})] if a.mmap_path else [])
+        for quant in ("none", "fp8"):
+            for suffix, env in variants:
+                label = f"loadkit_reload_{'bf16' if quant == 'none' else quant}{suffix}"
+                if budget.allows(f"{shape} {label}"):
+                    guarded(results, label, lambda: reload(quant, suffix, env, label))
+        log(shape, "reloads done")
+    if "update" in a.rows and budget.allows(f"{shape} update"):
+        guarded(results, "loadkit_update_from_device_bf16", update)
         log(shape, "update done")
 
 
@@ -264,7 +295,12 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--cold", action="store_true")
     ap.add_argument("--report-only", metavar="BENCH_JSON", help="write bench.txt and bench.png again from a bench.json")
+    ap.add_argument("--smoke", action="store_true", help="toy sizes on the CPU: a check of the bench itself")
     a = ap.parse_args()
+    global DEVICE
+    if a.smoke:
+        DEVICE = "cpu"
+        a.rows = ",".join(r for r in a.rows.split(",") if r not in ("probe", "peers"))
     if a.report_only:
         out = json.load(open(a.report_only))
         text = report(out)
@@ -290,23 +326,28 @@ def main():
         A = os.path.join(a.work, s, "a")
         B = os.path.join(a.work, s, "b") if spec["twin"] else A
         for d, seed in ((A, 0), (B, 1)) if spec["twin"] else ((A, 0),):
-            subprocess.run([sys.executable, os.path.join(HERE, "gen_checkpoint.py"), d, "--seed", str(seed)] + spec["args"],
-                           check=True)
+            smoke = SMOKE_SIZES + (SMOKE_MOE if "moe" in spec["args"] else []) if a.smoke else []
+            if a.smoke and s == "dense32":
+                smoke = [x if x != "3" else "4" for x in smoke]  # another size than dense8's
+            subprocess.run([sys.executable, os.path.join(HERE, "gen_checkpoint.py"), d, "--seed", str(seed)] + spec["args"]
+                           + smoke, check=True)
             warm(d)
         dirs[s] = (A, B)
         log("checkpoint", s, f"{checkpoint_bytes(A) / 1e9:.2f} GB")
 
-    out = {"device": torch.cuda.get_device_name(), "shapes": {}, "skipped": budget.skipped}
+    out = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke)", "shapes": {},
+           "skipped": budget.skipped}
     ceilings = []
     if "probe" in a.rows:
         ceilings = list(measure_ceilings(a.repeats))
         probe = os.path.join(a.build, "bin", "raw_probe")
         if os.path.exists(probe):
             first = dirs[shapes[0]][0]
-            subprocess.run([probe, "--out", os.path.join(a.out, "raw_probe.json"), "--sections",
-                            "pinning,copies,alloc,reads"] + files_of(first), check=True,
-                           stdout=open(os.path.join(a.out, "raw_probe.txt"), "w"))
-            out["raw_probe"] = json.load(open(os.path.join(a.out, "raw_probe.json")))
+            p = subprocess.run([probe, "--out", os.path.join(a.out, "raw_probe.json"), "--sections",
+                                "pinning,copies,alloc,reads"] + files_of(first),
+                               stdout=open(os.path.join(a.out, "raw_probe.txt"), "w"), stderr=subprocess.PIPE, text=True)
+            out["raw_probe"] = (json.load(open(os.path.join(a.out, "raw_probe.json"))) if p.returncode == 0 else
+                                f"failed: exit {p.returncode}: {p.stderr.strip()[-300:]}")
         else:
             out["raw_probe"] = f"missing: {probe} (a CUDA build makes it)"
         log("ceilings: pinned H2D", round(ceilings[0]["gb_per_s"], 1), "GB/s, D2D", round(ceilings[1]["gb_per_s"], 1))
