@@ -75,15 +75,16 @@ constexpr int kLayers = 3;
 constexpr int64_t kExperts = 32, kHidden = 1024, kInter = 1536;
 constexpr uint64_t kLargestLayer = static_cast<uint64_t>(kExperts) * 3 * kInter * kHidden * 2;
 
-/// The two checkpoints, written once per test binary (600 MB).
+/// The two checkpoints, written once per test binary (600 MB; removed at exit).
 const fs::path& moe_checkpoints() {
-  static TempDir* dir = [] {
-    auto* d = new TempDir();
-    write_moe_checkpoint(*d / "a", 1, kLayers, kExperts, kHidden, kInter);
-    write_moe_checkpoint(*d / "b", 2, kLayers, kExperts, kHidden, kInter);
-    return d;
+  static TempDir dir;
+  static const bool written = [] {
+    write_moe_checkpoint(dir / "a", 1, kLayers, kExperts, kHidden, kInter);
+    write_moe_checkpoint(dir / "b", 2, kLayers, kExperts, kHidden, kInter);
+    return true;
   }();
-  return dir->path();
+  (void)written;
+  return dir.path();
 }
 
 std::map<std::string, const void*> data_ptrs(LoadedModel& m) {
