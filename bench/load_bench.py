@@ -344,7 +344,7 @@ def main():
         if os.path.exists(probe):
             first = dirs[shapes[0]][0]
             p = subprocess.run([probe, "--out", os.path.join(a.out, "raw_probe.json"), "--sections",
-                                "pinning,copies,alloc,reads"] + files_of(first),
+                                "pinning,copies,smallcopies,alloc,reads"] + files_of(first),
                                stdout=open(os.path.join(a.out, "raw_probe.txt"), "w"), stderr=subprocess.PIPE, text=True)
             out["raw_probe"] = (json.load(open(os.path.join(a.out, "raw_probe.json"))) if p.returncode == 0 else
                                 f"failed: exit {p.returncode}: {p.stderr.strip()[-300:]}")

@@ -16,6 +16,9 @@
 //     process's set-up);
 //   - copies: the pinned host-to-device ceiling and the device-to-device rate;
 //   - alloc: cudaMalloc of the files' bytes as one block and as a model's tensors;
+//   - smallcopies: what a copy per tensor costs the host, device to device, one
+//     cudaMemcpyAsync per tensor against one cudaMemcpyBatchAsync for them all
+//     (20 000 tensors of 32 KiB, and 1028 of 5.5 MiB: an update's floor per tensor);
 //   - the pinned host-to-device copy ceiling and the device-to-device copy rate;
 //   - cudaMalloc of the files' bytes as one block and as a model's many tensors;
 //   - reads: parallel pread of the files from the page cache into host buffers,
@@ -414,6 +417,74 @@ std::string json_escape(const std::string& s) {
   return out;
 }
 
+// ------------------------------------------------------------ small copies
+
+/// `count` device-to-device copies of `bytes` each: one cudaMemcpyAsync a copy, then one batched
+/// call for all of them; host seconds to issue and total seconds to finish, per copy.
+void measure_small_copies(int count, size_t bytes) {
+  char *src = nullptr, *dst = nullptr;
+  if (cudaMalloc(reinterpret_cast<void**>(&src), count * bytes) != cudaSuccess ||
+      cudaMalloc(reinterpret_cast<void**>(&dst), count * bytes) != cudaSuccess) {
+    cudaGetLastError();
+    std::printf("small copies %d x %zu: not enough device memory\n", count, bytes);
+    cudaFree(src);
+    return;
+  }
+  cudaStream_t stream;
+  check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+  const std::string what = std::to_string(count) + " x " + std::to_string(bytes >> 10) + " KiB D2D";
+  for (int repeat = 0; repeat < 2; ++repeat) {
+    check(cudaDeviceSynchronize(), "sync");
+    auto t = Clock::now();
+    for (int i = 0; i < count; ++i)
+      check(cudaMemcpyAsync(dst + i * bytes, src + i * bytes, bytes, cudaMemcpyDeviceToDevice, stream), "D2D");
+    const double issue = seconds_since(t);
+    check(cudaStreamSynchronize(stream), "sync");
+    const double total = seconds_since(t);
+    if (repeat)
+      record("copies, one cudaMemcpyAsync each: " + what, count * bytes, total,
+             "host " + std::to_string(issue / count * 1e6) + " us per copy to issue, " +
+                 std::to_string(total / count * 1e6) + " us per copy done");
+  }
+#if CUDART_VERSION >= 12080
+  std::vector<void*> dsts(count), srcs(count);
+  std::vector<size_t> sizes(count, bytes);
+  for (int i = 0; i < count; ++i) {
+    dsts[i] = dst + i * bytes;
+    srcs[i] = src + i * bytes;
+  }
+  cudaMemcpyAttributes attr{};
+  attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
+  size_t attr_index = 0;
+  for (int repeat = 0; repeat < 2; ++repeat) {
+    check(cudaDeviceSynchronize(), "sync");
+    auto t = Clock::now();
+#if CUDART_VERSION >= 13000
+    const cudaError_t st = cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(), count, &attr, &attr_index, 1, stream);
+#else
+    size_t fail = 0;
+    const cudaError_t st =
+        cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(), count, &attr, &attr_index, 1, &fail, stream);
+#endif
+    const double issue = seconds_since(t);
+    if (st != cudaSuccess) {
+      std::printf("cudaMemcpyBatchAsync: %s\n", cudaGetErrorString(st));
+      cudaGetLastError();
+      break;
+    }
+    check(cudaStreamSynchronize(stream), "sync");
+    const double total = seconds_since(t);
+    if (repeat)
+      record("copies, one cudaMemcpyBatchAsync: " + what, count * bytes, total,
+             "host " + std::to_string(issue / count * 1e6) + " us per copy to issue, " +
+                 std::to_string(total / count * 1e6) + " us per copy done");
+  }
+#endif
+  cudaStreamDestroy(stream);
+  cudaFree(src);
+  cudaFree(dst);
+}
+
 std::set<std::string> sections;  ///< empty: all
 bool wanted(const std::string& section) { return sections.empty() || sections.count(section); }
 
@@ -473,6 +544,11 @@ void measure_warm(const std::vector<File>& files, uint64_t total, char*& device)
       return seconds_since(t);
     });
     record("device-to-device copy (bytes copied)", half, s);
+  }
+
+  if (wanted("smallcopies")) {
+    measure_small_copies(20000, 32 << 10);
+    measure_small_copies(1028, 1408 * 2048 * 2);
   }
 
   // Device allocation: one block, and a 10-layer Llama-3-8B's tensors one by one.
