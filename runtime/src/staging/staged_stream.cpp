@@ -389,12 +389,14 @@ class StagedStream final : public WeightStream {
       std::string error;
       auto t = Clock::now();
       if (buf.busy) {
-        check_cuda(cudaEventSynchronize(buf.done), "cudaEventSynchronize");
+        // An error here goes to the item like any other (never out of the thread: that would end the process).
+        if (const cudaError_t st = cudaEventSynchronize(buf.done); st != cudaSuccess)
+          error = std::string("CUDA copy failed: ") + cudaGetErrorString(st);
         const auto now = Clock::now();
         ring_wait_ms += ms_between(t, now);
         t = now;
       }
-      error = read_fully(item.fd, static_cast<uint8_t*>(buf.host.data()), n, item.offset + begin);
+      if (error.empty()) error = read_fully(item.fd, static_cast<uint8_t*>(buf.host.data()), n, item.offset + begin);
       read_ms += ms_between(t, Clock::now());
       cudaError_t st = cudaSuccess;
       if (error.empty()) {
