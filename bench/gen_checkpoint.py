@@ -1,79 +1,180 @@
 #!/usr/bin/env python3
-"""Writes a Llama-shaped bf16 checkpoint of random values (no network needed).
+"""Writes a bf16 checkpoint of random values in a real model's shapes (no network needed).
 
-    gen_checkpoint.py OUT_DIR [--layers 32] [--hidden 4096] [--intermediate 14336]
-                      [--heads 32] [--kv-heads 8] [--vocab 128256] [--shard-gb 2] [--seed 0]
+    gen_checkpoint.py OUT_DIR [--shape dense|moe|many] [--layers N] [--seed 0] [--shard-gb 2]
+                      [size flags of the shape, below]
 
-Defaults are Llama-3-8B's shapes; lower --layers for a smaller file set.
+Shapes:
+  dense  Llama-3-8B (LlamaForCausalLM): --hidden 4096 --intermediate 14336 --heads 32
+         --kv-heads 8 --vocab 128256; --layers 32 is the whole model (16.1 GB), 8 layers 5.59 GB.
+  moe    DeepSeek-V2-Lite (DeepseekV2ForCausalLM): hidden 2048, 16 MLA heads without q_lora
+         (kv_lora_rank 512, qk_nope 128, qk_rope 64, v_head 128), vocab 102400, the first layer
+         dense (intermediate 10944), then 64 routed experts of intermediate 1408 stored one tensor
+         per projection (mlp.experts.{e}.gate_proj/up_proj/down_proj) and 2 shared experts.
+         --layers 6 (the default for this shape): 1028 tensors, 6.85 GB.
+  many   the moe layout at small sizes for a 20 000-tensor update: hidden 256, 128 experts of
+         intermediate 64, 4 heads, vocab 32000, --layers 52 (the default): 20 158 tensors, 0.68 GB.
+  --hidden, --intermediate, --moe-intermediate, --experts, --heads, --vocab override a shape's sizes.
+
+Random values are drawn on the GPU where there is one; files are written tensor by tensor
+(safetensors layout: 8-byte header length, JSON header, data), so memory stays one tensor.
 Skips the work when OUT_DIR already holds a checkpoint of the same settings.
 """
 import argparse
 import json
 import os
+import struct
 
 import torch
-from safetensors.torch import save_file
+
+SHAPES = {
+    "dense": dict(layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=128256),
+    "moe": dict(layers=6, hidden=2048, intermediate=10944, moe_intermediate=1408, experts=64, shared_experts=2,
+                experts_per_token=6, heads=16, kv_lora_rank=512, qk_nope=128, qk_rope=64, v_head=128, vocab=102400),
+    "many": dict(layers=52, hidden=256, intermediate=512, moe_intermediate=64, experts=128, shared_experts=1,
+                 experts_per_token=6, heads=4, kv_lora_rank=64, qk_nope=32, qk_rope=16, v_head=32, vocab=32000),
+}
+
+
+def dense_model(s):
+    head_dim = s["hidden"] // s["heads"]
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": s["hidden"],
+        "intermediate_size": s["intermediate"], "num_hidden_layers": s["layers"], "num_attention_heads": s["heads"],
+        "num_key_value_heads": s["kv_heads"], "vocab_size": s["vocab"], "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+        "max_position_embeddings": 8192, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "hidden_act": "silu",
+    }
+    h, i = s["hidden"], s["intermediate"]
+    shapes = [("model.embed_tokens.weight", (s["vocab"], h))]
+    for n in range(s["layers"]):
+        p = f"model.layers.{n}."
+        shapes += [
+            (p + "input_layernorm.weight", (h,)),
+            (p + "self_attn.q_proj.weight", (s["heads"] * head_dim, h)),
+            (p + "self_attn.k_proj.weight", (s["kv_heads"] * head_dim, h)),
+            (p + "self_attn.v_proj.weight", (s["kv_heads"] * head_dim, h)),
+            (p + "self_attn.o_proj.weight", (h, s["heads"] * head_dim)),
+            (p + "post_attention_layernorm.weight", (h,)),
+            (p + "mlp.gate_proj.weight", (i, h)),
+            (p + "mlp.up_proj.weight", (i, h)),
+            (p + "mlp.down_proj.weight", (h, i)),
+        ]
+    shapes += [("model.norm.weight", (h,)), ("lm_head.weight", (s["vocab"], h))]
+    return config, shapes
+
+
+def moe_model(s):
+    """DeepSeek-V2's layout (vLLM's and transformers' names), as DeepSeek-V2-Lite ships it."""
+    h, heads, rope = s["hidden"], s["heads"], s["qk_rope"]
+    config = {
+        "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "hidden_size": h,
+        "intermediate_size": s["intermediate"], "moe_intermediate_size": s["moe_intermediate"],
+        "num_hidden_layers": s["layers"], "num_attention_heads": heads, "num_key_value_heads": heads,
+        "vocab_size": s["vocab"], "q_lora_rank": None, "kv_lora_rank": s["kv_lora_rank"],
+        "qk_nope_head_dim": s["qk_nope"], "qk_rope_head_dim": rope, "v_head_dim": s["v_head"],
+        "n_routed_experts": s["experts"], "n_shared_experts": s["shared_experts"],
+        "num_experts_per_tok": s["experts_per_token"], "first_k_dense_replace": 1, "moe_layer_freq": 1,
+        "topk_method": "greedy", "n_group": None, "topk_group": None, "norm_topk_prob": False,
+        "routed_scaling_factor": 1.0, "scoring_func": "softmax", "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        "max_position_embeddings": 4096, "tie_word_embeddings": False, "attention_bias": False,
+        "hidden_act": "silu", "torch_dtype": "bfloat16",
+    }
+
+    def mlp(prefix, width):
+        return [(prefix + "gate_proj.weight", (width, h)), (prefix + "up_proj.weight", (width, h)),
+                (prefix + "down_proj.weight", (h, width))]
+
+    shapes = [("model.embed_tokens.weight", (s["vocab"], h))]
+    for n in range(s["layers"]):
+        p = f"model.layers.{n}."
+        shapes += [
+            (p + "input_layernorm.weight", (h,)),
+            (p + "self_attn.q_proj.weight", (heads * (s["qk_nope"] + rope), h)),
+            (p + "self_attn.kv_a_proj_with_mqa.weight", (s["kv_lora_rank"] + rope, h)),
+            (p + "self_attn.kv_a_layernorm.weight", (s["kv_lora_rank"],)),
+            (p + "self_attn.kv_b_proj.weight", (heads * (s["qk_nope"] + s["v_head"]), s["kv_lora_rank"])),
+            (p + "self_attn.o_proj.weight", (h, heads * s["v_head"])),
+            (p + "post_attention_layernorm.weight", (h,)),
+        ]
+        if n == 0:
+            shapes += mlp(p + "mlp.", s["intermediate"])
+            continue
+        for e in range(s["experts"]):
+            shapes += mlp(p + f"mlp.experts.{e}.", s["moe_intermediate"])
+        shapes += [(p + "mlp.gate.weight", (s["experts"], h))]
+        shapes += mlp(p + "mlp.shared_experts.", s["moe_intermediate"] * s["shared_experts"])
+    shapes += [("model.norm.weight", (h,)), ("lm_head.weight", (s["vocab"], h))]
+    return config, shapes
+
+
+def write_shard(path, names_shapes, draw):
+    """One safetensors file, tensor by tensor: the header first (every offset is known from the
+    shapes), then each tensor's bytes as it is drawn."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape in names_shapes:
+        n = 2
+        for d in shape:
+            n *= d
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    with open(path + ".tmp", "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for name, shape in names_shapes:
+            draw(shape).view(torch.uint8).numpy().tofile(f)
+    os.replace(path + ".tmp", path)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--hidden", type=int, default=4096)
-    ap.add_argument("--intermediate", type=int, default=14336)
-    ap.add_argument("--heads", type=int, default=32)
-    ap.add_argument("--kv-heads", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=128256)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="dense")
+    ap.add_argument("--layers", type=int)
+    for size in ("hidden", "intermediate", "moe-intermediate", "experts", "heads", "kv-heads", "vocab"):
+        ap.add_argument("--" + size, type=int)
     ap.add_argument("--shard-gb", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    settings = vars(a).copy()
-    settings.pop("out")
+    sizes = dict(SHAPES[a.shape])
+    for key in sizes:
+        value = getattr(a, key, None)
+        if value is not None:
+            sizes[key] = value
+    settings = {"shape": a.shape, "sizes": sizes, "shard_gb": a.shard_gb, "seed": a.seed}
     stamp = os.path.join(a.out, "bench_settings.json")
     if os.path.exists(stamp) and json.load(open(stamp)) == settings:
         return
     os.makedirs(a.out, exist_ok=True)
-    head_dim = a.hidden // a.heads
-    config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": a.hidden,
-        "intermediate_size": a.intermediate, "num_hidden_layers": a.layers, "num_attention_heads": a.heads,
-        "num_key_value_heads": a.kv_heads, "vocab_size": a.vocab, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-        "max_position_embeddings": 8192, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-        "hidden_act": "silu",
-    }
-    shapes = [("model.embed_tokens.weight", (a.vocab, a.hidden))]
-    for i in range(a.layers):
-        p = f"model.layers.{i}."
-        shapes += [
-            (p + "input_layernorm.weight", (a.hidden,)),
-            (p + "self_attn.q_proj.weight", (a.heads * head_dim, a.hidden)),
-            (p + "self_attn.k_proj.weight", (a.kv_heads * head_dim, a.hidden)),
-            (p + "self_attn.v_proj.weight", (a.kv_heads * head_dim, a.hidden)),
-            (p + "self_attn.o_proj.weight", (a.hidden, a.heads * head_dim)),
-            (p + "post_attention_layernorm.weight", (a.hidden,)),
-            (p + "mlp.gate_proj.weight", (a.intermediate, a.hidden)),
-            (p + "mlp.up_proj.weight", (a.intermediate, a.hidden)),
-            (p + "mlp.down_proj.weight", (a.hidden, a.intermediate)),
-        ]
-    shapes += [("model.norm.weight", (a.hidden,)), ("lm_head.weight", (a.vocab, a.hidden))]
+    for old in os.listdir(a.out):
+        if old.endswith(".safetensors") or old == "bench_settings.json":
+            os.remove(os.path.join(a.out, old))
+    config, shapes = dense_model(sizes) if a.shape == "dense" else moe_model(sizes)
+
     # Random values drawn on the GPU where there is one (seconds instead of minutes for 8B parameters).
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator(device=device).manual_seed(a.seed)
+
+    def draw(shape):
+        return (torch.randn(shape, generator=gen, device=device) * 0.02).to(torch.bfloat16).cpu()
+
     limit = int(a.shard_gb * 2**30)
-    shards, current, size = [], {}, 0
+    shards, current, size = [], [], 0
     for name, shape in shapes:
-        t = (torch.randn(shape, generator=gen, device=device) * 0.02).to(torch.bfloat16).cpu()
-        if current and size + t.nbytes > limit:
+        n = 2 * torch.Size(shape).numel()
+        if current and size + n > limit:
             shards.append(current)
-            current, size = {}, 0
-        current[name] = t
-        size += t.nbytes
+            current, size = [], 0
+        current.append((name, shape))
+        size += n
     shards.append(current)
     weight_map = {}
     for i, shard in enumerate(shards):
         file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(a.out, file), metadata={"format": "pt"})
-        weight_map.update({k: file for k in shard})
+        write_shard(os.path.join(a.out, file), shard, draw)
+        weight_map.update({name: file for name, _ in shard})
     json.dump({"metadata": {}, "weight_map": weight_map}, open(os.path.join(a.out, "model.safetensors.index.json"), "w"))
     json.dump(config, open(os.path.join(a.out, "config.json"), "w"), indent=2)
     json.dump(settings, open(stamp, "w"))

@@ -1,31 +1,47 @@
 #!/usr/bin/env python3
-"""Load and reload throughput on a GPU, against baselines measured in the same run.
+"""Load, reload and update throughput on a GPU, dense and MoE, against ceilings and other
+loaders measured in the same run.
 
-    load_bench.py --build BUILD --work DIR [--layers N] [--repeats 3] [--out DIR] [--sweep] [--cold]
+    load_bench.py --build BUILD --work DIR --out DIR [--shapes moe,dense32,many,dense8]
+                  [--rows probe,load,reload,update,peers] [--peers LIST] [--repeats 3]
+                  [--budget-s 500] [--mmap-path] [--cold] [--sweep] [--smoke]
+    load_bench.py --report-only bench.json --out DIR      (the tables and plot again)
 
-Generates checkpoints A and B (bench/gen_checkpoint.py, Llama-3-8B shapes, bf16),
-warms the page cache, then measures on the same files (min and median over repeats):
-  - ceilings: a pinned host-to-device copy of the same byte count, the device-to-device
-    copy rate, and a parallel raw read of the files (BUILD/bin/raw_probe: CUDA runtime and
-    pread only, no torch);
-  - baselines: safetensors load_file(device="cuda") and transformers
-    from_pretrained(device_map="cuda");
-  - loadkit load (a fresh `loadkit load` process each time: pinning included), staged
-    and plain mmap path (LOADKIT_STAGING=0);
-  - loadkit reload A<->B in one process (BUILD/bin/loadkit_bench: a long-lived engine),
-    bf16 and fp8 online quantization, staged and mmap path, with peak extra device memory;
-  - loadkit update from tensors already on the device (a colocated trainer's) against
-    device-to-device copies of the same bytes;
-  - with --cold (root): loadkit load and the raw parallel read after dropping the page cache,
-    alternated;
-  - with --sweep: the staged load over reader threads, piece size and ring depth.
-Writes bench.json, a table (bench.txt) and, with matplotlib, bench.png under --out.
-A benchmark, never a test: no pass/fail.
+Shapes (bench/gen_checkpoint.py, bf16 random values; checkpoints A and B of the same shapes):
+  dense8   Llama-3-8B shapes, 8 layers (5.59 GB, 75 tensors)
+  dense32  Llama-3-8B shapes, 32 layers (16.1 GB, 291 tensors); B = A (reloads re-read A) to
+           spare the host memory a second 16 GB copy would take
+  moe      DeepSeek-V2-Lite shapes, 6 layers (6.85 GB, 1028 tensors)
+  many     the MoE layout at small sizes, 52 layers (20 158 tensors, 0.68 GB): the update row's
+           host time per tensor
+
+Rows (--rows picks them; loadkit's rows for every shape run first, the peers after, so that a
+time budget cuts the peers of the last shapes rather than loadkit's own rows):
+  probe    ceilings, once: the pinned host-to-device copy and device-to-device copy rates
+           (torch, 4 GiB), and BUILD/bin/raw_probe (pinning experiments, copies, page-cache reads)
+  load     `loadkit load` in a fresh process (after CUDA start-up, pinning included) and again in
+           one process (BUILD/bin/loadkit_bench load); the stages of a fresh load (--log-level debug)
+  reload   reload bf16 and fp8 (online quantization) in one long-lived process, with the peak
+           extra device memory, the stream's profile and the time before and after the stream
+  update   update from tensors already on the device (a colocated trainer's) against
+           device-to-device copies of the same bytes; host time per tensor; validation alone
+  peers    InstantTensor, fastsafetensors, the Run:ai streamer, safetensors and transformers
+           (bench/peers.py, a fresh process each: first load and best of the rest); a peer that
+           cannot be imported is reported as missing, never left out
+--mmap-path adds the plain mmap path (LOADKIT_STAGING=0) for load and reload; --cold (root)
+cold-cache loads; --sweep the staged load over reader threads, piece size and ring depth.
+--budget-s: past this many seconds, rows not yet run are skipped (and listed as skipped).
+--smoke: toy sizes on the CPU, no ceilings or peers: checks the bench itself where there is no GPU.
+A loadkit process that fails leaves a row saying so, and the bench goes on.
+
+Writes bench.json, bench.txt (tables and the targets) and, with matplotlib, bench.png under
+--out. A benchmark, never a test: no pass or fail.
 """
 import argparse
 import glob
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -35,14 +51,31 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+SHAPES = {
+    "dense8": dict(args=["--shape", "dense", "--layers", "8"], title="Llama-3-8B shapes, 8 layers", twin=True),
+    "dense32": dict(args=["--shape", "dense", "--layers", "32"], title="Llama-3-8B shapes, 32 layers", twin=False),
+    "moe": dict(args=["--shape", "moe", "--layers", "6"], title="DeepSeek-V2-Lite shapes, 6 layers", twin=True),
+    "many": dict(args=["--shape", "many"], title="DeepSeek-V2 layout at small sizes, 52 layers", twin=True),
+}
+ALL_PEERS = ["instanttensor", "fastsafetensors", "runai", "safetensors", "transformers"]
+START = time.time()
+DEVICE = "cuda"  # --smoke: "cpu"
+# --smoke: every shape at toy sizes, on the CPU, without the ceilings and peers: a check of the
+# bench itself (generation, every loadkit row, the tables), in a minute, where there is no GPU.
+SMOKE_SIZES = ["--layers", "3", "--hidden", "64", "--intermediate", "96", "--heads", "4", "--kv-heads", "2", "--vocab", "500"]
+SMOKE_MOE = ["--moe-intermediate", "32", "--experts", "8"]
 
 
-def checkpoint_bytes(d):
-    return sum(os.path.getsize(f) for f in glob.glob(os.path.join(d, "*.safetensors")))
+def log(*x):
+    print(f"[{time.time() - START:6.1f} s]", *x, flush=True)
 
 
 def files_of(d):
     return sorted(glob.glob(os.path.join(d, "*.safetensors")))
+
+
+def checkpoint_bytes(d):
+    return sum(os.path.getsize(f) for f in files_of(d))
 
 
 def warm(d):
@@ -62,194 +95,428 @@ def drop_page_cache():
         return False
 
 
-def summarize(name, nbytes, seconds, **extra):
+def row(name, nbytes, seconds, **extra):
+    """A result: best and median of `seconds` (a list) for `nbytes`."""
     out = {"name": name, "bytes": nbytes, "seconds_min": min(seconds), "seconds_median": statistics.median(seconds),
-           "gb_per_s": nbytes / min(seconds) / 1e9, "gb_per_s_median": nbytes / statistics.median(seconds) / 1e9}
+           "gb_per_s": nbytes / min(seconds) / 1e9, "gb_per_s_median": nbytes / statistics.median(seconds) / 1e9,
+           "seconds": seconds}
     out.update(extra)
     return out
 
 
-def cli_load(build, model, env=None, quant="none"):
+def absent(name, why):
+    return {"name": name, "status": why}
+
+
+def cli_load(build, model, env=None, quant="none", level="warn"):
     with tempfile.NamedTemporaryFile(suffix=".json") as rep:
-        subprocess.run([os.path.join(build, "bin", "loadkit"), "load", "--model", model, "--device", "cuda",
-                        "--quantization", quant, "--report", rep.name, "--log-level", "warn"],
-                       check=True, stdout=subprocess.DEVNULL, env=dict(os.environ, **(env or {})))
-        return json.load(open(rep.name))
+        p = subprocess.run([os.path.join(build, "bin", "loadkit"), "load", "--model", model, "--device", DEVICE,
+                            "--quantization", quant, "--report", rep.name, "--log-level", level],
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           env=dict(os.environ, **(env or {})))
+        return json.load(open(rep.name)), p.stderr
 
 
 def bench_tool(build, args, env=None):
-    out = subprocess.run([os.path.join(build, "bin", "loadkit_bench")] + args, check=True, capture_output=True,
+    out = subprocess.run([os.path.join(build, "bin", "loadkit_bench")] + args + ["--device", DEVICE], check=True,
+                         capture_output=True,
                          text=True, env=dict(os.environ, **(env or {})))
     return json.loads(out.stdout)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--build", required=True, help="the loadkit build directory")
-    ap.add_argument("--work", required=True)
-    ap.add_argument("--layers", type=int, default=10)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--skip-transformers", action="store_true")
-    ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--cold", action="store_true")
-    ap.add_argument("--out", default=".")
-    a = ap.parse_args()
-    os.makedirs(a.out, exist_ok=True)
-    A, B = os.path.join(a.work, "a"), os.path.join(a.work, "b")
-    for d, seed in ((A, 0), (B, 1)):
-        subprocess.run([sys.executable, os.path.join(HERE, "gen_checkpoint.py"), d, "--layers", str(a.layers),
-                        "--seed", str(seed)], check=True)
-    nbytes = checkpoint_bytes(A)
-    warm(A)
-    warm(B)
-    results, extra = [], {}
-    log = lambda *x: print(*x, flush=True)
+def fresh_load_stages(stderr):
+    """`loadkit load --log-level debug`: the engine's stage lines and the stream's profile."""
+    stages = {}
+    for m in re.finditer(r"load stage ([^:]+): ([0-9.]+) ms", stderr):
+        stages[m.group(1)] = float(m.group(2))
+    m = re.search(r"staging reader 0: stream and \d+ pinned buffers ready in ([0-9.]+) ms", stderr)
+    if m:
+        stages["reader 0 ring pinned"] = float(m.group(1))
+    profile = [line.split("] ", 2)[-1] for line in stderr.splitlines() if "staging profile:" in line]
+    return {"stages_ms": stages, "staging": profile[-1] if profile else None}
 
-    # Ceilings: the raw probe (pinned H2D, D2D, parallel read of the same files).
-    probe = os.path.join(a.build, "bin", "raw_probe")
-    if os.path.exists(probe):
-        subprocess.run([probe, "--out", os.path.join(a.out, "raw_probe.json")] + files_of(A), check=True)
-        extra["raw_probe"] = json.load(open(os.path.join(a.out, "raw_probe.json")))
-    host = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
-    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    times = []
-    for _ in range(a.repeats):
+
+def median_of(stages, *path):
+    values = []
+    for s in stages:
+        v = s
+        for key in path:
+            v = v.get(key) if isinstance(v, dict) else None
+        if isinstance(v, (int, float)):
+            values.append(v)
+    return statistics.median(values) if values else None
+
+
+def guarded(results, name, fn):
+    """Runs a row; a loadkit process that fails becomes a row saying so (the bench goes on)."""
+    try:
+        fn()
+    except (subprocess.CalledProcessError, KeyError, ValueError) as e:
+        why = f"{type(e).__name__}: {e}"
+        if isinstance(e, subprocess.CalledProcessError):
+            tail = (e.stderr or "").strip().splitlines()
+            why = f"exit {e.returncode}: {tail[-1] if tail else 'no message'}"
+        results.append(absent(name, "failed: " + why))
+        log(name, "failed:", why)
+
+
+class Budget:
+    def __init__(self, seconds):
+        self.seconds, self.skipped = seconds, []
+
+    def allows(self, what):
+        if time.time() - START < self.seconds:
+            return True
+        self.skipped.append(what)
+        log("skipped (time budget):", what)
+        return False
+
+
+def measure_ceilings(repeats):
+    n = 4 << 30
+    host = torch.empty(n, dtype=torch.uint8).pin_memory()
+    dev = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dev2 = torch.empty(n, dtype=torch.uint8, device="cuda")
+    h2d, d2d = [], []
+    for _ in range(repeats):
         torch.cuda.synchronize(); t = time.perf_counter()
         dev.copy_(host, non_blocking=True); torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    results.append(summarize("pinned_h2d_ceiling", nbytes, times))
-    del host, dev
+        h2d.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        dev2.copy_(dev); torch.cuda.synchronize()
+        d2d.append(time.perf_counter() - t)
+    del host, dev, dev2
     torch.cuda.empty_cache()
-    if "raw_probe" in extra:
-        reads = [r for r in extra["raw_probe"]["results"] if r["name"].startswith("page cache pread")]
-        best = max(reads, key=lambda r: r["gb_per_s"])
-        results.append(summarize("raw_parallel_read_page_cache", nbytes, [best["seconds"]], how=best["name"]))
+    return row("pinned_h2d_ceiling", n, h2d), row("d2d_ceiling", n, d2d)
 
-    from safetensors.torch import load_file
-    times = []
-    for _ in range(a.repeats):
-        torch.cuda.synchronize(); t = time.perf_counter()
-        tensors = {}
-        for f in files_of(A):
-            tensors.update(load_file(f, device="cuda"))
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-        del tensors
-    results.append(summarize("safetensors_load_file_cuda", nbytes, times))
-    torch.cuda.empty_cache()
 
-    if not a.skip_transformers:
-        from transformers import AutoModelForCausalLM
-        times = []
-        for _ in range(a.repeats):
-            torch.cuda.synchronize(); t = time.perf_counter()
-            m = AutoModelForCausalLM.from_pretrained(A, dtype=torch.bfloat16, device_map="cuda")
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-            del m
-            torch.cuda.empty_cache()
-        results.append(summarize("transformers_from_pretrained_cuda", nbytes, times))
-    log("baselines done")
+def loadkit_rows(a, shape, A, B, nbytes, budget, results, profile):
+    build = a.build
 
-    # loadkit load: a fresh process each time, staged and mmap path.
-    for label, env in (("loadkit_load_bf16", {}), ("loadkit_load_bf16_mmap_path", {"LOADKIT_STAGING": "0"})):
-        reps = [cli_load(a.build, A, env) for _ in range(a.repeats)]
-        results.append(summarize(label, reps[0]["bytes"], [r["seconds"] for r in reps],
-                                 peak_extra_device_bytes=max(r["peak_extra_device_bytes"] or 0 for r in reps)))
-    # ... and in one process, load after load (staging memory pinned once).
-    r = bench_tool(a.build, ["load", "--model", A, "--repeats", str(a.repeats + 1)])["load"]
-    results.append(summarize("loadkit_load_bf16_in_process", r["bytes"], r["seconds"][1:]))
-    log("loads done")
+    def loads():
+        reps = [cli_load(build, A)[0] for _ in range(a.repeats)]
+        # Every repeat is a new process: each is a first load (pinning, model build and all).
+        results.append(row("loadkit_load_fresh_process", reps[0]["bytes"], [r["seconds"] for r in reps],
+                           peak_extra_device_bytes=max(r["peak_extra_device_bytes"] or 0 for r in reps)))
+        _, stderr = cli_load(build, A, level="debug")
+        profile["fresh_load"] = fresh_load_stages(stderr)
+        if a.mmap_path:
+            reps = [cli_load(build, A, {"LOADKIT_STAGING": "0"})[0] for _ in range(a.repeats)]
+            results.append(row("loadkit_load_fresh_process_mmap_path", reps[0]["bytes"], [r["seconds"] for r in reps]))
+        r = bench_tool(build, ["load", "--model", A, "--repeats", str(a.repeats + 1)])["load"]
+        results.append(row("loadkit_load_in_process", r["bytes"], r["seconds"][1:], first_s=r["seconds"][0]))
+        profile["in_process_load_staging"] = r.get("staging")
 
-    # Reloads in one process (what a long-lived engine sees).
-    for quant in ("none", "fp8"):
-        for suffix, env in (("", {}), ("_mmap_path", {"LOADKIT_STAGING": "0"})):
-            r = bench_tool(a.build, ["reload", "--model", A, "--from", B, "--quantization", quant,
-                                     "--repeats", str(max(a.repeats, 3))], env)["reload"]
-            label = f"loadkit_reload_{'bf16' if quant == 'none' else quant}{suffix}"
-            results.append(summarize(label, r["bytes"], r["seconds"], peak_extra_device_bytes=r["peak_extra_device_bytes"],
-                                     pointers_stable=r["pointers_stable"]))
-    log("reloads done")
+    def reload(quant, suffix, env, label):
+        r = bench_tool(build, ["reload", "--model", A, "--from", B, "--quantization", quant,
+                               "--repeats", str(max(a.repeats, 3))], env)["reload"]
+        stages = r.get("stages", [])
+        results.append(row(label, r["bytes"], r["seconds"], peak_extra_device_bytes=r["peak_extra_device_bytes"],
+                           pointers_stable=r["pointers_stable"]))
+        if not suffix:
+            profile[label] = {
+                "before_stream_ms": median_of(stages, "before_stream_ms"),
+                "stream_open_ms": median_of(stages, "staging", "open_ms"),
+                "consumer_wait_ms": median_of(stages, "staging", "consumer_wait_ms"),
+                "consumer_work_ms": median_of(stages, "staging", "consumer_work_ms"),
+                "consumer_work_after_rebuilt_ms": median_of(stages, "staging", "consumer_work_after_reserved_ms"),
+                "after_stream_ms": median_of(stages, "after_stream_ms"),
+                "validate_ms": r["validate"]["seconds_min"] * 1e3,
+                "bypassed_tensors": median_of(stages, "staging", "bypassed_tensors"),
+                "readers_window_wait_ms": median_of(stages, "staging", "window_wait_ms"),
+                "readers_ring_wait_ms": median_of(stages, "staging", "ring_wait_ms"),
+                "last": stages[-1] if stages else None,
+            }
 
-    # From tensors on the device (a colocated trainer's) against device-to-device copies.
-    u = bench_tool(a.build, ["update", "--model", A, "--from", B, "--repeats", str(max(a.repeats, 3))])
-    results.append(summarize("loadkit_update_from_device_bf16", u["update"]["bytes"], u["update"]["seconds"],
-                             peak_extra_device_bytes=u["update"]["peak_extra_device_bytes"],
-                             pointers_stable=u["update"]["pointers_stable"]))
-    results.append(summarize("d2d_copy_per_tensor", u["d2d_copy_per_tensor"]["bytes"], u["d2d_copy_per_tensor"]["seconds"]))
-    results.append(summarize("d2d_copy_one_block", u["d2d_copy_one_block"]["bytes"], u["d2d_copy_one_block"]["seconds"]))
-    log("update done")
+    def update():
+        u = bench_tool(build, ["update", "--model", A, "--from", B, "--repeats", str(max(a.repeats, 3))])
+        up, block = u["update"], u["d2d_copy_one_block"]
+        per_tensor = (up["seconds_min"] - block["seconds_min"]) / up["tensors"] * 1e6
+        results.append(row("loadkit_update_from_device_bf16", up["bytes"], up["seconds"],
+                           peak_extra_device_bytes=up["peak_extra_device_bytes"], pointers_stable=up["pointers_stable"],
+                           tensors=up["tensors"], host_us_per_tensor=up["host_us_per_tensor"],
+                           overhead_us_per_tensor=per_tensor, validate_us_per_tensor=up["validate"]["us_per_tensor"]))
+        results.append(row("d2d_copy_per_tensor", u["d2d_copy_per_tensor"]["bytes"], u["d2d_copy_per_tensor"]["seconds"]))
+        results.append(row("d2d_copy_one_block", block["bytes"], block["seconds"]))
 
-    if a.sweep:
-        sweep = []
-        for threads in (16, 24):
-            for piece_kb in (1024, 2048, 4096):
-                for depth in (2, 4):
-                    env = {"LOADKIT_STAGING_THREADS": str(threads), "LOADKIT_STAGING_PIECE_KB": str(piece_kb),
-                           "LOADKIT_STAGING_DEPTH": str(depth)}
-                    reps = [cli_load(a.build, A, env) for _ in range(2)]
-                    sweep.append(summarize(f"load t{threads} p{piece_kb}k d{depth}", reps[0]["bytes"],
-                                           [r["seconds"] for r in reps]))
-                    log(sweep[-1]["name"], round(sweep[-1]["gb_per_s"], 2))
-        extra["sweep"] = sweep
+    if "load" in a.rows and shape != "many" and budget.allows(f"{shape} load"):
+        guarded(results, "loadkit_load", loads)
+        log(shape, "loads done")
+    if "reload" in a.rows and shape != "many":
+        variants = [("", {})] + ([("_mmap_path", {"LOADKIT_STAGING": "0"})] if a.mmap_path else [])
+        for quant in ("none", "fp8"):
+            for suffix, env in variants:
+                label = f"loadkit_reload_{'bf16' if quant == 'none' else quant}{suffix}"
+                if budget.allows(f"{shape} {label}"):
+                    guarded(results, label, lambda: reload(quant, suffix, env, label))
+        log(shape, "reloads done")
+    if "update" in a.rows and budget.allows(f"{shape} update"):
+        guarded(results, "loadkit_update_from_device_bf16", update)
+        log(shape, "update done")
 
-    if a.cold:
-        if not drop_page_cache():
-            extra["cold"] = "skipped: cannot write /proc/sys/vm/drop_caches"
+
+def peer_rows(a, shape, A, budget, results):
+    for peer in a.peers:
+        if peer == "transformers" and a.skip_transformers:
+            results.append(absent(f"peer_{peer}", "skipped: --skip-transformers"))
+            continue
+        if not budget.allows(f"{shape} peer {peer}"):
+            results.append(absent(f"peer_{peer}", "skipped: time budget"))
+            continue
+        repeats = 2 if peer in ("transformers", "safetensors") else a.repeats
+        p = subprocess.run([sys.executable, os.path.join(HERE, "peers.py"), peer, A, "--repeats", str(repeats)],
+                           capture_output=True, text=True)
+        try:
+            r = json.loads(p.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
+            r = {"failed": f"exit {p.returncode}: {tail}"}
+        if "seconds" in r:
+            s = r["seconds"]
+            nbytes = checkpoint_bytes(A)
+            results.append(row(f"peer_{peer}", nbytes, s[1:] or s, first_s=s[0], first_gb_per_s=nbytes / s[0] / 1e9))
         else:
-            cold_loads = []
-            for _ in range(2):
-                drop_page_cache()
-                cold_loads.append(cli_load(a.build, A)["seconds"])
-            results.append(summarize("loadkit_load_bf16_cold", nbytes, cold_loads))
-            if os.path.exists(probe):
-                subprocess.run([probe, "--cold-only", "--out", os.path.join(a.out, "raw_probe_cold.json")] + files_of(A),
-                               check=True)
-                cold = json.load(open(os.path.join(a.out, "raw_probe_cold.json")))["results"]
-                best = max((r for r in cold if "pread" in r["name"]), key=lambda r: r["gb_per_s"])
-                results.append(summarize("raw_parallel_read_cold", nbytes, [best["seconds"]], how=best["name"],
-                                         all=[(r["name"], round(r["gb_per_s"], 2)) for r in cold]))
-            warm(A)
-        log("cold done")
+            results.append(absent(f"peer_{peer}", "missing: " + r["missing"] if "missing" in r else "failed: " + r["failed"]))
+        log(shape, "peer", peer, results[-1].get("status") or f"{results[-1]['gb_per_s']:.1f} GB/s")
 
-    by = {r["name"]: r for r in results}
-    ceiling = by["pinned_h2d_ceiling"]["gb_per_s"]
-    st = by["safetensors_load_file_cuda"]["gb_per_s"]
-    for r in results:
-        r["vs_ceiling"] = r["gb_per_s"] / ceiling
-        r["vs_safetensors"] = r["gb_per_s"] / st
-    ratios = {}
-    if "loadkit_reload_fp8" in by:
-        ratios["fp8_reload_vs_bf16_reload"] = by["loadkit_reload_fp8"]["gb_per_s"] / by["loadkit_reload_bf16"]["gb_per_s"]
-    ratios["update_vs_d2d_one_block"] = by["loadkit_update_from_device_bf16"]["gb_per_s"] / by["d2d_copy_one_block"]["gb_per_s"]
-    ratios["update_vs_d2d_per_tensor"] = by["loadkit_update_from_device_bf16"]["gb_per_s"] / by["d2d_copy_per_tensor"]["gb_per_s"]
-    if "loadkit_load_bf16_cold" in by and "raw_parallel_read_cold" in by:
-        ratios["cold_load_vs_raw_read"] = by["loadkit_load_bf16_cold"]["gb_per_s"] / by["raw_parallel_read_cold"]["gb_per_s"]
-    out = {"device": torch.cuda.get_device_name(), "checkpoint_bytes": nbytes, "layers": a.layers, "results": results,
-           "ratios": ratios, **extra}
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--build", help="the loadkit build directory")
+    ap.add_argument("--work", help="where the checkpoints go (/dev/shm on the GPU machine)")
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--shapes", default="moe,dense32,many,dense8")
+    ap.add_argument("--rows", default="probe,load,reload,update,peers")
+    ap.add_argument("--peers", default=",".join(ALL_PEERS))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--budget-s", type=float, default=1e9)
+    ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--mmap-path", action="store_true")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--cold", action="store_true")
+    ap.add_argument("--report-only", metavar="BENCH_JSON", help="write bench.txt and bench.png again from a bench.json")
+    ap.add_argument("--smoke", action="store_true", help="toy sizes on the CPU: a check of the bench itself")
+    a = ap.parse_args()
+    global DEVICE
+    if a.smoke:
+        DEVICE = "cpu"
+        a.rows = ",".join(r for r in a.rows.split(",") if r not in ("probe", "peers"))
+    if a.report_only:
+        out = json.load(open(a.report_only))
+        text = report(out)
+        open(os.path.join(a.out, "bench.txt"), "w").write(text)
+        print(text)
+        plot(out, os.path.join(a.out, "bench.png"))
+        return
+    a.rows = set(a.rows.split(","))
+    a.peers = [p for p in a.peers.split(",") if p]
+    if not a.build or not a.work:
+        ap.error("--build and --work are needed (or --report-only)")
+    shapes = [s for s in a.shapes.split(",") if s]
+    for s in shapes:
+        if s not in SHAPES:
+            ap.error(f"--shapes: '{s}' is not one of {', '.join(SHAPES)}")
+    os.makedirs(a.out, exist_ok=True)
+    budget = Budget(a.budget_s)
+
+    # Checkpoints first: everything after reads the same warm files.
+    dirs = {}
+    for s in shapes:
+        spec = SHAPES[s]
+        A = os.path.join(a.work, s, "a")
+        B = os.path.join(a.work, s, "b") if spec["twin"] else A
+        for d, seed in ((A, 0), (B, 1)) if spec["twin"] else ((A, 0),):
+            smoke = SMOKE_SIZES + (SMOKE_MOE if "moe" in spec["args"] else []) if a.smoke else []
+            if a.smoke and s == "dense32":
+                smoke = [x if x != "3" else "4" for x in smoke]  # another size than dense8's
+            subprocess.run([sys.executable, os.path.join(HERE, "gen_checkpoint.py"), d, "--seed", str(seed)] + spec["args"]
+                           + smoke, check=True)
+            warm(d)
+        dirs[s] = (A, B)
+        log("checkpoint", s, f"{checkpoint_bytes(A) / 1e9:.2f} GB")
+
+    out = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke)", "shapes": {},
+           "skipped": budget.skipped}
+    ceilings = []
+    if "probe" in a.rows:
+        ceilings = list(measure_ceilings(a.repeats))
+        probe = os.path.join(a.build, "bin", "raw_probe")
+        if os.path.exists(probe):
+            first = dirs[shapes[0]][0]
+            p = subprocess.run([probe, "--out", os.path.join(a.out, "raw_probe.json"), "--sections",
+                                "pinning,copies,smallcopies,alloc,reads"] + files_of(first),
+                               stdout=open(os.path.join(a.out, "raw_probe.txt"), "w"), stderr=subprocess.PIPE, text=True)
+            out["raw_probe"] = (json.load(open(os.path.join(a.out, "raw_probe.json"))) if p.returncode == 0 else
+                                f"failed: exit {p.returncode}: {p.stderr.strip()[-300:]}")
+        else:
+            out["raw_probe"] = f"missing: {probe} (a CUDA build makes it)"
+        log("ceilings: pinned H2D", round(ceilings[0]["gb_per_s"], 1), "GB/s, D2D", round(ceilings[1]["gb_per_s"], 1))
+
+    # loadkit's rows for every shape first, the other loaders after: under a time budget, what
+    # is left out is the peers of the last shapes, not loadkit's own rows.
+    for s in shapes:
+        A, B = dirs[s]
+        nbytes = checkpoint_bytes(A)
+        tensors = len(json.load(open(os.path.join(A, "model.safetensors.index.json")))["weight_map"])
+        results, profile = list(ceilings), {}
+        loadkit_rows(a, s, A, B, nbytes, budget, results, profile)
+        if a.sweep and s == "dense8":
+            for threads in (16, 24):
+                for piece_kb in (1024, 2048, 4096):
+                    for depth in (2, 4):
+                        env = {"LOADKIT_STAGING_THREADS": str(threads), "LOADKIT_STAGING_PIECE_KB": str(piece_kb),
+                               "LOADKIT_STAGING_DEPTH": str(depth)}
+                        reps = [cli_load(a.build, A, env)[0] for _ in range(2)]
+                        results.append(row(f"sweep load t{threads} p{piece_kb}k d{depth}", reps[0]["bytes"],
+                                           [r["seconds"] for r in reps]))
+        if a.cold and s == "dense8":
+            if drop_page_cache():
+                cold = []
+                for _ in range(2):
+                    drop_page_cache()
+                    cold.append(cli_load(a.build, A)[0]["seconds"])
+                results.append(row("loadkit_load_cold_cache", nbytes, cold))
+                warm(A)
+            else:
+                results.append(absent("loadkit_load_cold_cache", "skipped: cannot write /proc/sys/vm/drop_caches"))
+        out["shapes"][s] = {"title": SHAPES[s]["title"], "bytes": nbytes, "tensors": tensors,
+                            "reload_source": "B (other weights)" if A != B else "A again (same checkpoint)",
+                            "results": results, "profile": profile}
+    if "peers" in a.rows:
+        for s in shapes:
+            if s != "many":
+                peer_rows(a, s, dirs[s][0], budget, out["shapes"][s]["results"])
+    for d in out["shapes"].values():
+        d["ratios"] = ratios_of(d["results"])
+    # Drift: the ceiling again at the end.
+    if "probe" in a.rows:
+        out["ceilings_at_end"] = list(measure_ceilings(a.repeats))
+    out["seconds"] = time.time() - START
     json.dump(out, open(os.path.join(a.out, "bench.json"), "w"), indent=2)
-    lines = [f"device {out['device']}, checkpoint {nbytes / 1e9:.2f} GB ({a.layers} layers of Llama-3-8B shapes, bf16)",
-             f"{'what':38} {'GB/s':>8} {'min s':>8} {'x ceiling':>10} {'x safetensors':>14} {'peak extra MiB':>15}"]
-    for r in results:
-        peak = r.get("peak_extra_device_bytes")
-        lines.append(f"{r['name']:38} {r['gb_per_s']:8.2f} {r['seconds_min']:8.4f} {r['vs_ceiling']:10.2f} "
-                     f"{r['vs_safetensors']:14.2f} {'' if peak is None else f'{peak / 2**20:15.1f}'}")
-    lines += [f"{k}: {v:.3f}" for k, v in ratios.items()]
-    open(os.path.join(a.out, "bench.txt"), "w").write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    text = report(out)
+    open(os.path.join(a.out, "bench.txt"), "w").write(text)
+    print(text)
+    plot(out, os.path.join(a.out, "bench.png"))
+
+
+def ratios_of(results):
+    by = {r["name"]: r for r in results if "gb_per_s" in r}
+    h2d = by.get("pinned_h2d_ceiling", {}).get("gb_per_s")
+    d2d = by.get("d2d_copy_one_block", by.get("d2d_ceiling", {})).get("gb_per_s")
+    out = {}
+
+    def ratio(key, num, den):
+        if num in by and den:
+            out[key] = by[num]["gb_per_s"] / den
+
+    bf16 = by.get("loadkit_reload_bf16", {}).get("gb_per_s")
+    ratio("fp8_reload_vs_bf16_reload", "loadkit_reload_fp8", bf16)
+    ratio("bf16_reload_vs_pinned_h2d", "loadkit_reload_bf16", h2d)
+    ratio("update_vs_d2d", "loadkit_update_from_device_bf16", d2d)
+    ratio("in_process_load_vs_pinned_h2d", "loadkit_load_in_process", h2d)
+    ratio("fresh_process_load_vs_pinned_h2d", "loadkit_load_fresh_process", h2d)
+    if "loadkit_load_fresh_process" in by and h2d:
+        out["fresh_process_load_median_vs_pinned_h2d"] = by["loadkit_load_fresh_process"]["gb_per_s_median"] / h2d
+    for peer in ("instanttensor", "fastsafetensors"):
+        if f"peer_{peer}" in by and "loadkit_load_fresh_process" in by:
+            out[f"fresh_process_load_vs_{peer}_first"] = (by["loadkit_load_fresh_process"]["gb_per_s"] /
+                                                          by[f"peer_{peer}"]["first_gb_per_s"])
+    return out
+
+
+# The issue's targets: (ratio key, shape, bound).
+TARGETS = [
+    ("fp8 reload >= 0.9 x bf16 reload (dense 32 layers)", "dense32", "fp8_reload_vs_bf16_reload", 0.9),
+    ("fp8 reload >= 0.9 x bf16 reload (dense 8 layers)", "dense8", "fp8_reload_vs_bf16_reload", 0.9),
+    ("fp8 reload >= 0.9 x bf16 reload (MoE)", "moe", "fp8_reload_vs_bf16_reload", 0.9),
+    ("bf16 reload >= 0.9 x pinned H2D (dense 32 layers)", "dense32", "bf16_reload_vs_pinned_h2d", 0.9),
+    ("bf16 reload >= 0.85 x pinned H2D (MoE)", "moe", "bf16_reload_vs_pinned_h2d", 0.85),
+    ("update >= 0.8 x D2D (dense 32 layers)", "dense32", "update_vs_d2d", 0.8),
+    ("update >= 0.5 x D2D (MoE)", "moe", "update_vs_d2d", 0.5),
+    ("first load, fresh process >= 0.8 x pinned H2D (dense 32 layers)", "dense32", "fresh_process_load_vs_pinned_h2d", 0.8),
+    ("first load, fresh process >= 0.75 x pinned H2D (MoE)", "moe", "fresh_process_load_vs_pinned_h2d", 0.75),
+]
+
+
+def report(out):
+    lines = [f"device {out['device']}; bench {out['seconds']:.0f} s"]
+    for s, d in out["shapes"].items():
+        lines += ["", f"== {s}: {d['title']}, {d['bytes'] / 1e9:.2f} GB, {d['tensors']} tensors "
+                      f"(reloads from {d['reload_source']}) ==",
+                  f"{'what':40} {'GB/s':>8} {'median':>8} {'first GB/s':>10} {'min s':>8} {'x H2D':>6}  notes"]
+        h2d = next((r["gb_per_s"] for r in d["results"] if r["name"] == "pinned_h2d_ceiling"), None)
+        for r in d["results"]:
+            if "status" in r:
+                lines.append(f"{r['name']:40} {r['status']}")
+                continue
+            notes = []
+            if r.get("peak_extra_device_bytes") is not None:
+                notes.append(f"peak extra {r['peak_extra_device_bytes'] / 2**20:.0f} MiB")
+            if "pointers_stable" in r:
+                notes.append("pointers stable" if r["pointers_stable"] else "POINTERS MOVED")
+            for key, label in (("host_us_per_tensor", "host us/tensor"), ("overhead_us_per_tensor", "over D2D us/tensor"),
+                               ("validate_us_per_tensor", "validation us/tensor"), ("tensors", "tensors")):
+                if key in r:
+                    notes.append(f"{label} {r[key]:.1f}" if isinstance(r[key], float) else f"{label} {r[key]}")
+            first = f"{r['bytes'] / r['first_s'] / 1e9:10.2f}" if "first_s" in r else ""
+            vs_h2d = f"{r['gb_per_s'] / h2d:6.2f}" if h2d else ""
+            lines.append(f"{r['name']:40} {r['gb_per_s']:8.2f} {r['gb_per_s_median']:8.2f} {first:>10} "
+                         f"{r['seconds_min']:8.4f} {vs_h2d:>6}  {'; '.join(notes)}")
+        for k, v in d["ratios"].items():
+            lines.append(f"  {k}: {v:.3f}")
+        for k, v in d["profile"].items():
+            if k.startswith("loadkit_reload"):
+                parts = [f"{n} {x:.1f}" for n, x in v.items() if isinstance(x, (int, float))]
+                lines.append(f"  profile {k} (ms, median of repeats): " + ", ".join(parts))
+            elif k == "fresh_load":
+                lines.append("  profile fresh load (ms): " +
+                             ", ".join(f"{n} {x:.1f}" for n, x in v["stages_ms"].items()))
+                if v.get("staging"):
+                    lines.append("    " + v["staging"])
+    lines += ["", "== targets (ratios within this run) =="]
+    for label, shape, key, bound in TARGETS:
+        v = out["shapes"].get(shape, {}).get("ratios", {}).get(key)
+        lines.append(f"  {label:66} " + ("not measured" if v is None else f"{v:.3f} {'met' if v >= bound else 'NOT met'}"))
+    many = out["shapes"].get("many")
+    if many:
+        u = next((r for r in many["results"] if r["name"] == "loadkit_update_from_device_bf16"), None)
+        if u:
+            lines.append(f"  {'20 000-tensor update: host us per tensor <= 5':66} {u['host_us_per_tensor']:.2f} "
+                         f"{'met' if u['host_us_per_tensor'] <= 5 else 'NOT met'} ({u['tensors']} tensors)")
+    if out.get("skipped"):
+        lines.append("skipped for the time budget: " + ", ".join(out["skipped"]))
+    return "\n".join(lines) + "\n"
+
+
+def plot(out, path):
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(10, 0.35 * len(results) + 1))
-        ax.barh([r["name"] for r in results][::-1], [r["gb_per_s"] for r in results][::-1])
-        ax.set_xlabel("GB/s")
-        ax.set_xscale("log")
-        ax.set_title(f"{out['device']}: {nbytes / 1e9:.2f} GB bf16 checkpoint")
-        fig.tight_layout()
-        fig.savefig(os.path.join(a.out, "bench.png"), dpi=90)
     except ImportError:
-        pass
+        return
+    shapes = [s for s in out["shapes"] if s != "many"]
+    if not shapes:
+        return
+    fig, axes = plt.subplots(len(shapes), 1, figsize=(10, 4 * len(shapes)), squeeze=False)
+    for ax, s in zip(axes[:, 0], shapes):
+        d = out["shapes"][s]
+        rows = [r for r in d["results"] if not r["name"].startswith("d2d")]
+        names = [r["name"] + (" (" + r["status"].split(":")[0] + ")" if "status" in r else "") for r in rows][::-1]
+        ax.barh(names, [r.get("gb_per_s", 0) for r in rows][::-1], color="tab:blue", label="best")
+        firsts = [(n, r["bytes"] / r["first_s"] / 1e9) for n, r in zip(names, rows[::-1]) if "first_s" in r]
+        if firsts:
+            ax.scatter([v for _, v in firsts], [n for n, _ in firsts], color="tab:orange", zorder=3, label="first")
+        for name, style, label in (("pinned_h2d_ceiling", "--", "pinned H2D"), ("d2d_copy_one_block", ":", "D2D")):
+            ceiling = next((r["gb_per_s"] for r in d["results"] if r["name"] == name), None)
+            if ceiling:
+                ax.axvline(ceiling, color="gray", linestyle=style, label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel("GB/s (checkpoint bytes / seconds)")
+        ax.set_title(f"{out['device']}: {s}, {d['title']}, {d['bytes'] / 1e9:.2f} GB")
+        ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,14 @@
 // finish_update in one chunk; the same bytes copied device-to-device
 // (per tensor and as one block) are measured in the same process. load: A
 // loaded again and again in one process (pinned staging reused).
+//
+// Where the time goes: every staged load and reload reports its stream's
+// profile (runtime/src/staging/staged_stream.h: consumer waits and work,
+// readers' reads and waits, pinning, tensors read from the mapping) and, for
+// reloads, the time before the stream opened (open the files, validate every
+// tensor through the loaders on meta stand-ins, plan) and after it closed
+// (delayed modules, pointer checks, the final synchronisation). Updates report
+// the host time per tensor and, apart, the validation alone.
 // Prints one JSON object. A benchmark, never a test.
 
 #include <ATen/ATen.h>
@@ -25,6 +33,7 @@
 
 #include "device.h"
 #include "formats/checkpoint_files.h"
+#include "staging/staged_stream.h"
 #include "loadkit/error.h"
 #include "loadkit/runtime/engine.h"
 #include "loadkit/runtime/log.h"
@@ -86,6 +95,50 @@ double timed(const c10::Device& device, Fn&& fn) {
   return std::chrono::duration<double>(Clock::now() - t).count();
 }
 
+double ms_between(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double, std::milli>(b - a).count();
+}
+
+/// The last staged stream's profile (null without one, e.g. on the plain path).
+json staging_json() {
+  const auto p = last_staging_profile();
+  if (!p) return nullptr;
+  json longest = json::array();
+  for (const auto& [name, ms] : p->longest_work) longest.push_back({{"after", name}, {"ms", ms}});
+  return {{"tensors", p->tensors}, {"staged_bytes", p->staged_bytes}, {"bypassed_tensors", p->bypassed_tensors},
+          {"bypassed_bytes", p->bypassed_bytes}, {"window_bytes", p->window_bytes}, {"limit_bytes", p->limit_bytes},
+          {"readers", p->readers}, {"open_ms", p->open_ms}, {"first_tensor_ms", p->first_tensor_ms},
+          {"consumer_wait_ms", p->consumer_wait_ms}, {"consumer_waits", p->consumer_waits},
+          {"consumer_work_ms", p->consumer_work_ms},
+          {"consumer_work_after_reserved_ms", p->consumer_work_after_reserved_ms}, {"longest_work", longest},
+          {"read_ms", p->read_ms}, {"window_wait_ms", p->window_wait_ms}, {"ring_wait_ms", p->ring_wait_ms},
+          {"pinning_ms", p->pinning_ms}};
+}
+
+/// Meta stand-ins (names, shapes, dtypes; no data) of every tensor of the checkpoint in `dir`.
+std::vector<NamedWeight> meta_weights(const std::string& dir) {
+  std::vector<NamedWeight> out;
+  for (const auto& file : safetensors::open_checkpoint(dir).files)
+    for (const auto& info : file->tensors())
+      out.push_back({info.name, at::empty(info.shape, at::TensorOptions().dtype(to_scalar_type(info.dtype)).device(at::kMeta)),
+                     file->path()});
+  return out;
+}
+
+/// Seconds to validate a whole update of `planned` (meta) against the model: the loaders on meta
+/// stand-ins for every tensor, what a reload and an update run before writing anything.
+std::vector<double> validation_seconds(LoadedModel& model, const std::vector<NamedWeight>& planned, int repeats) {
+  std::vector<double> seconds;
+  for (int i = 0; i < repeats; ++i) {
+    const auto t = Clock::now();
+    model.begin_update();
+    model.validate_update(planned, /*complete=*/true);
+    seconds.push_back(std::chrono::duration<double>(Clock::now() - t).count());
+    model.rollback_update();  // without a journal: ends the session, nothing was written
+  }
+  return seconds;
+}
+
 int run(const Args& a) {
   c10::AutoGradMode no_grad(false);
   log::set_level(log::parse_level("warn"));
@@ -101,16 +154,18 @@ int run(const Args& a) {
 
   if (a.mode == "load") {
     std::vector<double> seconds;
-    json last;
+    json last, profiles = json::array();
     uint64_t bytes = 0;
     for (int i = 0; i < a.repeats; ++i) {
       auto model = LoadedModel::load(options, registry);
       seconds.push_back(model->report().seconds);
       bytes = model->report().bytes;
       last = report_fields(model->report());
+      profiles.push_back(staging_json());  // the first load of the process pins the readers' buffers
     }
     out["load"] = summary(seconds, bytes);
     out["load"].update(last);
+    out["load"]["staging"] = profiles;
     std::cout << out.dump(2) << std::endl;
     return 0;
   }
@@ -121,16 +176,29 @@ int run(const Args& a) {
     std::vector<double> seconds;
     uint64_t peak = 0, bytes = 0;
     bool stable = true;
+    json stages = json::array();
     for (int i = 0; i < a.repeats; ++i) {
+      const auto called = Clock::now();
       const LoadReport& r = model->reload(i % 2 == 0 ? a.from : a.model);
+      const auto returned = Clock::now();
       seconds.push_back(r.seconds);
       bytes = r.bytes;
       peak = std::max<uint64_t>(peak, r.peak_extra_device_bytes.value_or(0));
       stable = stable && r.pointers_stable;
+      json stage = {{"total_ms", ms_between(called, returned)}, {"staging", staging_json()}};
+      if (const auto p = last_staging_profile(); p && p->opened_at > called) {
+        stage["before_stream_ms"] = ms_between(called, p->opened_at);  // open files, validate, plan
+        stage["after_stream_ms"] = ms_between(p->closed_at, returned);  // finish, checks, final sync
+      }
+      stages.push_back(stage);
     }
     out["reload"] = summary(seconds, bytes);
     out["reload"]["peak_extra_device_bytes"] = peak;
     out["reload"]["pointers_stable"] = stable;
+    out["reload"]["stages"] = stages;
+    const auto planned = meta_weights(a.from);
+    out["reload"]["validate"] = summary(validation_seconds(*model, planned, a.repeats), bytes);
+    out["reload"]["validate"]["tensors"] = planned.size();
   } else if (a.mode == "update") {
     // B's tensors on the device, as a colocated trainer holds them.
     std::vector<NamedWeight> weights;
@@ -140,14 +208,16 @@ int run(const Args& a) {
         bytes += t.nbytes();
         weights.push_back({name, t.to(device), "trainer"});
       }
-    std::vector<double> seconds;
+    std::vector<double> seconds, host;
     uint64_t peak = 0;
     bool stable = true;
     for (int i = 0; i < a.repeats; ++i) {
       seconds.push_back(timed(device, [&] {
+        const auto t = Clock::now();
         model->begin_update();
         model->update(weights);
         const LoadReport& r = model->finish_update();
+        host.push_back(std::chrono::duration<double>(Clock::now() - t).count());  // finish_update synchronises once
         peak = std::max<uint64_t>(peak, r.peak_extra_device_bytes.value_or(0));
         stable = stable && r.pointers_stable;
       }));
@@ -155,6 +225,16 @@ int run(const Args& a) {
     out["update"] = summary(seconds, bytes);
     out["update"]["peak_extra_device_bytes"] = peak;
     out["update"]["pointers_stable"] = stable;
+    out["update"]["tensors"] = weights.size();
+    out["update"]["host_seconds"] = host;
+    out["update"]["host_us_per_tensor"] = *std::min_element(host.begin(), host.end()) * 1e6 / weights.size();
+    std::vector<NamedWeight> planned;
+    for (const auto& w : weights)
+      planned.push_back({w.name, at::empty_like(w.tensor, at::TensorOptions().device(at::kMeta)), w.origin});
+    const auto validation = validation_seconds(*model, planned, a.repeats);
+    out["update"]["validate"] = summary(validation, bytes);
+    out["update"]["validate"]["us_per_tensor"] =
+        *std::min_element(validation.begin(), validation.end()) * 1e6 / planned.size();
     // The same bytes copied device-to-device: tensor by tensor into preallocated tensors, and as one block.
     std::vector<at::Tensor> targets;
     for (const auto& w : weights) targets.push_back(at::empty_like(w.tensor));

@@ -2,17 +2,29 @@
 // the CUDA runtime and POSIX reads (no torch, no loadkit): what the hardware
 // and the page cache allow, so loadkit's numbers can be read against them.
 //
-//   raw_probe --out probe.json [--cold | --cold-only] FILE...
+//   raw_probe --out probe.json [--cold | --cold-only] [--sections LIST] FILE...
 //
-// Measures, on the given files (a checkpoint's *.safetensors):
-//   - pinned host memory: cudaHostAlloc and cudaHostRegister rates (pinning is
-//     part of a cold process's load time);
+// Measures, on the given files (a checkpoint's *.safetensors), by section
+// (--sections, comma-separated; all by default):
+//   - pinning: how fast a staging ring (16 readers x 3 x 2 MiB) can be pinned,
+//     the way runtime/src/staging/pinned_pool.cpp does it today (a mapping and a
+//     cudaHostRegister per buffer, from the readers' threads) against one
+//     registration of the whole ring, transparent huge pages (madvise
+//     MADV_HUGEPAGE before the pages are touched, then cudaHostRegister),
+//     explicit huge pages (MAP_HUGETLB, where the host has some reserved) and
+//     cudaHostAlloc; plus the 256 MiB rates (pinning is most of a fresh
+//     process's set-up);
+//   - copies: the pinned host-to-device ceiling and the device-to-device rate;
+//   - alloc: cudaMalloc of the files' bytes as one block and as a model's tensors;
+//   - smallcopies: what a copy per tensor costs the host, device to device, one
+//     cudaMemcpyAsync per tensor against one cudaMemcpyBatchAsync for them all
+//     (20 000 tensors of 32 KiB, and 1028 of 5.5 MiB: an update's floor per tensor);
 //   - the pinned host-to-device copy ceiling and the device-to-device copy rate;
 //   - cudaMalloc of the files' bytes as one block and as a model's many tensors;
-//   - parallel pread of the files from the page cache into host buffers, by
-//     thread count (the "parallel raw read");
-//   - the pipeline pread -> pinned ring -> async H2D, by threads and piece size;
-//   - mmap + cudaHostRegister(read-only) of the page cache and a copy from it;
+//   - reads: parallel pread of the files from the page cache into host buffers,
+//     by thread count (the "parallel raw read");
+//   - pipeline: pread -> pinned ring -> async H2D, by threads and piece size;
+//   - mapping: mmap + cudaHostRegister(read-only) of the page cache and a copy from it;
 //   - with --cold (root): the same reads after dropping the page cache;
 //     --cold-only measures those alone (the bench alternates them with loadkit's).
 // Prints a table and writes JSON. A benchmark, never a test.
@@ -22,6 +34,9 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
+#include <set>
+#include <sstream>
 
 #include <algorithm>
 #include <atomic>
@@ -226,6 +241,173 @@ bool drop_page_cache() {
 
 void warm(const std::vector<File>& files) { parallel_read(files, 16, 16 << 20, false); }
 
+// ------------------------------------------------------------ pinning
+
+/// kB of anonymous memory backed by transparent huge pages in this process (/proc/self/smaps_rollup).
+long anon_huge_kb() {
+  std::ifstream in("/proc/self/smaps_rollup");
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind("AnonHugePages:", 0) == 0) return std::atol(line.c_str() + 14);
+  return -1;
+}
+
+std::string first_line(const char* path) {
+  std::ifstream in(path);
+  std::string line;
+  std::getline(in, line);
+  return in ? line : std::string("(unreadable)");
+}
+
+/// Host memory to pin: mapped (2 MiB-aligned for huge pages), optionally advised, touched.
+struct HostBlock {
+  void* base = nullptr;  ///< what to unmap
+  size_t mapped = 0;
+  char* data = nullptr;  ///< what to register
+  size_t bytes = 0;
+};
+
+enum class Pages { Populate, Touch, Huge, HugeTlb };
+
+/// Maps `bytes`: Populate: MAP_POPULATE (the pool's way); Touch: map, then write every page;
+/// Huge: map 2 MiB-aligned, madvise(MADV_HUGEPAGE), then write; HugeTlb: MAP_HUGETLB (fails
+/// without reserved huge pages). Returns an empty block on failure.
+HostBlock map_block(size_t bytes, Pages pages) {
+  HostBlock b;
+  b.bytes = bytes;
+  const size_t align = 2 << 20;
+  int flags = MAP_PRIVATE | MAP_ANONYMOUS;
+  if (pages == Pages::Populate) flags |= MAP_POPULATE;
+  if (pages == Pages::HugeTlb) flags |= MAP_HUGETLB;
+  b.mapped = pages == Pages::Huge ? bytes + align : bytes;
+  b.base = ::mmap(nullptr, b.mapped, PROT_READ | PROT_WRITE, flags, -1, 0);
+  if (b.base == MAP_FAILED) return {};
+  b.data = static_cast<char*>(b.base);
+  if (pages == Pages::Huge) {
+    b.data = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(b.base) + align - 1) / align * align);
+    ::madvise(b.data, bytes, MADV_HUGEPAGE);
+  }
+  if (pages != Pages::Populate)
+    for (size_t off = 0; off < bytes; off += 4096) b.data[off] = 1;
+  return b;
+}
+
+void unmap_block(HostBlock& b) {
+  if (b.base) ::munmap(b.base, b.mapped);
+  b = {};
+}
+
+/// Pins `count` buffers of `piece` bytes, `per_thread` of them on each of count / per_thread threads
+/// (as the staged readers do), mapping each with `pages`; returns the wall time of map + register.
+double pin_ring(int count, size_t piece, int per_thread, Pages pages, bool* failed) {
+  std::vector<HostBlock> blocks(count);
+  std::atomic<bool> bad{false};
+  const int threads = std::max(1, count / per_thread);
+  const auto start = Clock::now();
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t)
+    pool.emplace_back([&, t] {
+      for (int i = t; i < count; i += threads) {
+        blocks[i] = map_block(piece, pages);
+        if (!blocks[i].data || cudaHostRegister(blocks[i].data, piece, cudaHostRegisterDefault) != cudaSuccess) {
+          cudaGetLastError();
+          bad = true;
+        }
+      }
+    });
+  for (auto& th : pool) th.join();
+  const double s = seconds_since(start);
+  for (auto& b : blocks) {
+    if (b.data) cudaHostUnregister(b.data);
+    unmap_block(b);
+  }
+  cudaGetLastError();
+  if (failed) *failed = bad;
+  return s;
+}
+
+/// One block of `bytes`, mapped with `pages`, registered once; `touch_seconds` gets the mapping part.
+double pin_block(size_t bytes, Pages pages, double* touch_seconds, std::string* note) {
+  const long huge_before = anon_huge_kb();
+  auto t = Clock::now();
+  HostBlock b = map_block(bytes, pages);
+  const double touch = seconds_since(t);
+  if (!b.data) {
+    if (note) *note = std::string("mmap failed: ") + std::strerror(errno);
+    return -1;
+  }
+  if (note) {
+    std::ostringstream o;
+    o << "AnonHugePages +" << (anon_huge_kb() - huge_before) << " kB";
+    *note = o.str();
+  }
+  t = Clock::now();
+  const cudaError_t st = cudaHostRegister(b.data, bytes, cudaHostRegisterDefault);
+  const double reg = seconds_since(t);
+  if (st != cudaSuccess) {
+    if (note) *note += std::string("; cudaHostRegister failed: ") + cudaGetErrorString(st);
+    cudaGetLastError();
+    unmap_block(b);
+    return -1;
+  }
+  cudaHostUnregister(b.data);
+  unmap_block(b);
+  if (touch_seconds) *touch_seconds = touch;
+  return touch + reg;
+}
+
+/// Pinning rates: today's pool against one registration, huge pages and cudaHostAlloc.
+void measure_pinning() {
+  std::printf("transparent huge pages: enabled %s, defrag %s\n",
+              first_line("/sys/kernel/mm/transparent_hugepage/enabled").c_str(),
+              first_line("/sys/kernel/mm/transparent_hugepage/defrag").c_str());
+  {  // the driver's one-time costs out of the way
+    bool failed = false;
+    pin_ring(1, 2 << 20, 1, Pages::Populate, &failed);
+  }
+  const int count = 16 * 3;
+  const size_t piece = 2 << 20, ring = count * piece;
+  for (int repeat = 0; repeat < 2; ++repeat) {
+    const std::string r = repeat ? " (again)" : "";
+    bool failed = false;
+    double s = pin_ring(count, piece, 3, Pages::Populate, &failed);
+    record("pin ring 48 x 2 MiB, today's pool, 16 threads" + r, ring, s, failed ? "some failed" : "");
+    s = pin_ring(count, piece, count, Pages::Populate, &failed);
+    record("pin ring 48 x 2 MiB, today's pool, 1 thread" + r, ring, s, failed ? "some failed" : "");
+    s = pin_ring(count, piece, 3, Pages::Huge, &failed);
+    record("pin ring 48 x 2 MiB, THP, 16 threads" + r, ring, s, failed ? "some failed" : "");
+    for (Pages pages : {Pages::Populate, Pages::Touch, Pages::Huge, Pages::HugeTlb}) {
+      const char* how = pages == Pages::Populate ? "MAP_POPULATE"
+                        : pages == Pages::Touch  ? "touched"
+                        : pages == Pages::Huge   ? "THP (madvise before touching)"
+                                                 : "MAP_HUGETLB";
+      double touch = 0;
+      std::string note;
+      s = pin_block(ring, pages, &touch, &note);
+      if (s < 0) {
+        std::printf("pin ring as one 96 MiB block, %s: %s\n", how, note.c_str());
+        continue;
+      }
+      record(std::string("pin ring as one 96 MiB block, ") + how + r, ring, s,
+             "mapping/touching " + std::to_string(touch * 1e3) + " ms; " + note);
+    }
+    char* h = nullptr;
+    auto t = Clock::now();
+    check(cudaHostAlloc(reinterpret_cast<void**>(&h), ring, cudaHostAllocDefault), "cudaHostAlloc");
+    record("pin ring with one cudaHostAlloc of 96 MiB" + r, ring, seconds_since(t));
+    cudaFreeHost(h);
+  }
+  for (Pages pages : {Pages::Populate, Pages::Huge}) {
+    double touch = 0;
+    std::string note;
+    const double s = pin_block(256ull << 20, pages, &touch, &note);
+    if (s >= 0)
+      record(std::string("pin 256 MiB, ") + (pages == Pages::Huge ? "THP" : "MAP_POPULATE"), 256ull << 20, s,
+             "mapping/touching " + std::to_string(touch * 1e3) + " ms; " + note);
+  }
+}
+
+
 std::string json_escape(const std::string& s) {
   std::string out;
   for (char c : s) {
@@ -235,10 +417,82 @@ std::string json_escape(const std::string& s) {
   return out;
 }
 
+// ------------------------------------------------------------ small copies
+
+/// `count` device-to-device copies of `bytes` each: one cudaMemcpyAsync a copy, then one batched
+/// call for all of them; host seconds to issue and total seconds to finish, per copy.
+void measure_small_copies(int count, size_t bytes) {
+  char *src = nullptr, *dst = nullptr;
+  if (cudaMalloc(reinterpret_cast<void**>(&src), count * bytes) != cudaSuccess ||
+      cudaMalloc(reinterpret_cast<void**>(&dst), count * bytes) != cudaSuccess) {
+    cudaGetLastError();
+    std::printf("small copies %d x %zu: not enough device memory\n", count, bytes);
+    cudaFree(src);
+    return;
+  }
+  cudaStream_t stream;
+  check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+  const std::string what = std::to_string(count) + " x " + std::to_string(bytes >> 10) + " KiB D2D";
+  for (int repeat = 0; repeat < 2; ++repeat) {
+    check(cudaDeviceSynchronize(), "sync");
+    auto t = Clock::now();
+    for (int i = 0; i < count; ++i)
+      check(cudaMemcpyAsync(dst + i * bytes, src + i * bytes, bytes, cudaMemcpyDeviceToDevice, stream), "D2D");
+    const double issue = seconds_since(t);
+    check(cudaStreamSynchronize(stream), "sync");
+    const double total = seconds_since(t);
+    if (repeat)
+      record("copies, one cudaMemcpyAsync each: " + what, count * bytes, total,
+             "host " + std::to_string(issue / count * 1e6) + " us per copy to issue, " +
+                 std::to_string(total / count * 1e6) + " us per copy done");
+  }
+#if CUDART_VERSION >= 12080
+  std::vector<void*> dsts(count), srcs(count);
+  std::vector<size_t> sizes(count, bytes);
+  for (int i = 0; i < count; ++i) {
+    dsts[i] = dst + i * bytes;
+    srcs[i] = src + i * bytes;
+  }
+  cudaMemcpyAttributes attr{};
+  attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
+  size_t attr_index = 0;
+  for (int repeat = 0; repeat < 2; ++repeat) {
+    check(cudaDeviceSynchronize(), "sync");
+    auto t = Clock::now();
+#if CUDART_VERSION >= 13000
+    const cudaError_t st = cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(), count, &attr, &attr_index, 1, stream);
+#else
+    size_t fail = 0;
+    const cudaError_t st =
+        cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(), count, &attr, &attr_index, 1, &fail, stream);
+#endif
+    const double issue = seconds_since(t);
+    if (st != cudaSuccess) {
+      std::printf("cudaMemcpyBatchAsync: %s\n", cudaGetErrorString(st));
+      cudaGetLastError();
+      break;
+    }
+    check(cudaStreamSynchronize(stream), "sync");
+    const double total = seconds_since(t);
+    if (repeat)
+      record("copies, one cudaMemcpyBatchAsync: " + what, count * bytes, total,
+             "host " + std::to_string(issue / count * 1e6) + " us per copy to issue, " +
+                 std::to_string(total / count * 1e6) + " us per copy done");
+  }
+#endif
+  cudaStreamDestroy(stream);
+  cudaFree(src);
+  cudaFree(dst);
+}
+
+std::set<std::string> sections;  ///< empty: all
+bool wanted(const std::string& section) { return sections.empty() || sections.count(section); }
+
 /// Everything measured with the files in the page cache.
 void measure_warm(const std::vector<File>& files, uint64_t total, char*& device) {
-  // Pinning rates.
-  {
+  if (wanted("pinning")) measure_pinning();
+  // Pinning rates of whole blocks, as earlier runs recorded them.
+  if (wanted("pinning")) {
     const uint64_t n = 256ull << 20;
     char* h = nullptr;
     auto t = Clock::now();
@@ -256,7 +510,7 @@ void measure_warm(const std::vector<File>& files, uint64_t total, char*& device)
   }
 
   // Copy ceilings.
-  {
+  if (wanted("copies")) {
     const uint64_t n = std::min<uint64_t>(total, 4ull << 30);
     char* h = nullptr;
     check(cudaHostAlloc(reinterpret_cast<void**>(&h), n, cudaHostAllocDefault), "cudaHostAlloc");
@@ -292,8 +546,13 @@ void measure_warm(const std::vector<File>& files, uint64_t total, char*& device)
     record("device-to-device copy (bytes copied)", half, s);
   }
 
+  if (wanted("smallcopies")) {
+    measure_small_copies(20000, 32 << 10);
+    measure_small_copies(1028, 1408 * 2048 * 2);
+  }
+
   // Device allocation: one block, and a 10-layer Llama-3-8B's tensors one by one.
-  {
+  if (wanted("alloc")) {
     cudaFree(device);
     auto t = Clock::now();
     check(cudaMalloc(reinterpret_cast<void**>(&device), total), "cudaMalloc");
@@ -320,19 +579,22 @@ void measure_warm(const std::vector<File>& files, uint64_t total, char*& device)
     check(cudaMalloc(reinterpret_cast<void**>(&device), total), "cudaMalloc");
   }
 
-  // Page cache -> host, by threads.
-  warm(files);
   const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
-  std::vector<int> thread_counts = {1, 4, 8, 16, 32};
-  if (cores > 16) thread_counts.push_back(static_cast<int>(cores));
-  for (int t : thread_counts)
-    record("page cache pread, " + std::to_string(t) + " threads, 8 MiB", total,
-           best_of(2, [&] { return parallel_read(files, t, 8 << 20, false); }));
-  record("page cache pread, 16 threads, 1 MiB", total, best_of(2, [&] { return parallel_read(files, 16, 1 << 20, false); }));
-  record("page cache pread, 16 threads, 32 MiB", total,
-         best_of(2, [&] { return parallel_read(files, 16, 32 << 20, false); }));
-  record("page cache pread into pinned, 16 threads, 8 MiB", total,
-         best_of(2, [&] { return parallel_read(files, 16, 8 << 20, true); }));
+  // Page cache -> host, by threads.
+  if (wanted("reads")) {
+    warm(files);
+    std::vector<int> thread_counts = {1, 4, 8, 16, 32};
+    if (cores > 16) thread_counts.push_back(static_cast<int>(cores));
+    for (int t : thread_counts)
+      record("page cache pread, " + std::to_string(t) + " threads, 8 MiB", total,
+             best_of(2, [&] { return parallel_read(files, t, 8 << 20, false); }));
+    record("page cache pread, 16 threads, 1 MiB", total,
+           best_of(2, [&] { return parallel_read(files, 16, 1 << 20, false); }));
+    record("page cache pread, 16 threads, 32 MiB", total,
+           best_of(2, [&] { return parallel_read(files, 16, 32 << 20, false); }));
+    record("page cache pread into pinned, 16 threads, 8 MiB", total,
+           best_of(2, [&] { return parallel_read(files, 16, 8 << 20, true); }));
+  }
 
   // The staged pipeline, by threads, piece size and ring depth.
   struct Config {
@@ -340,18 +602,20 @@ void measure_warm(const std::vector<File>& files, uint64_t total, char*& device)
     uint64_t piece;
     int depth;
   };
-  for (Config c : {Config{8, 8 << 20, 2}, Config{16, 4 << 20, 2}, Config{16, 8 << 20, 2}, Config{16, 16 << 20, 2},
-                   Config{16, 8 << 20, 4}, Config{24, 8 << 20, 2}, Config{32, 4 << 20, 2}}) {
-    if (static_cast<unsigned>(c.threads) > 2 * cores) continue;
-    double pin = 0;
-    const double s = best_of(2, [&] { return pipeline(files, device, c.threads, c.piece, c.depth, &pin); });
-    record("pipeline pread->pinned->H2D, " + std::to_string(c.threads) + "t x " + std::to_string(c.depth) + " x " +
-               std::to_string(c.piece >> 20) + " MiB",
-           total, s, "pinning the ring took " + std::to_string(pin * 1e3) + " ms");
+  if (wanted("pipeline")) {
+    for (Config c : {Config{8, 8 << 20, 2}, Config{16, 4 << 20, 2}, Config{16, 8 << 20, 2}, Config{16, 16 << 20, 2},
+                     Config{16, 8 << 20, 4}, Config{24, 8 << 20, 2}, Config{32, 4 << 20, 2}}) {
+      if (static_cast<unsigned>(c.threads) > 2 * cores) continue;
+      double pin = 0;
+      const double s = best_of(2, [&] { return pipeline(files, device, c.threads, c.piece, c.depth, &pin); });
+      record("pipeline pread->pinned->H2D, " + std::to_string(c.threads) + "t x " + std::to_string(c.depth) + " x " +
+                 std::to_string(c.piece >> 20) + " MiB",
+             total, s, "pinning the ring took " + std::to_string(pin * 1e3) + " ms");
+    }
   }
 
   // The page cache itself registered with CUDA (no host copy at all).
-  {
+  if (wanted("mapping")) {
     double reg = 0, copy = 0, unreg = 0;
     bool ok = true;
     std::vector<std::pair<void*, uint64_t>> maps;
@@ -411,6 +675,9 @@ int main(int argc, char** argv) {
       cold = true;
     } else if (arg == "--cold-only") {
       cold = cold_only = true;
+    } else if (arg == "--sections" && i + 1 < argc) {
+      std::stringstream list(argv[++i]);
+      for (std::string item; std::getline(list, item, ',');) sections.insert(item);
     } else {
       File f;
       f.path = arg;
@@ -425,7 +692,7 @@ int main(int argc, char** argv) {
     }
   }
   if (files.empty()) {
-    std::fprintf(stderr, "usage: raw_probe [--out F.json] [--cold] FILE...\n");
+    std::fprintf(stderr, "usage: raw_probe [--out F.json] [--cold | --cold-only] [--sections LIST] FILE...\n");
     return 2;
   }
   uint64_t total = 0;

@@ -2,9 +2,29 @@
 // through the registry: `fp8` (per-tensor dynamic e4m3 weights, at::_scaled_mm
 // on Hopper) and `int8` (weight-only, per output channel).
 //
-// Both quantize in row chunks with float32 arithmetic, so that processing a
-// layer needs the layer's load-format weight plus a bounded scratch, and both
-// write straight into a reload's kernel tensors when given them.
+// Both write straight into a reload's kernel tensors when given them. The
+// arithmetic is fixed, whatever the device, so that a GPU and a CPU quantize to
+// the same bytes:
+//   fp8:  scale = max(float32(amax|w|) / 448, 1e-12), one true float32 division;
+//         q = e4m3(float32(w) / scale), the quotient rounded once to float32, then
+//         to the nearest e4m3 (ties to even).
+//   int8: scale = max(float32(amax|row|) / 127, 1e-12) per output row;
+//         q = clamp(round(float32(w) / scale), -127, 127).
+// Scales divide by a tensor, never a host scalar: CUDA turns `t / 448.0` into
+// `t * (1 / 448.0)`, which can miss the quotient by one bit.
+//
+// How many kernels that takes is the point of this file's layout. A reload
+// quantizes every layer of the model; kernels of a few MiB each cost more to
+// launch than to run, and the host launching them is the host that feeds the
+// next module's transfer. So on CUDA fp8 is one reduction and one division
+// kernel per weight: at::div_out computes in float32 and casts to e4m3 as it
+// stores (no float32 copy of the weight), and the experts of a MoE layer go
+// together, [E, N, K] against their [E, 1, 1] scales. On the CPU the same
+// division makes a float32 temporary of its output, so the CPU quantizes in row
+// chunks of bounded float32 scratch. int8 needs round and clamp between the
+// division and the cast, so it always goes through float32 chunks (fewer and
+// cheaper ones on CUDA than before: one reduction up front, four kernels a chunk).
+// None of it reads a value back to the host: processing queues kernels and returns.
 
 #include <ATen/ATen.h>
 
@@ -22,6 +42,7 @@ namespace {
 using namespace loadkit;
 
 constexpr double kFp8Max = 448.0;           // largest finite float8_e4m3fn
+constexpr double kInt8Max = 127.0;
 constexpr double kMinScale = 1e-12;         // an all-zero weight quantizes to zeros, never inf/NaN
 
 /// Rows per float32 scratch chunk of a [rows, cols] weight: a sixteenth of the weight, within
@@ -32,6 +53,52 @@ constexpr double kMinScale = 1e-12;         // an all-zero weight quantizes to z
 int64_t rows_per_chunk(int64_t rows, int64_t cols) {
   const int64_t elements = std::clamp<int64_t>(rows * cols / 16, int64_t{1} << 16, int64_t{1} << 20);
   return std::max<int64_t>(1, elements / std::max<int64_t>(1, cols));
+}
+
+/// max(|lo|, |hi|) as float32 (exact: the maximum of 16-bit values is one of them).
+at::Tensor amax_of(const std::tuple<at::Tensor, at::Tensor>& lo_hi) {
+  const auto& [lo, hi] = lo_hi;
+  return at::maximum(lo.abs(), hi.abs()).to(at::kFloat);
+}
+
+/// Writes max(amax / range, 1e-12) into `scale` (float32, amax's shape): a true division by a
+/// tensor on amax's device (see the file comment), no temporary beyond amax's size.
+void write_scale(at::Tensor scale, const at::Tensor& amax, double range) {
+  at::div_out(scale, amax, at::full({}, range, amax.options()));
+  scale.clamp_min_(kMinScale);
+}
+
+/// fp8 quantization of the [rows, cols] weight `w` into `out` (same shape, e4m3) with the
+/// per-tensor `scale` ([1], float32). CUDA: one kernel. CPU: float32 chunks (see the file comment).
+/// No clamp: |w| <= amax, so the quotient exceeds 448 by a rounding error at most, which e4m3
+/// rounds back to 448. The scale must have a dimension: a 0-dim float32 scale would lose type
+/// promotion to the 16-bit weight, and the division would run in bf16.
+void quantize_fp8_rows(at::Tensor out, const at::Tensor& w, const at::Tensor& scale) {
+  if (w.is_cuda()) {
+    at::div_out(out, w, scale);
+    return;
+  }
+  const int64_t rows = w.size(0), step = rows_per_chunk(rows, w.size(1));
+  for (int64_t r = 0; r < rows; r += step) {
+    const int64_t n = std::min(step, rows - r);
+    at::Tensor chunk = out.narrow(0, r, n);
+    at::div_out(chunk, w.narrow(0, r, n), scale);
+  }
+}
+
+/// int8 quantization of the [rows, cols] weight `w` into `out` (same shape, int8) with one float32
+/// scale per row, written into `scale` ([rows]). One reduction over the whole weight, then row
+/// chunks of float32 scratch (one buffer, reused): divide, round, clamp, narrow to int8.
+void quantize_int8_rows(const at::Tensor& out, const at::Tensor& scale, const at::Tensor& w) {
+  const int64_t rows = w.size(0), cols = w.size(1), step = rows_per_chunk(rows, cols);
+  write_scale(scale, amax_of(at::aminmax(w, 1)), kInt8Max);
+  at::Tensor scratch = at::empty({std::min(step, rows), cols}, w.options().dtype(at::kFloat));
+  for (int64_t r = 0; r < rows; r += step) {
+    const int64_t n = std::min(step, rows - r);
+    at::Tensor q = scratch.narrow(0, 0, n);
+    at::div_out(q, w.narrow(0, r, n), scale.narrow(0, r, n).unsqueeze(1));
+    out.narrow(0, r, n).copy_(q.round_().clamp_(-kInt8Max, kInt8Max));
+  }
 }
 
 /// `targets[name]` when it is there with this shape and dtype, else a fresh tensor.
@@ -72,22 +139,14 @@ class Fp8LinearMethod final : public OnlineQuantMethod {
     const at::Tensor w = layer.param("weight").data;  // load format [out, in]
     if (w.scalar_type() == at::kFloat8_e4m3fn) return;  // already kernel format
     const int64_t out = w.size(0), in = w.size(1);
-    auto [lo, hi] = at::aminmax(w);  // no full-size |w| temporary
-    at::Tensor amax = at::maximum(lo.abs(), hi.abs()).to(at::kFloat);
     at::Tensor scale = target_or(targets, "weight_scale", {1}, at::kFloat,
                                  [&] { return at::empty({1}, w.options().dtype(at::kFloat)); });
-    scale.copy_((amax / kFp8Max).clamp_min(kMinScale).reshape({1}));
+    write_scale(scale, amax_of(at::aminmax(w)).reshape({1}), kFp8Max);  // no full-size |w| temporary
     // Kernel layout: [in, out], column-major (the transpose of a contiguous [out, in]), as _scaled_mm wants.
     at::Tensor weight = target_or(targets, "weight", {in, out}, at::kFloat8_e4m3fn, [&] {
       return at::empty({out, in}, w.options().dtype(at::kFloat8_e4m3fn)).t();
     });
-    at::Tensor rows = weight.t();  // [out, in] view of the same storage
-    const int64_t step = rows_per_chunk(out, in);
-    for (int64_t r = 0; r < out; r += step) {
-      const int64_t n = std::min(step, out - r);
-      // One float32 scratch per chunk, transformed in place, then narrowed to fp8 straight into the kernel tensor.
-      rows.narrow(0, r, n).copy_(w.narrow(0, r, n).to(at::kFloat).div_(scale).clamp_(-kFp8Max, kFp8Max));
-    }
+    quantize_fp8_rows(weight.t(), w, scale);  // [out, in] view of the same storage
     install(layer, weight, scale);
   }
 
@@ -164,15 +223,7 @@ class Int8LinearMethod final : public OnlineQuantMethod {
                                   [&] { return at::empty({out, in}, w.options().dtype(at::kChar)); });
     at::Tensor scale = target_or(targets, "weight_scale", {out}, at::kFloat,
                                  [&] { return at::empty({out}, w.options().dtype(at::kFloat)); });
-    const int64_t step = rows_per_chunk(out, in);
-    for (int64_t r = 0; r < out; r += step) {
-      const int64_t n = std::min(step, out - r);
-      at::Tensor chunk = w.narrow(0, r, n).to(at::kFloat);  // the one float32 scratch
-      auto [lo, hi] = at::aminmax(chunk, 1);                 // per row, no |chunk| temporary
-      at::Tensor s = (at::maximum(lo.abs(), hi.abs()) / 127.0).clamp_min(kMinScale);
-      scale.narrow(0, r, n).copy_(s);
-      weight.narrow(0, r, n).copy_(chunk.div_(s.unsqueeze(1)).round_().clamp_(-127, 127));
-    }
+    quantize_int8_rows(weight, scale, w);
     install(layer, weight, scale);
   }
 
@@ -233,21 +284,16 @@ class Fp8MoEMethod final : public OnlineQuantMoEMethod {
   void process(FusedMoE& layer, const std::string& name, const KernelTargets& targets) override {
     const at::Tensor w = layer.param(name).data;  // [E, rows, cols]
     if (w.scalar_type() == at::kFloat8_e4m3fn) return;
-    const int64_t experts = w.size(0), rows = w.size(1), cols = w.size(2);
-    auto [lo, hi] = at::aminmax(w.reshape({experts, -1}), 1);
+    const int64_t experts = w.size(0);
     at::Tensor scale = target_or(targets, (name + "_scale").c_str(), {experts}, at::kFloat,
                                  [&] { return at::empty({experts}, w.options().dtype(at::kFloat)); });
-    scale.copy_((at::maximum(lo.abs(), hi.abs()).to(at::kFloat) / kFp8Max).clamp_min(kMinScale));
+    write_scale(scale, amax_of(at::aminmax(w.reshape({experts, -1}), 1)), kFp8Max);  // one reduction, all experts
     at::Tensor weight = target_or(targets, name.c_str(), w.sizes(), at::kFloat8_e4m3fn,
                                   [&] { return at::empty(w.sizes(), w.options().dtype(at::kFloat8_e4m3fn)); });
-    const int64_t step = rows_per_chunk(experts * rows, cols);
-    for (int64_t e = 0; e < experts; ++e) {
-      at::Tensor s = scale.narrow(0, e, 1);
-      for (int64_t r = 0; r < rows; r += step) {
-        const int64_t n = std::min(step, rows - r);
-        weight.select(0, e).narrow(0, r, n).copy_(
-            w.select(0, e).narrow(0, r, n).to(at::kFloat).div_(s).clamp_(-kFp8Max, kFp8Max));
-      }
+    if (w.is_cuda()) {
+      at::div_out(weight, w, scale.view({experts, 1, 1}));  // one kernel over [E, N, K]
+    } else {
+      for (int64_t e = 0; e < experts; ++e) quantize_fp8_rows(weight.select(0, e), w.select(0, e), scale.narrow(0, e, 1));
     }
     install_experts(layer, name, weight, scale);
   }
@@ -276,17 +322,7 @@ class Int8MoEMethod final : public OnlineQuantMoEMethod {
     at::Tensor scale = target_or(targets, (name + "_scale").c_str(), {experts, rows}, at::kFloat,
                                  [&] { return at::empty({experts, rows}, w.options().dtype(at::kFloat)); });
     // Every expert's rows are rows of one [E * rows, cols] matrix: per-row quantization as for a linear layer.
-    at::Tensor all_rows = w.reshape({experts * rows, cols}), out = weight.view({experts * rows, cols});
-    at::Tensor out_scale = scale.view({experts * rows});
-    const int64_t total = experts * rows, step = rows_per_chunk(total, cols);
-    for (int64_t r = 0; r < total; r += step) {
-      const int64_t n = std::min(step, total - r);
-      at::Tensor chunk = all_rows.narrow(0, r, n).to(at::kFloat);
-      auto [lo, hi] = at::aminmax(chunk, 1);
-      at::Tensor s = (at::maximum(lo.abs(), hi.abs()) / 127.0).clamp_min(kMinScale);
-      out_scale.narrow(0, r, n).copy_(s);
-      out.narrow(0, r, n).copy_(chunk.div_(s.unsqueeze(1)).round_().clamp_(-127, 127));
-    }
+    quantize_int8_rows(weight.view({experts * rows, cols}), scale.view({experts * rows}), w.reshape({experts * rows, cols}));
     install_experts(layer, name, weight, scale);
   }
 };

@@ -111,13 +111,18 @@ void write_llama_checkpoint(const fs::path& dir, int seed, int layers, int64_t h
     shapes.push_back({p + "input_layernorm.weight", {hidden}});
     shapes.push_back({p + "post_attention_layernorm.weight", {hidden}});
   }
+  write_random_checkpoint(dir, std::move(shapes), seed, 3);
+}
+
+void write_random_checkpoint(const fs::path& dir, std::vector<std::pair<std::string, std::vector<int64_t>>> shapes,
+                             int seed, int files) {
   std::shuffle(shapes.begin(), shapes.end(), std::mt19937(seed));
   at::manual_seed(seed);
   nlohmann::json weight_map;
-  for (int f = 0; f < 3; ++f) {
+  for (int f = 0; f < files; ++f) {
     std::vector<std::pair<std::string, at::Tensor>> part;
     const std::string file = "part-" + std::to_string(f) + ".safetensors";
-    for (size_t i = f; i < shapes.size(); i += 3) {
+    for (size_t i = f; i < shapes.size(); i += files) {
       part.emplace_back(shapes[i].first, (at::randn(shapes[i].second) * 0.05).to(at::kBFloat16));
       weight_map[shapes[i].first] = file;
     }

@@ -8,6 +8,8 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "test_support.h"
 
@@ -47,6 +49,11 @@ std::map<std::string, at::Tensor> read_checkpoint(const fs::path& dir);
 /// A bigger Llama checkpoint written here (random bf16, HF names, 16 heads, 4 kv heads, vocab
 /// 4000), tensors shuffled over 3 files with an index.
 void write_llama_checkpoint(const fs::path& dir, int seed, int layers, int64_t hidden, int64_t inter);
+
+/// Random bf16 tensors of these names and shapes (values ~ N(0, 0.05²), seeded), shuffled over
+/// `files` files with an index; the caller writes config.json.
+void write_random_checkpoint(const fs::path& dir, std::vector<std::pair<std::string, std::vector<int64_t>>> shapes,
+                             int seed, int files);
 
 /// Another checkpoint of `f`'s shapes and config: every tensor t becomes t / 2 + noise (seeded),
 /// in one file. What a trainer's next step looks like.

@@ -2,10 +2,13 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <sstream>
 #include <string>
 #include <unordered_map>
 
@@ -22,7 +25,6 @@
 
 #include <condition_variable>
 #include <deque>
-#include <mutex>
 #include <thread>
 
 #include "staging/pinned_pool.h"
@@ -53,9 +55,48 @@ bool staging_enabled(const c10::Device& device) {
 #endif
 }
 
+namespace {
+std::mutex last_profile_mutex;
+std::optional<StagingProfile> last_profile;
+
+void keep_profile(const StagingProfile& p) {
+  std::lock_guard<std::mutex> lock(last_profile_mutex);
+  last_profile = p;
+}
+}  // namespace
+
+std::optional<StagingProfile> last_staging_profile() {
+  std::lock_guard<std::mutex> lock(last_profile_mutex);
+  return last_profile;
+}
+
+std::string StagingProfile::summary() const {
+  std::ostringstream o;
+  o.setf(std::ios::fixed);
+  o.precision(1);
+  o << "staging profile: " << tensors << " tensors, " << (staged_bytes >> 20) << " MiB staged, " << bypassed_tensors
+    << " read from the mapping (" << (bypassed_bytes >> 20) << " MiB); window " << (window_bytes >> 20) << " MiB (bound "
+    << (limit_bytes >> 20) << " MiB), " << readers << " readers; open " << open_ms << " ms, first tensor after "
+    << first_tensor_ms << " ms; consumer waited " << consumer_wait_ms << " ms (" << consumer_waits
+    << " waits), worked " << consumer_work_ms << " ms (" << consumer_work_after_reserved_ms
+    << " after tensors of rebuilt modules); readers (summed): pread " << read_ms << " ms, window waits "
+    << window_wait_ms << " ms, ring waits " << ring_wait_ms << " ms, pinning " << pinning_ms << " ms";
+  if (!longest_work.empty()) {
+    o << "; longest consumer gaps:";
+    for (const auto& [name, ms] : longest_work) o << " " << ms << " ms after '" << name << "'";
+  }
+  return o.str();
+}
+
 #if LOADKIT_CUDA
 
 namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double ms_between(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double, std::milli>(b - a).count();
+}
 
 void check_cuda(cudaError_t status, const char* what) {
   if (status != cudaSuccess) fail(ErrorKind::Other, "CUDA ", what, " failed: ", cudaGetErrorString(status));
@@ -92,6 +133,8 @@ class StagedStream final : public WeightStream {
     piece_bytes_ = options.piece_bytes ? options.piece_bytes : env_number("LOADKIT_STAGING_PIECE_KB", 2 << 10) << 10;
     depth_ = options.depth > 0 ? options.depth : static_cast<int>(env_number("LOADKIT_STAGING_DEPTH", 3));
     window_bytes_ = options.window_bytes ? options.window_bytes : default_window_bytes();
+    limit_bytes_ = window_bytes_ + window_bytes_ / 20;  // the bound, see the header
+    pinning_at_open_ = pinning_nanoseconds().load();
     files_ = files.files;  // keep the validated files (and their tensor infos) alive
     std::vector<Item> in_file_order;
     for (size_t f = 0; f < files_.size(); ++f) {
@@ -129,6 +172,9 @@ class StagedStream final : public WeightStream {
       }
     }
     const int n = static_cast<int>(std::min<size_t>(threads, std::max<size_t>(1, files.total_bytes / piece_bytes_ + 1)));
+    profile_.window_bytes = window_bytes_;
+    profile_.limit_bytes = limit_bytes_;
+    profile_.readers = n;
     for (int i = 0; i < n; ++i) workers_.emplace_back([this, i] { work(i); });
   }
 
@@ -137,9 +183,9 @@ class StagedStream final : public WeightStream {
       std::lock_guard<std::mutex> lock(mutex_);
       stop_ = true;
     }
-    cv_.notify_all();
+    space_cv_.notify_all();
     for (auto& w : workers_) w.join();
-    log::debug(cat("staging: ", pinning_nanoseconds().load() / 1e6, " ms spent pinning buffers so far (all readers)"));
+    close_profile();
     for (auto& item : items_) {
       for (auto& [reader, e] : item.copied) cudaEventDestroy(e);
       if (item.allocated) cudaEventDestroy(item.allocated);
@@ -150,26 +196,39 @@ class StagedStream final : public WeightStream {
 
   bool next(NamedWeight& out) override {
     out.tensor = at::Tensor();  // the previous tensor is consumed: free it before reading further ahead
+    const auto called = Clock::now();
     std::unique_lock<std::mutex> lock(mutex_);
+    if (applying_) note_work(items_[next_ - 1], ms_between(handed_out_, called));
     applying_ = false;
     if (next_ > 0) release(next_ - 1);
     if (next_ >= items_.size()) return false;
     Item& item = items_[next_];
-    cv_.wait(lock, [&] { return item.pieces_queued == item.pieces || !item.error.empty() || item.bypassed; });
+    auto ready = [&] { return item.pieces_queued == item.pieces || !item.error.empty() || item.bypassed; };
+    if (!ready()) {
+      ready_cv_.wait(lock, ready);
+      profile_.consumer_wait_ms += ms_between(called, Clock::now());
+      ++profile_.consumer_waits;
+    }
     if (!item.error.empty())
       fail(ErrorKind::Input, files_[item.file]->path(), ": reading tensor '", item.info->name, "': ", item.error);
     out.name = item.info->name;
     out.origin = files_[item.file]->path();
     ++next_;
     applying_ = true;
+    ++profile_.tensors;
     if (item.bypassed) {
+      profile_.bypassed_bytes += item.bytes;
+      ++profile_.bypassed_tensors;
       out.tensor = view_tensor(files_[item.file], *item.info);
-      return true;
+    } else {
+      profile_.staged_bytes += item.bytes;
+      if (item.pieces == 0) item.device = allocate(item);
+      for (auto& [reader, e] : item.copied) check_cuda(cudaStreamWaitEvent(consumer_, e, 0), "cudaStreamWaitEvent");
+      out.tensor = std::move(item.device);
+      item.device = at::Tensor();
     }
-    if (item.pieces == 0) item.device = allocate(item);
-    for (auto& [reader, e] : item.copied) check_cuda(cudaStreamWaitEvent(consumer_, e, 0), "cudaStreamWaitEvent");
-    out.tensor = std::move(item.device);
-    item.device = at::Tensor();
+    handed_out_ = Clock::now();
+    if (profile_.tensors == 1) profile_.first_tensor_ms = ms_between(opened_, handed_out_);
     return true;
   }
 
@@ -180,7 +239,29 @@ class StagedStream final : public WeightStream {
     if (!item.bypassed) in_flight_ -= item.bytes;
     for (auto& [reader, e] : item.copied) spare_events_.push_back(e);
     item.copied.clear();
-    cv_.notify_all();
+    space_cv_.notify_all();
+  }
+
+  /// The consumer spent `ms` applying `item` (its loaders; processing when it completed a module).
+  void note_work(const Item& item, double ms) {
+    profile_.consumer_work_ms += ms;
+    if (item.reserve > 0) profile_.consumer_work_after_reserved_ms += ms;
+    auto& longest = profile_.longest_work;
+    constexpr size_t kKept = 5;
+    if (longest.size() < kKept || ms > longest.back().second) {
+      if (longest.size() == kKept) longest.pop_back();
+      longest.emplace_back(item.info->name, ms);
+      std::sort(longest.begin(), longest.end(), [](const auto& a, const auto& b) { return a.second > b.second; });
+    }
+  }
+
+  void close_profile() {
+    profile_.opened_at = opened_;
+    profile_.closed_at = Clock::now();
+    profile_.open_ms = ms_between(opened_, profile_.closed_at);
+    profile_.pinning_ms = (pinning_nanoseconds().load() - pinning_at_open_) / 1e6;
+    log::debug(profile_.summary());
+    keep_profile(profile_);
   }
 
   cudaEvent_t event() {
@@ -206,7 +287,8 @@ class StagedStream final : public WeightStream {
   }
 
   /// Next piece to read: (item, piece index), allocating the item's tensor for its first piece.
-  bool take(size_t& item_index, int& piece, std::unique_lock<std::mutex>& lock) {
+  /// `window_wait_ms` adds the time spent waiting for the consumer to free the window.
+  bool take(size_t& item_index, int& piece, std::unique_lock<std::mutex>& lock, double& window_wait_ms) {
     for (;;) {
       if (stop_) return false;
       while (take_item_ < items_.size() && take_piece_ >= items_[take_item_].pieces) {
@@ -216,14 +298,16 @@ class StagedStream final : public WeightStream {
       if (take_item_ >= items_.size()) return false;
       Item& item = items_[take_item_];
       if (take_piece_ == 0) {
-        if (item.bytes + item.reserve > window_bytes_) {  // never fits: the consumer reads it from the mapping
+        if (item.bytes + item.reserve > limit_bytes_) {  // never fits: the consumer reads it from the mapping
           item.bypassed = true;
           ++take_item_;
-          cv_.notify_all();
+          ready_cv_.notify_all();
           continue;
         }
-        if (in_flight_ + item.bytes + reserve_until(take_item_) > window_bytes_) {
-          cv_.wait(lock);  // woken by the consumer's releases
+        if (in_flight_ + item.bytes + reserve_until(take_item_) > limit_bytes_) {
+          const auto waiting = Clock::now();
+          space_cv_.wait(lock);  // woken by the consumer's releases
+          window_wait_ms += ms_between(waiting, Clock::now());
           continue;
         }
         in_flight_ += item.bytes;
@@ -232,7 +316,7 @@ class StagedStream final : public WeightStream {
         } catch (const std::exception& e) {
           item.error = e.what();
           take_piece_ = item.pieces;
-          cv_.notify_all();
+          ready_cv_.notify_all();
           continue;
         }
       }
@@ -289,10 +373,11 @@ class StagedStream final : public WeightStream {
       log::debug(cat("staging reader 0: stream and ", depth_, " pinned buffers ready in ",
                      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started).count(), " ms"));
     size_t k = 0;
+    double read_ms = 0, ring_wait_ms = 0, window_wait_ms = 0;
     std::unique_lock<std::mutex> lock(mutex_);
     size_t index = 0;
     int piece = 0;
-    while (stream && take(index, piece, lock)) {
+    while (stream && take(index, piece, lock, window_wait_ms)) {
       Item& item = items_[index];
       uint8_t* dst = static_cast<uint8_t*>(item.device.data_ptr());
       cudaEvent_t allocated = item.allocated;
@@ -302,8 +387,17 @@ class StagedStream final : public WeightStream {
       Buffer& buf = buffers[k];
       k = (k + 1) % buffers.size();
       std::string error;
-      if (buf.busy) check_cuda(cudaEventSynchronize(buf.done), "cudaEventSynchronize");
-      error = read_fully(item.fd, static_cast<uint8_t*>(buf.host.data()), n, item.offset + begin);
+      auto t = Clock::now();
+      if (buf.busy) {
+        // An error here goes to the item like any other (never out of the thread: that would end the process).
+        if (const cudaError_t st = cudaEventSynchronize(buf.done); st != cudaSuccess)
+          error = std::string("CUDA copy failed: ") + cudaGetErrorString(st);
+        const auto now = Clock::now();
+        ring_wait_ms += ms_between(t, now);
+        t = now;
+      }
+      if (error.empty()) error = read_fully(item.fd, static_cast<uint8_t*>(buf.host.data()), n, item.offset + begin);
+      read_ms += ms_between(t, Clock::now());
       cudaError_t st = cudaSuccess;
       if (error.empty()) {
         st = cudaStreamWaitEvent(stream, allocated, 0);
@@ -316,11 +410,14 @@ class StagedStream final : public WeightStream {
       if (error.empty() && st != cudaSuccess) error = std::string("CUDA copy failed: ") + cudaGetErrorString(st);
       if (!error.empty()) {
         if (item.error.empty()) item.error = error;
-      } else {
-        ++item.pieces_queued;
+        ready_cv_.notify_all();
+      } else if (++item.pieces_queued == item.pieces && index == next_) {
+        ready_cv_.notify_all();  // the consumer waits for this one
       }
-      cv_.notify_all();
     }
+    profile_.read_ms += read_ms;
+    profile_.ring_wait_ms += ring_wait_ms;
+    profile_.window_wait_ms += window_wait_ms;
     if (lock.owns_lock()) lock.unlock();
     // Nothing may go back to the pool while a copy out of it is queued.
     if (stream) {
@@ -335,7 +432,7 @@ class StagedStream final : public WeightStream {
     std::lock_guard<std::mutex> lock(mutex_);
     for (auto& item : items_)
       if (item.error.empty()) item.error = why;
-    cv_.notify_all();
+    ready_cv_.notify_all();
   }
 
   static std::string read_fully(int fd, uint8_t* dst, uint64_t n, uint64_t offset) {
@@ -355,7 +452,7 @@ class StagedStream final : public WeightStream {
 
   c10::Device device_;
   cudaStream_t consumer_ = nullptr;
-  uint64_t piece_bytes_ = 0, window_bytes_ = 0;
+  uint64_t piece_bytes_ = 0, window_bytes_ = 0, limit_bytes_ = 0;
   int depth_ = 3;
   std::vector<std::shared_ptr<const safetensors::SafetensorsFile>> files_;
   std::vector<int> fds_;
@@ -363,7 +460,8 @@ class StagedStream final : public WeightStream {
   std::vector<std::thread> workers_;
 
   std::mutex mutex_;
-  std::condition_variable cv_;
+  std::condition_variable ready_cv_;  ///< the consumer waits here for its next tensor
+  std::condition_variable space_cv_;  ///< readers wait here for the window (or the end)
   bool stop_ = false;
   size_t next_ = 0;        ///< consumer position
   bool applying_ = false;  ///< the consumer holds item next_ - 1 (between two next() calls)
@@ -371,6 +469,11 @@ class StagedStream final : public WeightStream {
   int take_piece_ = 0;
   uint64_t in_flight_ = 0;  ///< bytes allocated and not yet released by the consumer
   std::vector<cudaEvent_t> spare_events_;  ///< waited on by the consumer already: free to record again
+
+  StagingProfile profile_;  ///< guarded by the mutex
+  const Clock::time_point opened_ = Clock::now();
+  Clock::time_point handed_out_;  ///< when the consumer got its current tensor
+  int64_t pinning_at_open_ = 0;
 };
 
 }  // namespace

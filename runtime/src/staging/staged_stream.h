@@ -1,6 +1,6 @@
 #pragma once
 /// \file
-/// The fast path from safetensors files to a CUDA device (issue 8).
+/// The fast path from safetensors files to a CUDA device.
 ///
 /// Reader threads `pread` consecutive pieces of the files into a small ring of
 /// pinned buffers each (from the process-wide pool: pinned once, see
@@ -11,8 +11,31 @@
 /// that carried a piece, so nothing synchronises per tensor and the loaders'
 /// copies into the final parameters are device-to-device. Device memory read
 /// ahead is bounded by a window, which is what a reload's peak extra memory is;
-/// a tensor larger than the window is never staged: it comes as a read-only
-/// host view of the mapping and its loader copies it from there.
+/// a tensor that cannot fit is never staged: it comes as a read-only host view
+/// of the mapping and its loader copies it from there (a pageable copy that
+/// blocks the consumer's stream: the slow path, counted in the profile).
+///
+/// The memory bound, and what it is made of. The caller's window W is the
+/// bound it promises (a reload passes its largest layer's load-format size);
+/// the stream keeps
+///
+///     staged bytes not yet consumed + the largest reserve in play  <=  W + W / 20
+///
+/// where a tensor's reserve is what the consumer holds beside the stream while
+/// that tensor is applied (a reload's materialised module and its processing
+/// scratch), and the reserves in play are those of the tensors from the one
+/// being applied to the one being staged. Only one reserve counts, not their
+/// sum: a reload's modules come one after another (each one's tensors together)
+/// and it frees one module before it materialises the next. The twentieth on
+/// top is deliberate: it is the read-ahead that the largest module itself gets.
+/// Without it a module as large as the window (a MoE layer's experts, the
+/// largest layer of such a model) would reserve the whole window and every one
+/// of its tensors would be read from the mapping (a blocking pageable copy each:
+/// a MoE model's fp8 reload ran at 0.15 of its bf16 rate that way); with it,
+/// its tensors are staged one after another, ~W/20 ahead of the consumer, while
+/// the module is materialised, and a smaller module's processing overlaps the
+/// transfer of the next ones. A tensor whose own bytes and reserve exceed
+/// W + W/20 is read from the mapping.
 ///
 /// Why small pieces: a piece that stays in the CPU caches between the read
 /// and the DMA is cheaper than one that goes through DRAM twice; on the GPU
@@ -26,9 +49,12 @@
 
 #include <c10/core/Device.h>
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "formats/checkpoint_files.h"
@@ -46,10 +72,36 @@ struct StagingOptions {
   /// With `order`, per tensor: device bytes the consumer will hold beside the
   /// stream while that tensor is applied (a reload's materialised module).
   /// Readers then keep read-ahead + the largest such reserve among the tensors
-  /// from the consumer's position to the one they stage within the window; a
-  /// tensor whose bytes and reserve exceed the window alone is not staged.
+  /// from the consumer's position to the one they stage within the bound above;
+  /// a tensor whose bytes and reserve exceed it alone is not staged.
   std::vector<uint64_t> reserve;
 };
+
+/// Where a stream's time went: kept for the last stream of the process, logged at
+/// debug level when a stream closes. Times are milliseconds of wall time; the
+/// readers' are summed over reader threads.
+struct StagingProfile {
+  uint64_t tensors = 0, staged_bytes = 0;
+  uint64_t bypassed_tensors = 0, bypassed_bytes = 0;  ///< read from the mapping: too large beside their reserve
+  uint64_t window_bytes = 0, limit_bytes = 0;           ///< W and W + W/20
+  int readers = 0;
+  double open_ms = 0;           ///< construction to close
+  double first_tensor_ms = 0;   ///< construction to the first tensor handed out
+  double consumer_wait_ms = 0;  ///< the consumer blocked in next(), waiting for data
+  int consumer_waits = 0;       ///< how many next() calls blocked
+  double consumer_work_ms = 0;  ///< the consumer between next() calls: loaders, processing (host time)
+  double consumer_work_after_reserved_ms = 0;  ///< part of it after tensors with a reserve (quantized modules)
+  std::vector<std::pair<std::string, double>> longest_work;  ///< the longest such gaps (ms), after which tensor
+  double read_ms = 0;          ///< readers in pread
+  double window_wait_ms = 0;   ///< readers waiting for the consumer to free the window
+  double ring_wait_ms = 0;     ///< readers waiting for their pinned buffer's previous copy
+  double pinning_ms = 0;       ///< new pinned memory mapped and registered for this stream
+  std::chrono::steady_clock::time_point opened_at, closed_at;  ///< where the stream sits in its caller's time
+  std::string summary() const;  ///< one line, as logged
+};
+
+/// The profile of the process's most recently closed staged stream (empty before the first).
+std::optional<StagingProfile> last_staging_profile();
 
 /// LOADKIT_STAGING_WINDOW_MB (MiB), or 512 MiB: how far a load reads ahead.
 uint64_t default_window_bytes();

@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# The performance run on the GPU machine (the `device` tool), one step per call:
+#
+#   scripts/gpu_perf.sh build    build in build-gpu                  (fresh machine: ~5 min)
+#   scripts/gpu_perf.sh tests    build, then the GPU tests of the fast paths (TEST_REGEX; ~2 min)
+#   scripts/gpu_perf.sh bench    build, then bench/load_bench.py        (~5-6 min after the build)
+#   scripts/gpu_perf.sh all      the three in a row (longer than one call of the device tool)
+#
+# The build is incremental (ninja, ccache) when the machine is still warm from the previous call,
+# so `tests` in one call and `bench` right after keeps each call under the tool's 10 minutes.
+# The bench's rows stop at BENCH_BUDGET_S seconds (default: what is left of 9 minutes since this
+# script started, the build included), and the rows it skips are listed.
+# Expects, carried with the call: .device-deps/*.deb (Boost.Program_options, see
+# scripts/gpu_check.sh) and the peer loaders' wheels in .device-deps/wheels/ (InstantTensor,
+# fastsafetensors, the Run:ai streamer; PEER_WHEELS names another folder). A peer whose wheel
+# is not there shows as missing in the tables, never silently dropped.
+#
+# Environment: OUT (default ./gpu-out), BENCH_WORK (checkpoints; default /dev/shm/loadkit-bench
+# when /dev/shm has 48 GB free, else /tmp/loadkit-bench), BENCH_ARGS (more load_bench.py flags,
+# e.g. "--shapes moe,dense8 --repeats 2"), BENCH_BUDGET_S, TEST_REGEX.
+#
+# What comes back under $OUT (the tool returns at most 8 files): summary.txt (printed last),
+# bench.txt, bench.json, bench.png, raw_probe.txt, logs.tar.gz (build, ctest and bench logs,
+# raw_probe.json, the debug profiles).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+MODE=${1:-bench}
+STARTED=$(date +%s)
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT/logs"
+export PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+PY=${LOADKIT_PYTHON:-/opt/torch/.venv/bin/python3}
+[ -x "$PY" ] || PY=python3
+status=0
+summary() { echo "$*" | tee -a "$OUT/summary.txt"; }
+
+for f in .device-deps/*.deb; do [ -e "$f" ] && dpkg -x "$f" /; done
+ldconfig
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/logs/gpu.txt"
+
+build() {
+  local start=$(date +%s)
+  LOADKIT_BUILD_DIR=$PWD/build-gpu LOADKIT_JOBS=$(nproc) ./run.sh build >"$OUT/logs/build.log" 2>&1 ||
+    { tail -40 "$OUT/logs/build.log"; summary "BUILD FAILED (logs.tar.gz: build.log)"; pack; exit 1; }
+  summary "build: $(( $(date +%s) - start )) s"
+}
+
+tests() {
+  local start=$(date +%s)
+  local regex=${TEST_REGEX:-'QuantKernels|StagedMoE|StagedLoad|ReloadGpu|WeightSyncGpu\.Fsdp|Reload\..*_cuda|(fp8|int8)_cuda'}
+  (cd build-gpu && ctest -R "$regex" -j 4 --output-on-failure --timeout 400) >"$OUT/logs/ctest.log" 2>&1 || status=1
+  grep -h "MEASURE" build-gpu/Testing/Temporary/LastTest.log 2>/dev/null | sort -u >"$OUT/logs/measure.txt"
+  cp build-gpu/Testing/Temporary/LastTest.log "$OUT/logs/" 2>/dev/null
+  summary "tests ($regex): $(grep -E 'tests passed|tests failed' "$OUT/logs/ctest.log" | tail -1) in $(( $(date +%s) - start )) s"
+  grep -E "^\s+[0-9]+ - .*\((Failed|Timeout|SEGFAULT|Exception)" "$OUT/logs/ctest.log" | tee -a "$OUT/summary.txt"
+  grep -E "MoE reload|fp8 (linear|experts)" "$OUT/logs/measure.txt" | tee -a "$OUT/summary.txt"
+}
+
+install_peers() {
+  local wheels=${PEER_WHEELS:-.device-deps/wheels}
+  if ls "$wheels"/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --target /tmp/site "$wheels"/*.whl >"$OUT/logs/peers_install.log" 2>&1 &&
+      export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} ||
+      summary "peer wheels did not install (logs.tar.gz: peers_install.log): peers show as missing"
+  else
+    summary "no peer wheels in $wheels: InstantTensor, fastsafetensors and Run:ai show as missing"
+  fi
+}
+
+bench() {
+  install_peers
+  local work=${BENCH_WORK:-}
+  if [ -z "$work" ]; then
+    local free_kb=$(df -k --output=avail /dev/shm 2>/dev/null | tail -1)
+    if [ "${free_kb:-0}" -gt $((48 * 1024 * 1024)) ]; then work=/dev/shm/loadkit-bench; else work=/tmp/loadkit-bench; fi
+  fi
+  summary "bench checkpoints in $work ($(df -h --output=avail "$(dirname "$work")" | tail -1 | tr -d ' ') free there)"
+  local start=$(date +%s)
+  # What is left of 9 minutes since this script started, less packing; at least 2 minutes.
+  local budget=${BENCH_BUDGET_S:-$(( 510 - (start - STARTED) ))}
+  [ "$budget" -lt 120 ] && budget=120
+  summary "bench budget: $budget s"
+  mkdir -p "$OUT/bench"
+  # shellcheck disable=SC2086
+  "$PY" bench/load_bench.py --build build-gpu --work "$work" --out "$OUT/bench" \
+    --budget-s "$budget" ${BENCH_ARGS:-} >"$OUT/logs/bench.log" 2>&1 ||
+    { status=1; tail -30 "$OUT/logs/bench.log"; }
+  summary "bench: $(( $(date +%s) - start )) s"
+  for f in bench.txt bench.json bench.png raw_probe.txt; do [ -e "$OUT/bench/$f" ] && mv "$OUT/bench/$f" "$OUT/"; done
+  mv "$OUT"/bench/* "$OUT/logs/" 2>/dev/null
+  rmdir "$OUT/bench" 2>/dev/null
+  # The short table: each shape's headline rows, its ratios and profile, and the targets.
+  [ -e "$OUT/bench.txt" ] && awk '/^== targets/ {t = 1} t || /^== / || /^device/ || /^  [a-z_0-9]+: / ||
+      /^(loadkit_|peer_|pinned_h2d|d2d_copy_one_block)/ || /^  profile/' "$OUT/bench.txt" >>"$OUT/summary.txt"
+}
+
+pack() {
+  tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs 2>/dev/null && rm -rf "$OUT/logs"
+}
+
+case "$MODE" in
+  build) build ;;
+  tests) build; tests ;;
+  bench) build; bench ;;
+  all) build; tests; bench ;;
+  *) echo "usage: scripts/gpu_perf.sh build|tests|bench|all" >&2; exit 2 ;;
+esac
+pack
+echo
+echo "===== summary ($OUT/summary.txt) ====="
+cat "$OUT/summary.txt"
+exit $status
