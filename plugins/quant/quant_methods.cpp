@@ -27,11 +27,19 @@ constexpr double kMinScale = 1e-12;         // an all-zero weight quantizes to z
 /// Rows per float32 scratch chunk of a [rows, cols] weight: a sixteenth of the weight, within
 /// 64 Ki..1 Mi elements (256 KiB..4 MiB). Small layers get a small scratch, so a reload's peak stays
 /// near the layer's own size; large layers get few, large chunks (kernel launches are what a
-/// small chunk costs). The reload engine reserves the bound of this (clamp(load bytes / 8,
-/// 256 KiB, 4 MiB), runtime/src/reload_engine.cpp) beside a module being rebuilt.
+/// small chunk costs).
 int64_t rows_per_chunk(int64_t rows, int64_t cols) {
   const int64_t elements = std::clamp<int64_t>(rows * cols / 16, int64_t{1} << 16, int64_t{1} << 20);
   return std::max<int64_t>(1, elements / std::max<int64_t>(1, cols));
+}
+
+/// The float32 chunk that processing `block_rows` rows of a weight whose chunks are cut by
+/// rows_per_chunk(rows, cols) holds at once: every other temporary is a per-row or per-tensor
+/// scale. What process_scratch_bytes() reports, so that a reload sets it aside.
+uint64_t chunk_scratch_bytes(int64_t rows, int64_t cols, int64_t block_rows) {
+  const int64_t chunk_rows = std::min(rows_per_chunk(rows, cols), block_rows);
+  return static_cast<uint64_t>(std::max<int64_t>(0, chunk_rows)) * static_cast<uint64_t>(std::max<int64_t>(0, cols)) *
+         sizeof(float);
 }
 
 /// `targets[name]` when it is there with this shape and dtype, else a fresh tensor.
@@ -57,6 +65,10 @@ void install(LinearBase& layer, at::Tensor weight, at::Tensor scale) {
 class OnlineQuantMethod : public LinearMethod {
  public:
   bool transforms_weights() const override { return true; }
+  /// Both quantize [out, in] in chunks of rows_per_chunk(out, in) rows.
+  uint64_t process_scratch_bytes(const LinearShape& shape, const ModelContext&) const override {
+    return chunk_scratch_bytes(shape.output_size, shape.input_size, shape.output_size);
+  }
   void create_weights(LinearBase& layer, const LinearShape& shape, WeightLoader loader, ShardingInfo sharding,
                       const ModelContext& ctx) override {
     layer.add_parameter("weight", at::empty({shape.output_size, shape.input_size}, ctx.options()), std::move(loader),
@@ -211,9 +223,16 @@ class OnlineQuantMoEMethod : public FusedMoEMethod {
   void process_weights_after_loading(FusedMoE& layer, const KernelTargets& targets) override {
     for (const char* name : {"w13_weight", "w2_weight"}) process(layer, name, targets);
   }
+  /// w13 [E, 2I, H] and w2 [E, H, I] are processed one after the other: the larger chunk of the two.
+  uint64_t process_scratch_bytes(const MoEShape& s, const ModelContext&) const override {
+    return std::max(stacked_scratch_bytes(s.num_experts, 2 * s.intermediate_size, s.hidden_size),
+                    stacked_scratch_bytes(s.num_experts, s.hidden_size, s.intermediate_size));
+  }
 
  protected:
   virtual void process(FusedMoE& layer, const std::string& name, const KernelTargets& targets) = 0;
+  /// Scratch of processing one stacked weight [experts, rows, cols].
+  virtual uint64_t stacked_scratch_bytes(int64_t experts, int64_t rows, int64_t cols) const = 0;
 };
 
 /// One float32 scale per expert and stacked weight (per-tensor within the expert).
@@ -250,6 +269,11 @@ class Fp8MoEMethod final : public OnlineQuantMoEMethod {
       }
     }
     install_experts(layer, name, weight, scale);
+  }
+
+  /// Chunks cut over all the experts' rows, each within one expert.
+  uint64_t stacked_scratch_bytes(int64_t experts, int64_t rows, int64_t cols) const override {
+    return chunk_scratch_bytes(experts * rows, cols, rows);
   }
 };
 
@@ -288,6 +312,11 @@ class Int8MoEMethod final : public OnlineQuantMoEMethod {
       out.narrow(0, r, n).copy_(chunk.div_(s.unsqueeze(1)).round_().clamp_(-127, 127));
     }
     install_experts(layer, name, weight, scale);
+  }
+
+  /// Chunks cut over all the experts' rows as one matrix.
+  uint64_t stacked_scratch_bytes(int64_t experts, int64_t rows, int64_t cols) const override {
+    return chunk_scratch_bytes(experts * rows, cols, experts * rows);
   }
 };
 
