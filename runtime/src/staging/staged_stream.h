@@ -1,6 +1,6 @@
 #pragma once
 /// \file
-/// The fast path from safetensors files to a CUDA device (issue 8).
+/// The fast path from safetensors files to a CUDA device.
 ///
 /// Reader threads `pread` consecutive pieces of the files into a small ring of
 /// pinned buffers each (from the process-wide pool: pinned once, see
