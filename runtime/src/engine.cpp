@@ -213,16 +213,16 @@ std::unique_ptr<LoadedModel> LoadedModel::load(const LoadOptions& options, const
   State& s = *loaded->state_;
   LoadReport& report = loaded->report_;
 
-  read_context(options, s.ctx, report);
+  read_context(options, s.ctx, report);        // 1. config, dtype, device, rank
   StageClock clock(s.ctx.device);
-  LoadSource source = open_source(options);
+  LoadSource source = open_source(options);     // 2. every header validated
   // 3. The plugin, the quantization and room on the device, before any tensor exists: a failure
   //    leaves nothing partial behind.
   report.plugin = registry.provider(report.architecture).path;
   if (options.quantization != "none") s.ctx.quant = registry.create_quant(options.quantization, s.ctx);
   if (source.files) check_fits(*source.files, s.ctx);
   clock.lap("open and validate");
-  auto stream = start_stream(source, s.ctx.device);
+  auto stream = start_stream(source, s.ctx.device);  // 4. readers start while the model is built
   clock.lap("start the stream");
 
   // 5. Build, and record the load format before anything is loaded or processed.
@@ -233,8 +233,8 @@ std::unique_ptr<LoadedModel> LoadedModel::load(const LoadOptions& options, const
   s.model_dir = options.model_dir;
   s.sharded_pattern = options.sharded_pattern;
 
-  report.pointers_stable = fill_weights(*s.model, std::move(stream), clock);
-  process_all(*s.model);
+  report.pointers_stable = fill_weights(*s.model, std::move(stream), clock);  // 6. the weights
+  process_all(*s.model);                                                     // 7. kernel format
   s.reload->release_load_format();
   report.layers_processed = s.reload->layers();
   clock.lap("process");
