@@ -23,6 +23,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 
 #include <algorithm>
 #include <chrono>
@@ -31,14 +32,12 @@
 #include <string>
 #include <vector>
 
-#include "device.h"
-#include "formats/checkpoint_files.h"
-#include "staging/staged_stream.h"
+#include "staging/staged_stream.h"  // the staged stream's profile (internal)
 #include "loadkit/error.h"
 #include "loadkit/runtime/engine.h"
 #include "loadkit/runtime/log.h"
 #include "loadkit/runtime/registry.h"
-#include "tensor_io.h"
+#include "loadkit/runtime/tensor_files.h"
 
 namespace {
 
@@ -85,13 +84,18 @@ json report_fields(const LoadReport& r) {
           {"layers_processed", r.layers_processed}};
 }
 
+/// Waits for the work queued on `device` (nothing to wait for on the CPU).
+void synchronize(const c10::Device& device) {
+  if (device.is_cuda()) c10::impl::getDeviceGuardImpl(device.type())->synchronizeDevice(device.index());
+}
+
 /// Seconds of `fn` with the device idle before and after.
 template <class Fn>
 double timed(const c10::Device& device, Fn&& fn) {
-  device::synchronize(device);
+  synchronize(device);
   const auto t = Clock::now();
   fn();
-  device::synchronize(device);
+  synchronize(device);
   return std::chrono::duration<double>(Clock::now() - t).count();
 }
 
@@ -203,11 +207,10 @@ int run(const Args& a) {
     // B's tensors on the device, as a colocated trainer holds them.
     std::vector<NamedWeight> weights;
     uint64_t bytes = 0;
-    for (const auto& file : safetensors::open_checkpoint(a.from).files)
-      for (auto& [name, t] : load_tensors(file->path())) {
-        bytes += t.nbytes();
-        weights.push_back({name, t.to(device), "trainer"});
-      }
+    for (auto& w : read_checkpoint(a.from)) {
+      bytes += w.tensor.nbytes();
+      weights.push_back({w.name, w.tensor.to(device), "trainer"});
+    }
     std::vector<double> seconds, host;
     uint64_t peak = 0;
     bool stable = true;

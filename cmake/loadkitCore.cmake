@@ -6,8 +6,9 @@
 #   cmake -S . -B build-asan -DLOADKIT_SANITIZE=address,undefined     (gcc or clang)
 #   cmake -S . -B build-fuzz -DLOADKIT_FUZZ=ON -DLOADKIT_SANITIZE=address,undefined -DCMAKE_CXX_COMPILER=clang++
 #
-# Included by the top-level CMakeLists.txt instead of the full build when either
-# option is set; tests/core/run_core.sh drives both from ctest.
+# Included by the top-level CMakeLists.txt (after loadkitWarnings.cmake) instead
+# of the full build when either option is set; tests/core/run_core.sh drives
+# both from ctest.
 set(LOADKIT_CORE_ONLY ON)
 find_package(nlohmann_json 3 REQUIRED)
 
@@ -23,28 +24,11 @@ if(LOADKIT_FUZZ)
   add_compile_options(-fsanitize=fuzzer-no-link)
 endif()
 
-function(loadkit_warnings target)
-  target_compile_options(${target} PRIVATE -Wall -Wextra)
-endfunction()
-
 add_subdirectory(runtime)  # stops after loadkit_formats and loadkit_jobs (LOADKIT_CORE_ONLY)
 
 if(LOADKIT_BUILD_TESTS)
   enable_testing()
-  find_package(GTest QUIET)
-  if(NOT TARGET GTest::gtest_main)
-    set(_gtest_src "$ENV{LOADKIT_GTEST_SOURCE_DIR}")
-    if(NOT _gtest_src AND EXISTS /usr/src/googletest/CMakeLists.txt)
-      set(_gtest_src /usr/src/googletest)
-    endif()
-    if(NOT _gtest_src)
-      message(FATAL_ERROR "GoogleTest not found (install libgtest-dev or set LOADKIT_GTEST_SOURCE_DIR)")
-    endif()
-    set(INSTALL_GTEST OFF CACHE BOOL "" FORCE)
-    add_subdirectory(${_gtest_src} ${CMAKE_BINARY_DIR}/googletest EXCLUDE_FROM_ALL)
-    add_library(GTest::gtest_main ALIAS gtest_main)
-  endif()
-  include(GoogleTest)
+  include(${CMAKE_CURRENT_LIST_DIR}/loadkitGTest.cmake)
   # The torch-free helpers; the paths they bake in are unused by the core tests.
   add_library(loadkit_test_support STATIC tests/support/test_support.cpp)
   target_include_directories(loadkit_test_support PUBLIC tests/support)

@@ -48,8 +48,7 @@ constexpr double kMinScale = 1e-12;         // an all-zero weight quantizes to z
 /// Rows per float32 scratch chunk of a [rows, cols] weight: a sixteenth of the weight, within
 /// 64 Ki..1 Mi elements (256 KiB..4 MiB). Small layers get a small scratch, so a reload's peak stays
 /// near the layer's own size; large layers get few, large chunks (kernel launches are what a
-/// small chunk costs). The reload engine reserves the bound of this (clamp(load bytes / 8,
-/// 256 KiB, 4 MiB), runtime/src/reload_engine.cpp) beside a module being rebuilt.
+/// small chunk costs).
 int64_t rows_per_chunk(int64_t rows, int64_t cols) {
   const int64_t elements = std::clamp<int64_t>(rows * cols / 16, int64_t{1} << 16, int64_t{1} << 20);
   return std::max<int64_t>(1, elements / std::max<int64_t>(1, cols));
@@ -101,6 +100,19 @@ void quantize_int8_rows(const at::Tensor& out, const at::Tensor& scale, const at
   }
 }
 
+/// The float32 chunk that processing `block_rows` rows of a weight whose chunks are cut by
+/// rows_per_chunk(rows, cols) holds at once: every other temporary is a per-row or per-tensor
+/// scale. What process_scratch_bytes() reports, so that a reload sets it aside.
+uint64_t chunk_scratch_bytes(int64_t rows, int64_t cols, int64_t block_rows) {
+  const int64_t chunk_rows = std::min(rows_per_chunk(rows, cols), block_rows);
+  return static_cast<uint64_t>(std::max<int64_t>(0, chunk_rows)) * static_cast<uint64_t>(std::max<int64_t>(0, cols)) *
+         sizeof(float);
+}
+
+/// What fp8 processing on CUDA allocates besides its results: aminmax's pair, amax and the scale,
+/// each a few bytes, rounded up by the caching allocator to its 512-byte blocks; the rest is margin.
+constexpr uint64_t kCudaFp8Scratch = 64 << 10;
+
 /// `targets[name]` when it is there with this shape and dtype, else a fresh tensor.
 at::Tensor target_or(const KernelTargets& targets, const char* name, at::IntArrayRef shape, at::ScalarType dtype,
                      const std::function<at::Tensor()>& make) {
@@ -124,6 +136,10 @@ void install(LinearBase& layer, at::Tensor weight, at::Tensor scale) {
 class OnlineQuantMethod : public LinearMethod {
  public:
   bool transforms_weights() const override { return true; }
+  /// Both quantize [out, in] in chunks of rows_per_chunk(out, in) rows.
+  uint64_t process_scratch_bytes(const LinearShape& shape, const ModelContext&) const override {
+    return chunk_scratch_bytes(shape.output_size, shape.input_size, shape.output_size);
+  }
   void create_weights(LinearBase& layer, const LinearShape& shape, WeightLoader loader, ShardingInfo sharding,
                       const ModelContext& ctx) override {
     layer.add_parameter("weight", at::empty({shape.output_size, shape.input_size}, ctx.options()), std::move(loader),
@@ -134,6 +150,10 @@ class OnlineQuantMethod : public LinearMethod {
 class Fp8LinearMethod final : public OnlineQuantMethod {
  public:
   std::string name() const override { return "fp8"; }
+  /// CUDA: no float32 copy of the weight (quantize_fp8_rows), only scale-sized temporaries.
+  uint64_t process_scratch_bytes(const LinearShape& shape, const ModelContext& ctx) const override {
+    return ctx.device.is_cuda() ? kCudaFp8Scratch : OnlineQuantMethod::process_scratch_bytes(shape, ctx);
+  }
 
   void process_weights_after_loading(LinearBase& layer, const KernelTargets& targets) override {
     const at::Tensor w = layer.param("weight").data;  // load format [out, in]
@@ -262,9 +282,16 @@ class OnlineQuantMoEMethod : public FusedMoEMethod {
   void process_weights_after_loading(FusedMoE& layer, const KernelTargets& targets) override {
     for (const char* name : {"w13_weight", "w2_weight"}) process(layer, name, targets);
   }
+  /// w13 [E, 2I, H] and w2 [E, H, I] are processed one after the other: the larger chunk of the two.
+  uint64_t process_scratch_bytes(const MoEShape& s, const ModelContext&) const override {
+    return std::max(stacked_scratch_bytes(s.num_experts, 2 * s.intermediate_size, s.hidden_size),
+                    stacked_scratch_bytes(s.num_experts, s.hidden_size, s.intermediate_size));
+  }
 
  protected:
   virtual void process(FusedMoE& layer, const std::string& name, const KernelTargets& targets) = 0;
+  /// Scratch of processing one stacked weight [experts, rows, cols].
+  virtual uint64_t stacked_scratch_bytes(int64_t experts, int64_t rows, int64_t cols) const = 0;
 };
 
 /// One float32 scale per expert and stacked weight (per-tensor within the expert).
@@ -297,6 +324,16 @@ class Fp8MoEMethod final : public OnlineQuantMoEMethod {
     }
     install_experts(layer, name, weight, scale);
   }
+
+  /// CUDA: one division kernel over all experts, only scale-sized temporaries.
+  uint64_t process_scratch_bytes(const MoEShape& s, const ModelContext& ctx) const override {
+    return ctx.device.is_cuda() ? kCudaFp8Scratch : OnlineQuantMoEMethod::process_scratch_bytes(s, ctx);
+  }
+
+  /// CPU: chunks cut over all the experts' rows, each within one expert.
+  uint64_t stacked_scratch_bytes(int64_t experts, int64_t rows, int64_t cols) const override {
+    return chunk_scratch_bytes(experts * rows, cols, rows);
+  }
 };
 
 /// One float32 scale per expert and output row (weight-only, symmetric).
@@ -324,6 +361,11 @@ class Int8MoEMethod final : public OnlineQuantMoEMethod {
     // Every expert's rows are rows of one [E * rows, cols] matrix: per-row quantization as for a linear layer.
     quantize_int8_rows(weight.view({experts * rows, cols}), scale.view({experts * rows}), w.reshape({experts * rows, cols}));
     install_experts(layer, name, weight, scale);
+  }
+
+  /// Chunks cut over all the experts' rows as one matrix.
+  uint64_t stacked_scratch_bytes(int64_t experts, int64_t rows, int64_t cols) const override {
+    return chunk_scratch_bytes(experts * rows, cols, experts * rows);
   }
 };
 

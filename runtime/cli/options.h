@@ -12,7 +12,7 @@ namespace loadkit::cli {
 
 namespace po = boost::program_options;
 
-/// The options every model command takes (DESIGN's "common").
+/// The options every model command takes (the usage text's "common").
 struct CommonOptions {
   std::vector<std::string> plugin_dirs;
   LoadOptions load;

@@ -63,8 +63,9 @@ int run_on_ranks(CommonOptions& common, const std::function<int(Ranks&)>& body) 
     return body(ranks);
   } catch (const std::exception& e) {
     const auto [code, message] = describe(e);
-    if (is_other_rank_failure(e)) {
-      // The failing rank reported it; under the local launcher, once is enough.
+    if (already_reported(e)) {
+      // The failing rank (or, for a join failure, the store) has it; under the local launcher,
+      // which reports it, once is enough.
       if (env->local_launch) return code;
       throw;
     }

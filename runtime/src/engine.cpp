@@ -15,30 +15,40 @@
 #include "loadkit/quant_method.h"
 #include "loadkit/runtime/log.h"
 #include "loadkit/runtime/registry.h"
-#include "reload_engine.h"
-#include "staging/staged_stream.h"
+#include "reload/kernel_copy.h"
+#include "reload/reload_engine.h"
+#include "reload/storage_snapshot.h"
 #include "sharded_state.h"
+#include "staging/staged_stream.h"  // default_window_bytes
 #include "weight_sources.h"
 
 namespace loadkit {
 
 namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
 
 struct LoadedModel::State {
   ModelContext ctx;
   std::string model_dir;
   std::string sharded_pattern;
   std::shared_ptr<CausalLM> model;
-  std::unique_ptr<ReloadEngine> reload;  // metadata recorded at build time
-  std::chrono::steady_clock::time_point update_start;
+  std::unique_ptr<ReloadEngine> reload;  // metadata recorded at build time; refers to ctx
+  Clock::time_point update_start;
   uint64_t update_bytes = 0;
   uint64_t allocated_at_start = 0;
+
+  /// The model's load_weights, as the reload engine streams through it.
+  ReloadEngine::Loader loader() {
+    return [this](WeightStream& w) { model->load_weights(w); };
+  }
 };
 
 LoadedModel::LoadedModel() : state_(std::make_unique<State>()) {}
 LoadedModel::~LoadedModel() = default;
 CausalLM& LoadedModel::model() { return *state_->model; }
 const ModelContext& LoadedModel::context() const { return state_->ctx; }
+
+// ------------------------------------------------------------ load, stage by stage
 
 namespace {
 
@@ -65,23 +75,77 @@ const char* dtype_label(c10::ScalarType t) {
   }
 }
 
-/// Processes every module, attention-like modules last (they may read what others produced).
-int process_all(Module& root) {
-  int processed = 0;
-  std::vector<Module*> attention;
-  for (auto& [name, module] : root.named_modules()) {
-    if (module->is_attention_like()) {
-      attention.push_back(module);
-      continue;
-    }
-    module->process_weights_after_loading();
-    ++processed;
+/// The load's clock, and per-stage times at debug level (where a fresh process's load goes).
+class StageClock {
+ public:
+  /// Starts once the device is up: the process's one-time CUDA context start-up (~0.3 s) is not
+  /// loading, as for the baselines, which run in a process whose CUDA is already initialised.
+  explicit StageClock(const c10::Device& device) : device_(device), profile_(log::enabled(log::Level::debug)) {
+    device::synchronize(device_);
+    start_ = lap_start_ = Clock::now();
   }
-  for (Module* m : attention) {
-    m->process_weights_after_loading();
-    ++processed;
+  void lap(const char* stage) {
+    if (!profile_) return;
+    device::synchronize(device_);
+    const auto now = Clock::now();
+    log::debug(cat("load stage ", stage, ": ", std::chrono::duration<double, std::milli>(now - lap_start_).count(), " ms"));
+    lap_start_ = now;
   }
-  return processed;
+  double seconds() const { return std::chrono::duration<double>(Clock::now() - start_).count(); }
+
+ private:
+  c10::Device device_;
+  bool profile_;
+  Clock::time_point start_, lap_start_;
+};
+
+/// Stage 1: the model's config, dtype, device and rank; the report's labels.
+void read_context(const LoadOptions& options, ModelContext& ctx, LoadReport& report) {
+  if (options.tp_size < 1 || options.tp_rank < 0 || options.tp_rank >= options.tp_size)
+    fail(ErrorKind::Usage, "tensor parallel rank ", options.tp_rank, " of ", options.tp_size, " is not a rank");
+  std::error_code ec;
+  if (!fs::is_directory(options.model_dir, ec)) {
+    if (ec && ec != std::errc::no_such_file_or_directory)
+      fail(ErrorKind::Input, options.model_dir, ": cannot access model directory: ", ec.message());
+    fail(ErrorKind::Input, options.model_dir, ": model directory does not exist");
+  }
+  ctx.config = ModelConfig::from_file((fs::path(options.model_dir) / "config.json").string());
+  const auto architectures = ctx.config.get_strings("architectures");
+  if (architectures.empty()) fail(ErrorKind::Input, ctx.config.origin(), ": 'architectures' is empty");
+  report.architecture = architectures.front();
+  ctx.dtype = parse_dtype(options.dtype, ctx.config);
+  ctx.device = device::parse(options.device);
+  ctx.tp_rank = options.tp_rank;
+  ctx.tp_size = options.tp_size;
+  ctx.tp_group = options.tp_group;
+  report.device = ctx.device.str();
+  report.dtype = dtype_label(ctx.dtype);
+  report.quantization = options.quantization;
+}
+
+/// Where a load's weights come from.
+struct LoadSource {
+  bool sharded = false;  ///< this rank's kernel-format state (copied over the processed model)
+  std::optional<safetensors::CheckpointFiles> files;  ///< none: dummy weights
+};
+
+/// Stage 2: every header validated before anything is built.
+LoadSource open_source(const LoadOptions& options) {
+  const std::string& format = options.load_format;
+  if (format != "auto" && format != "safetensors" && format != "sharded" && format != "dummy")
+    fail(ErrorKind::Usage, "--load-format: '", format, "' is not auto, safetensors, sharded or dummy");
+  LoadSource source;
+  if (format == "sharded") {
+    source.sharded = true;
+    source.files = open_sharded_state(options.model_dir, options.tp_rank, options.sharded_pattern);
+    // vLLM would narrow every tensor into a rank's larger parameter and carry on.
+    if (has_sharded_state(options.model_dir, options.tp_size, options.sharded_pattern))
+      fail(ErrorKind::Input, options.model_dir, ": holds sharded state for rank ", options.tp_size,
+           ", so it was saved with a tensor parallel size above ", options.tp_size, " (--tp-size)");
+  } else if (format != "dummy") {
+    source.files = safetensors::open_checkpoint(options.model_dir);
+  }
+  return source;
 }
 
 /// Fails (out of memory, Other) before anything is built when the checkpoint's
@@ -100,130 +164,100 @@ void check_fits(const safetensors::CheckpointFiles& files, const ModelContext& c
          dtype_label(ctx.dtype), " on ", ctx.device.str(), " but only ", free >> 20, " MiB are free");
 }
 
+/// Stage 4: the checkpoint's stream, started before the model is built: its readers pin their
+/// buffers (a fresh process's main set-up cost, see staging/pinned_pool.h) and read ahead while
+/// the model is built. A window of at least the largest tensor: every tensor is staged.
+std::unique_ptr<WeightStream> start_stream(const LoadSource& source, const c10::Device& device) {
+  if (source.sharded || !source.files) return nullptr;
+  StreamPlan plan;
+  plan.window_bytes = std::max(safetensors::largest_tensor_bytes(*source.files), default_window_bytes());
+  return open_weight_stream(*source.files, device, plan);
+}
+
+/// Stage 6: the weights into the built parameters — the checkpoint through the model's own
+/// loaders, or small random values (dummy, and sharded state, which is copied over the processed
+/// model). Returns whether every parameter kept its storage.
+bool fill_weights(CausalLM& model, std::unique_ptr<WeightStream> stream, StageClock& clock) {
+  const reload::StorageSnapshot built(model);
+  if (stream) {
+    reset_load_counts(model);
+    model.load_weights(*stream);
+    check_all_initialized(model);
+    clock.lap("read and copy the weights");
+    stream.reset();
+    clock.lap("stop the stream");
+  } else {
+    initialize_dummy_weights(model);
+  }
+  return built.unchanged(model);
+}
+
+/// Stage 7: every module processed, attention-like modules last (they may read what others produced).
+void process_all(Module& root) {
+  std::vector<Module*> attention;
+  for (auto& [name, module] : root.named_modules()) {
+    if (module->is_attention_like()) {
+      attention.push_back(module);
+      continue;
+    }
+    module->process_weights_after_loading();
+  }
+  for (Module* m : attention) m->process_weights_after_loading();
+}
+
 }  // namespace
 
 std::unique_ptr<LoadedModel> LoadedModel::load(const LoadOptions& options, const Registry& registry) {
   c10::AutoGradMode no_grad(false);
-  auto start = std::chrono::steady_clock::now();
   std::unique_ptr<LoadedModel> loaded(new LoadedModel());
+  State& s = *loaded->state_;
   LoadReport& report = loaded->report_;
-  ModelContext& ctx = loaded->state_->ctx;
 
-  if (options.tp_size < 1 || options.tp_rank < 0 || options.tp_rank >= options.tp_size)
-    fail(ErrorKind::Usage, "tensor parallel rank ", options.tp_rank, " of ", options.tp_size, " is not a rank");
-  std::error_code ec;
-  if (!fs::is_directory(options.model_dir, ec)) {
-    if (ec && ec != std::errc::no_such_file_or_directory)
-      fail(ErrorKind::Input, options.model_dir, ": cannot access model directory: ", ec.message());
-    fail(ErrorKind::Input, options.model_dir, ": model directory does not exist");
-  }
-  ctx.config = ModelConfig::from_file((fs::path(options.model_dir) / "config.json").string());
-  const auto architectures = ctx.config.get_strings("architectures");
-  if (architectures.empty()) fail(ErrorKind::Input, ctx.config.origin(), ": 'architectures' is empty");
-  report.architecture = architectures.front();
-  ctx.dtype = parse_dtype(options.dtype, ctx.config);
-  ctx.device = device::parse(options.device);
-  // The process's one-time CUDA context start-up (~0.3 s) is not loading: the
-  // clock starts once the device is up, as for the baselines, which run in a
-  // process whose CUDA is already initialised.
-  device::synchronize(ctx.device);
-  start = std::chrono::steady_clock::now();
-  // Per-stage times at debug level: where a fresh process's load goes (issue 8's profile).
-  auto lap_start = start;
-  const bool profile = log::enabled(log::Level::debug);
-  auto lap = [&](const char* stage) {
-    if (!profile) return;
-    device::synchronize(ctx.device);
-    const auto now = std::chrono::steady_clock::now();
-    log::debug(cat("load stage ", stage, ": ", std::chrono::duration<double, std::milli>(now - lap_start).count(), " ms"));
-    lap_start = now;
-  };
-  ctx.tp_rank = options.tp_rank;
-  ctx.tp_size = options.tp_size;
-  ctx.tp_group = options.tp_group;
-  report.device = ctx.device.str();
-  report.dtype = dtype_label(ctx.dtype);
-  report.quantization = options.quantization;
-
-  const std::string& format = options.load_format;
-  if (format != "auto" && format != "safetensors" && format != "sharded" && format != "dummy")
-    fail(ErrorKind::Usage, "--load-format: '", format, "' is not auto, safetensors, sharded or dummy");
-  // Validate every header before building anything.
-  std::optional<safetensors::CheckpointFiles> files;
-  const bool sharded = format == "sharded";
-  if (sharded) {
-    files = open_sharded_state(options.model_dir, options.tp_rank, options.sharded_pattern);
-    // vLLM would narrow every tensor into a rank's larger parameter and carry on.
-    if (has_sharded_state(options.model_dir, options.tp_size, options.sharded_pattern))
-      fail(ErrorKind::Input, options.model_dir, ": holds sharded state for rank ", options.tp_size,
-           ", so it was saved with a tensor parallel size above ", options.tp_size, " (--tp-size)");
-  } else if (format != "dummy") {
-    files = safetensors::open_checkpoint(options.model_dir);
-  }
-
+  read_context(options, s.ctx, report);        // 1. config, dtype, device, rank
+  StageClock clock(s.ctx.device);
+  LoadSource source = open_source(options);     // 2. every header validated
+  // 3. The plugin, the quantization and room on the device, before any tensor exists: a failure
+  //    leaves nothing partial behind.
   report.plugin = registry.provider(report.architecture).path;
-  if (options.quantization != "none") ctx.quant = registry.create_quant(options.quantization, ctx);
-  if (files) check_fits(*files, ctx);  // before any tensor exists: nothing partial is left behind
-  lap("open and validate");
+  if (options.quantization != "none") s.ctx.quant = registry.create_quant(options.quantization, s.ctx);
+  if (source.files) check_fits(*source.files, s.ctx);
+  clock.lap("open and validate");
+  auto stream = start_stream(source, s.ctx.device);  // 4. readers start while the model is built
+  clock.lap("start the stream");
 
-  // The stream starts before the model is built: its readers pin their buffers (a fresh process's
-  // main set-up cost, see staging/pinned_pool.h) and read ahead while the model is built.
-  std::unique_ptr<WeightStream> stream;
-  if (files && !sharded) {
-    if (staging_enabled(ctx.device)) {
-      // A window of at least the largest tensor: every tensor is staged (none read from the mapping).
-      StagingOptions staging;
-      staging.window_bytes = std::max(safetensors::largest_tensor_bytes(*files), default_window_bytes());
-      stream = staged_safetensors_stream(*files, ctx.device, std::move(staging));
-    } else {
-      stream = safetensors_stream(*files);
-    }
-  }
-  lap("start the stream");
+  // 5. Build, and record the load format before anything is loaded or processed.
+  device::reset_peak(s.ctx.device);
+  s.model = registry.create_model(report.architecture, s.ctx);
+  clock.lap("build the model");
+  s.reload = std::make_unique<ReloadEngine>(*s.model, s.ctx);
+  s.model_dir = options.model_dir;
+  s.sharded_pattern = options.sharded_pattern;
 
-  device::reset_peak(ctx.device);
-  auto model = registry.create_model(report.architecture, ctx);
-  lap("build the model");
-  loaded->state_->reload = std::make_unique<ReloadEngine>(*model, ctx.device);
-  loaded->state_->model_dir = options.model_dir;
-  loaded->state_->sharded_pattern = options.sharded_pattern;
-  std::vector<std::pair<Parameter*, const void*>> built;
-  for (auto& [name, p] : model->named_parameters()) built.emplace_back(p, p->data.data_ptr());
-
-  if (sharded) {
-    // Kernel format is what processing makes: build it, then copy the rank's state over it.
-    initialize_dummy_weights(*model);
-  } else if (stream) {
-    reset_load_counts(*model);
-    model->load_weights(*stream);
-    check_all_initialized(*model);
-    lap("read and copy the weights");
-    stream.reset();
-    lap("stop the stream");
-    report.bytes = files->total_bytes;
-    report.tensors = files->total_tensors;
-  } else {
-    initialize_dummy_weights(*model);
-  }
-  report.pointers_stable = std::all_of(built.begin(), built.end(), [](const auto& b) { return b.first->data.data_ptr() == b.second; });
-  report.layers_processed = process_all(*model);
-  loaded->state_->reload->release_load_format();
-  lap("process");
-  if (sharded) {
-    const ReloadStats copied = copy_sharded_state(*model, *files, ctx.device);
+  report.pointers_stable = fill_weights(*s.model, std::move(stream), clock);  // 6. the weights
+  process_all(*s.model);                                                     // 7. kernel format
+  s.reload->release_load_format();
+  report.layers_processed = s.reload->layers();
+  clock.lap("process");
+  // 8. Sharded state is kernel format: copied over the processed model.
+  if (source.sharded) {
+    const ReloadStats copied =
+        reload::copy_kernel_format(*s.model, sharded_state_targets(*s.model), *source.files, s.ctx.device, /*complete=*/true);
     report.pointers_stable = report.pointers_stable && copied.pointers_stable;
-    report.bytes = files->total_bytes;
-    report.tensors = files->total_tensors;
   }
-  device::synchronize(ctx.device);
-  report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  if (ctx.device.is_cuda())
-    report.peak_extra_device_bytes = device::peak_allocated_bytes(ctx.device) - device::allocated_bytes(ctx.device);
+  if (source.files) {
+    report.bytes = source.files->total_bytes;
+    report.tensors = source.files->total_tensors;
+  }
+  device::synchronize(s.ctx.device);
+  report.seconds = clock.seconds();
+  if (s.ctx.device.is_cuda())
+    report.peak_extra_device_bytes = device::peak_allocated_bytes(s.ctx.device) - device::allocated_bytes(s.ctx.device);
   log::info(cat("loaded ", report.architecture, " (", report.tensors, " tensors, ", report.bytes >> 20, " MiB) on ",
                 report.device, " in ", report.seconds, " s"));
-  loaded->state_->model = std::move(model);
   return loaded;
 }
+
+// ------------------------------------------------------------ reload and update
 
 namespace {
 /// Starts timing and device-memory accounting for a reload.
@@ -234,9 +268,9 @@ void start_measuring(const c10::Device& device, uint64_t& allocated_at_start) {
 }
 
 void finish_measuring(LoadReport& report, const c10::Device& device, uint64_t allocated_at_start,
-                      std::chrono::steady_clock::time_point start, const ReloadStats& stats) {
+                      Clock::time_point start, const ReloadStats& stats) {
   device::synchronize(device);
-  report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  report.seconds = std::chrono::duration<double>(Clock::now() - start).count();
   report.peak_extra_device_bytes.reset();
   if (device.is_cuda()) {
     const uint64_t peak = device::peak_allocated_bytes(device);
@@ -255,34 +289,20 @@ void finish_measuring(LoadReport& report, const c10::Device& device, uint64_t al
 const LoadReport& LoadedModel::reload(const std::string& source_dir, bool process) {
   c10::AutoGradMode no_grad(false);
   State& s = *state_;
-  const auto start = std::chrono::steady_clock::now();
+  const auto start = Clock::now();
   const std::string dir = source_dir.empty() ? s.model_dir : source_dir;
   if (s.reload->updating()) fail(ErrorKind::Usage, "reload during an unfinished update");
   const bool sharded = !process && has_sharded_state(dir, s.ctx.tp_rank, s.sharded_pattern);
   // Every header validated first.
   const auto files = sharded ? open_sharded_state(dir, s.ctx.tp_rank, s.sharded_pattern) : safetensors::open_checkpoint(dir);
   start_measuring(s.ctx.device, s.allocated_at_start);
-  const c10::Device device = s.ctx.device;
-  // The staged stream reads ahead within the plan's budget (the largest layer, less the module
-  // being rebuilt beside it), so that the peak extra device memory stays within the largest layer.
-  auto open = [&](ReloadEngine::StreamUse use, const ReloadEngine::ApplyPlan& plan) {
-    if (use == ReloadEngine::StreamUse::Apply && staging_enabled(device)) {
-      StagingOptions staging;
-      // Kernel-format copies come without a plan: one tensor at a time at most.
-      staging.window_bytes = plan.budget ? plan.budget : safetensors::largest_tensor_bytes(files);
-      staging.order = plan.order;
-      staging.reserve = plan.reserve;
-      return staged_safetensors_stream(files, device, std::move(staging));
-    }
-    return safetensors_stream(files, plan.order);
-  };
   ReloadStats stats;
   if (process) {
-    stats = s.reload->reload(open, [&](WeightStream& w) { s.model->load_weights(w); });
-  } else if (sharded) {
-    stats = copy_sharded_state(*s.model, files, s.ctx.device);
+    stats = s.reload->reload(files, s.loader());
   } else {
-    stats = s.reload->copy_kernel_format(open, /*complete=*/true);
+    // Kernel format: sharded state by its state-dict names, anything else by parameter names.
+    const auto targets = sharded ? sharded_state_targets(*s.model) : reload::parameter_targets(*s.model);
+    stats = reload::copy_kernel_format(*s.model, targets, files, s.ctx.device, /*complete=*/true);
   }
   report_.bytes = files.total_bytes;
   report_.tensors = files.total_tensors;
@@ -294,7 +314,7 @@ const LoadReport& LoadedModel::reload(const std::string& source_dir, bool proces
 void LoadedModel::begin_update(Rollback rollback) {
   State& s = *state_;
   s.reload->begin_update(rollback);
-  s.update_start = std::chrono::steady_clock::now();
+  s.update_start = Clock::now();
   s.update_bytes = 0;
   report_.tensors = 0;
   start_measuring(s.ctx.device, s.allocated_at_start);
@@ -303,7 +323,7 @@ void LoadedModel::begin_update(Rollback rollback) {
 void LoadedModel::update(const std::vector<NamedWeight>& chunk, Borrowed borrowed) {
   c10::AutoGradMode no_grad(false);
   State& s = *state_;
-  s.reload->update(chunk, [&](WeightStream& w) { s.model->load_weights(w); }, borrowed);
+  s.reload->update(chunk, s.loader(), borrowed);
   for (const auto& w : chunk) s.update_bytes += w.tensor.nbytes();
   report_.tensors += chunk.size();
 }
@@ -311,7 +331,7 @@ void LoadedModel::update(const std::vector<NamedWeight>& chunk, Borrowed borrowe
 void LoadedModel::validate_update(const std::vector<NamedWeight>& planned, bool complete) {
   c10::AutoGradMode no_grad(false);
   State& s = *state_;
-  s.reload->validate_update(planned, [&](WeightStream& w) { s.model->load_weights(w); }, complete);
+  s.reload->validate_update(planned, s.loader(), complete);
 }
 
 const LoadReport& LoadedModel::finish_update() {
@@ -333,6 +353,8 @@ void LoadedModel::commit_update() { state_->reload->commit(); }
 
 bool LoadedModel::updating() const { return state_->reload->updating(); }
 
+// ------------------------------------------------------------ forward and report
+
 at::Tensor LoadedModel::logits(const std::vector<int64_t>& tokens) {
   c10::AutoGradMode no_grad(false);
   CausalLM& model = *state_->model;
@@ -341,14 +363,8 @@ at::Tensor LoadedModel::logits(const std::vector<int64_t>& tokens) {
   for (int64_t t : tokens)
     if (t < 0 || t >= vocab) fail(ErrorKind::Usage, "--tokens: token ", t, " is outside the vocabulary [0, ", vocab, ")");
   at::Tensor ids = at::tensor(tokens, at::kLong).to(state_->ctx.device);
-  at::Tensor out;
-  try {
-    out = model.forward(ids);
-  } catch (const Error& e) {
-    // Thrown by plugin code: its vtable lives in the plugin, which may be unloaded while the
-    // exception unwinds past the model's owner. A copy made here outlives the plugin.
-    throw Error(e.kind(), e.what());
-  }
+  // An Error the plugin throws here may outlive the plugin: its type lives in libloadkit_sdk (error.h).
+  at::Tensor out = model.forward(ids);
   return out.narrow(-1, 0, vocab).to(at::kCPU, at::kFloat).contiguous();
 }
 

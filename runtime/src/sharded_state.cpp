@@ -6,16 +6,10 @@
 #include <filesystem>
 #include <map>
 #include <regex>
-#include <unordered_map>
-#include <unordered_set>
 
-#include "loadkit/auto_weights_loader.h"
 #include "loadkit/error.h"
 #include "loadkit/module.h"
-#include "loadkit/runtime/log.h"
-#include "staging/staged_stream.h"
 #include "tensor_io.h"
-#include "weight_sources.h"
 
 namespace loadkit {
 
@@ -170,62 +164,12 @@ safetensors::CheckpointFiles open_sharded_state(const std::string& dir, int rank
   return files;
 }
 
-ReloadStats copy_sharded_state(Module& root, const safetensors::CheckpointFiles& files, const c10::Device& device) {
-  const auto state = sharded_state_dict(root);
-  std::unordered_map<std::string, at::Tensor> by_name(state.begin(), state.end());
-  std::vector<std::pair<Parameter*, const void*>> before;
-  for (auto& [name, p] : root.named_parameters()) before.emplace_back(p, p->data.data_ptr());
-
-  auto check = [&](const NamedWeight& w) -> at::Tensor& {
-    auto it = by_name.find(w.name);
-    if (it == by_name.end())
-      fail(ErrorKind::Input, w.origin, ": tensor '", w.name, "' is not in the model's sharded state (kernel format)");
-    const at::Tensor& dst = it->second;
-    bool fits = w.tensor.dim() == dst.dim() && w.tensor.scalar_type() == dst.scalar_type();
-    for (int64_t d = 0; fits && d < dst.dim(); ++d) fits = w.tensor.size(d) <= dst.size(d);
-    if (!fits)
-      fail(ErrorKind::Input, w.origin, ": tensor '", w.name, "' is ", shape_str(w.tensor.sizes()), " ",
-           c10::toString(w.tensor.scalar_type()), ", the parameter is ", shape_str(dst.sizes()), " ",
-           c10::toString(dst.scalar_type()));
-    return it->second;
-  };
-  std::unordered_set<std::string> seen;
-  {
-    auto stream = safetensors_stream(files);
-    NamedWeight w;
-    while (stream->next(w)) {
-      check(w);
-      if (!seen.insert(w.name).second) fail(ErrorKind::Input, w.origin, ": tensor '", w.name, "' given twice");
-    }
-  }
-  std::vector<std::string> missing;
-  for (auto& [name, t] : state)
-    if (!seen.count(name)) missing.push_back(name);
-  fail_if_missing(std::move(missing));
-
-  ReloadStats stats;
-  std::unique_ptr<WeightStream> stream;
-  if (staging_enabled(device)) {
-    StagingOptions staging;
-    staging.window_bytes = safetensors::largest_tensor_bytes(files);
-    stream = staged_safetensors_stream(files, device, std::move(staging));
-  } else {
-    stream = safetensors_stream(files);
-  }
-  NamedWeight w;
-  while (stream->next(w)) {
-    at::Tensor dst = check(w);
-    if (w.tensor.sizes() != dst.sizes()) {
-      log::warn(cat("loading tensor of shape ", shape_str(w.tensor.sizes()), " into parameter '", w.name,
-                    "' of shape ", shape_str(dst.sizes())));
-      for (int64_t d = 0; d < dst.dim(); ++d) dst = dst.narrow(d, 0, w.tensor.size(d));
-    }
-    dst.copy_(w.tensor);
-    ++stats.layers_processed;
-  }
-  for (auto& [p, ptr] : before)
-    if (p->data.data_ptr() != ptr) stats.pointers_stable = false;
-  return stats;
+reload::KernelCopyTargets sharded_state_targets(const Module& root) {
+  reload::KernelCopyTargets targets;
+  targets.tensors = sharded_state_dict(root);
+  targets.what = "in the model's sharded state";
+  targets.leading_part_fits = true;
+  return targets;
 }
 
 void copy_model_metadata(const std::string& from, const std::string& to) {

@@ -1,12 +1,11 @@
 #pragma once
 /// \file
-/// vLLM's sharded-state format (seed 004): each tensor-parallel rank's
+/// vLLM's sharded-state format: each tensor-parallel rank's
 /// kernel-format state dict in `model-rank-{rank}-part-{part}.safetensors`,
 /// names as the engine's parameters, so that either program reads the
 /// other's files.
 
 #include <ATen/core/Tensor.h>
-#include <c10/core/Device.h>
 
 #include <cstdint>
 #include <optional>
@@ -15,7 +14,7 @@
 #include <vector>
 
 #include "formats/checkpoint_files.h"
-#include "reload_engine.h"
+#include "reload/kernel_copy.h"
 
 namespace loadkit {
 
@@ -49,12 +48,9 @@ bool has_sharded_state(const std::string& dir, int rank, const std::string& patt
 /// pattern when none match.
 safetensors::CheckpointFiles open_sharded_state(const std::string& dir, int rank, const std::string& pattern);
 
-/// Copies the files' tensors into the model's kernel tensors by state-dict
-/// name. Everything is validated first (names, dtypes, ranks, no dimension
-/// larger than the parameter's, nothing twice, nothing missing); a tensor
-/// smaller than its parameter (a padded one) goes into the leading part of
-/// it, with a warning, as vLLM does. On a CUDA device the data goes through
-/// the staged stream (one tensor read ahead at most).
-ReloadStats copy_sharded_state(Module& root, const safetensors::CheckpointFiles& files, const c10::Device& device);
+/// Where a sharded-state checkpoint's tensors go (reload/kernel_copy.h copies
+/// them): sharded_state_dict()'s names. A tensor smaller than its parameter (a
+/// padded one) goes into the leading part of it, with a warning, as vLLM does.
+reload::KernelCopyTargets sharded_state_targets(const Module& root);
 
 }  // namespace loadkit

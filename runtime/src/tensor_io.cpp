@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 
+#include "formats/checkpoint_files.h"
 #include "formats/safetensors_writer.h"
 #include "loadkit/error.h"
 
@@ -60,6 +61,14 @@ std::vector<std::pair<std::string, at::Tensor>> load_tensors(const std::string& 
   auto file = safetensors::SafetensorsFile::open(path);
   std::vector<std::pair<std::string, at::Tensor>> out;
   for (const auto& info : file->tensors()) out.emplace_back(info.name, view_tensor(file, info).clone());
+  return out;
+}
+
+std::vector<NamedWeight> read_checkpoint(const std::string& dir) {
+  const auto checkpoint = safetensors::open_checkpoint(dir);
+  std::vector<NamedWeight> out;
+  for (const auto& file : checkpoint.files)
+    for (const auto& info : file->tensors()) out.push_back({info.name, view_tensor(file, info).clone(), file->path()});
   return out;
 }
 

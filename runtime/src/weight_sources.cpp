@@ -8,6 +8,7 @@
 #include "loadkit/error.h"
 #include "loadkit/module.h"
 #include "loadkit/runtime/log.h"
+#include "staging/staged_stream.h"
 #include "tensor_io.h"
 
 namespace loadkit {
@@ -90,6 +91,16 @@ std::unique_ptr<WeightStream> safetensors_stream(const safetensors::CheckpointFi
                                                  std::vector<std::string> order) {
   if (!order.empty()) return std::make_unique<OrderedSafetensorsStream>(files, order);
   return std::make_unique<SafetensorsStream>(files);
+}
+
+std::unique_ptr<WeightStream> open_weight_stream(const safetensors::CheckpointFiles& files, const c10::Device& device,
+                                                 const StreamPlan& plan) {
+  if (!staging_enabled(device)) return safetensors_stream(files, plan.order);
+  StagingOptions staging;
+  staging.window_bytes = plan.window_bytes ? plan.window_bytes : safetensors::largest_tensor_bytes(files);
+  staging.order = plan.order;
+  staging.reserve = plan.reserve;
+  return staged_safetensors_stream(files, device, std::move(staging));
 }
 
 void initialize_dummy_weights(Module& root, uint64_t seed) {

@@ -16,36 +16,19 @@ import json
 import os
 import shutil
 import subprocess
-import sys
-import tempfile
 
 import torch
-from safetensors.torch import load_file
+
+from installed_package import installed_package, run
 
 FIXTURE = "qwen3_fp32_gqa"
 
 
-def run(cmd, **kw):
-    print("+", " ".join(cmd), flush=True)
-    return subprocess.run(cmd, check=True, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw).stdout
-
-
 def main():
-    build, source, fixtures, cxx, generator = sys.argv[1:6]
-    launcher = sys.argv[6] if len(sys.argv) > 6 else ""
-    tmp = tempfile.mkdtemp(prefix="loadkit-sdk-")
-    try:
-        prefix = os.path.join(tmp, "prefix")
-        run(["cmake", "--install", build, "--prefix", prefix])
-
+    with installed_package("sdk") as package:
+        tmp, prefix = package.tmp, package.prefix
         project = os.path.join(tmp, "plugin-build")
-        configure = ["cmake", "-S", os.path.join(source, "examples", "plugin_template"), "-B", project,
-                     "-G", generator, f"-DCMAKE_CXX_COMPILER={cxx}", "-DCMAKE_BUILD_TYPE=Release",
-                     f"-DCMAKE_PREFIX_PATH={prefix};{torch.utils.cmake_prefix_path}"]
-        if launcher:
-            configure.append(f"-DCMAKE_CXX_COMPILER_LAUNCHER={launcher}")
-        run(configure)
-        run(["cmake", "--build", project])
+        package.build_example("plugin_template", project)
         built = os.path.join(project, "qwen3.so")
         assert os.path.isfile(built), "the example built no qwen3.so"
 
@@ -67,18 +50,12 @@ def main():
         assert mine[0]["architectures"] == ["Qwen3ForCausalLM"], mine
         assert mine[0]["torch_version"] == torch.__version__.split("+")[0], mine
 
-        manifest = json.load(open(os.path.join(fixtures, "fixtures.json")))
-        fx = next(f for f in manifest["fixtures"] if f["name"] == FIXTURE)
-        model = os.path.join(fixtures, FIXTURE)
+        fx = package.fixture(FIXTURE)
+        model = fx["dir"]
         out = os.path.join(tmp, "logits.safetensors")
         tokens = ",".join(map(str, fx["tokens"]))
         run([loadkit, "logits", "--model", model, "--tokens", tokens, "--out", out, "--plugin-dir", drop], env=env)
-        ours = load_file(out)["logits"]
-        ref = load_file(os.path.join(fixtures, "references", FIXTURE + ".safetensors"))["logits"]
-        assert ours.shape == ref.shape, (ours.shape, ref.shape)
-        diff = (ours - ref).abs().max().item()
-        print(f"installed loadkit + out-of-tree qwen3.so vs transformers: max |diff| = {diff:.3e}")
-        assert diff <= 1e-4, diff
+        package.expect_reference_logits(FIXTURE, out, "installed loadkit + out-of-tree qwen3.so")
 
         alone = subprocess.run([loadkit, "logits", "--model", model, "--tokens", tokens, "--out", out],
                                env=env, text=True, capture_output=True)
@@ -95,8 +72,6 @@ def main():
         assert refused.returncode != 0, refused.stdout
         assert "version: 0.1.0" in refused.stderr and "\"1.0\"" in refused.stderr, refused.stderr
         print("ok")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -142,16 +142,18 @@ int launch_local_ranks(int n) {
   }
   if (first_failed < 0) return 0;
 
-  // A rank's own failure, as it published it, wins over "exited with code …".
-  for (int r = 0; r < n; ++r) {
-    const std::string key = cat("loadkit/failed/", r);
-    if (!store->check({key})) continue;
-    const auto bytes = store->get(key);
-    const std::string value(bytes.begin(), bytes.end());
-    const size_t nl = value.find('\n');
-    const int code = std::atoi(value.substr(0, nl).c_str());
-    throw Error(error_kind(code), value.substr(nl + 1));
-  }
+  // A rank's own failure, as it published it, wins over a rank that could not join the group
+  // (a consequence when a peer failed while it was connecting), which wins over "exited with code …".
+  for (const char* kind : {"loadkit/failed/", "loadkit/join_failed/"})
+    for (int r = 0; r < n; ++r) {
+      const std::string key = cat(kind, r);
+      if (!store->check({key})) continue;
+      const auto bytes = store->get(key);
+      const std::string value(bytes.begin(), bytes.end());
+      const size_t nl = value.find('\n');
+      const int code = std::atoi(value.substr(0, nl).c_str());
+      throw Error(error_kind(code), value.substr(nl + 1));
+    }
   const int code = WIFEXITED(status[first_failed]) ? WEXITSTATUS(status[first_failed]) : 1;
   throw Error(error_kind(code), describe_exit(first_failed, status[first_failed]));
 }

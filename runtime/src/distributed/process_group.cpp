@@ -50,9 +50,12 @@ std::string env_str(const char* name, const std::string& fallback) {
 /// A step's status in the store: "ok\n<payload>" or "fail\n<exit code>\n<message>".
 std::string step_key(const std::string& step, int rank) { return cat("loadkit/step/", step, "/", rank); }
 std::string failure_key(int rank) { return cat("loadkit/failed/", rank); }
+std::string join_failure_key(int rank) { return cat("loadkit/join_failed/", rank); }
 
-/// Another rank's failure, rethrown here: reported by that rank, not again by this one.
-class OtherRankFailure : public Error {
+/// A failure reported already, not to be reported again by this rank: another rank's failure
+/// of a step, rethrown here (that rank reported it), or this rank's failure to join the group,
+/// published in the store for the launcher.
+class ReportedFailure : public Error {
  public:
   using Error::Error;
 };
@@ -245,7 +248,7 @@ std::shared_ptr<TensorParallelGroup> ProcessGroup::tensor_parallel() {
   return std::make_shared<View>(impl_);
 }
 
-bool is_other_rank_failure(const std::exception& e) { return dynamic_cast<const OtherRankFailure*>(&e) != nullptr; }
+bool already_reported(const std::exception& e) { return dynamic_cast<const ReportedFailure*>(&e) != nullptr; }
 
 ErrorKind error_kind(int exit_code) {
   return exit_code >= 2 && exit_code <= 4 ? static_cast<ErrorKind>(exit_code) : ErrorKind::Other;
@@ -366,8 +369,21 @@ std::unique_ptr<RankGroup> RankGroup::join(const RankEnv& env, const std::string
     impl->tp = impl->world->tensor_parallel();
   } catch (const std::exception& e) {
     if (dynamic_cast<const Error*>(&e)) throw;
-    fail(ErrorKind::Other, "rank ", env.rank, " could not join the group at ", env.master_addr, ":", env.master_port,
-         ": ", failure_message(e));
+    const std::string message = cat("rank ", env.rank, " could not join the group at ", env.master_addr, ":",
+                                    env.master_port, ": ", failure_message(e));
+    // A peer that failed right after joining (its own error, published) closes its connections
+    // while this rank may still be connecting: this is then a consequence, not the cause. Under
+    // the local launcher it is published apart, and the launcher reports it only when no rank
+    // published a failure of its own.
+    if (env.local_launch && impl->store) {
+      try {
+        impl->store->set(join_failure_key(env.rank), cat(exit_code(ErrorKind::Other), "\n", message));
+        throw ReportedFailure(ErrorKind::Other, message);
+      } catch (const c10::Error&) {
+        // The store is gone too: report it here.
+      }
+    }
+    fail(ErrorKind::Other, message);
   }
   return std::unique_ptr<RankGroup>(new RankGroup(std::move(impl)));
 }
@@ -426,7 +442,7 @@ std::vector<std::string> RankGroup::step(const std::string& name, const std::fun
       if (value.rfind("fail\n", 0) == 0) {
         const size_t nl = value.find('\n', 5);
         const int code = std::atoi(value.substr(5, nl - 5).c_str());
-        throw OtherRankFailure(error_kind(code), cat("rank ", r, ": ", value.substr(nl + 1)));
+        throw ReportedFailure(error_kind(code), cat("rank ", r, ": ", value.substr(nl + 1)));
       }
       seen[r] = value.substr(3);
       ++done;

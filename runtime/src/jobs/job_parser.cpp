@@ -1,5 +1,5 @@
 // YAML job files: schema checks with file:line:column messages (yaml-cpp marks).
-// Torch-free; issue 10 fuzzes parse_job on its own.
+// Torch-free, so that tests/fuzz fuzzes parse_job on its own.
 
 #include <yaml-cpp/yaml.h>
 

@@ -1,4 +1,4 @@
-// The FSDP-sharded source (seed 003's dtensor_weight_loader, without its
+// The FSDP-sharded source (verl's dtensor_weight_loader, without its
 // per-architecture copies): every trainer rank holds a dim-0 shard of every
 // tensor; the ranks agree on the list, then gather one layer at a time
 // through c10d all-gather and feed it to the model's update.

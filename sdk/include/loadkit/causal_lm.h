@@ -37,8 +37,27 @@ class CausalLM : public Module {
 };
 
 /// Builds a model, with parameters allocated on `ctx.device` in `ctx.dtype`
-/// (contents undefined until loaded). Throws `loadkit::Error` on a config it
-/// cannot serve, naming the key.
+/// (contents undefined until loaded), in load format (see quant_method.h).
+///
+/// Called once per load of an architecture the plugin registered, on the
+/// loading thread, after the checkpoint's headers were validated and before
+/// any weight is read; loads of other models may run on other threads at the
+/// same time. `ctx` is valid during the call only.
+///
+/// Throws `loadkit::Error` on a config it cannot serve: `Input` naming the
+/// config file and the key (check every size before dividing by it,
+/// multiplying with it or allocating from it), `Usage` for a tensor-parallel
+/// size it cannot split by. Other exceptions follow plugin.h's rules. Never
+/// returns null.
+///
+/// What the host does with the model: records every parameter's load format
+/// right after this returns, then streams the checkpoint through
+/// `load_weights` — on a fresh load and again on every reload, with each
+/// parameter's `loader` wrapped by the host, so a model writes weights through
+/// its parameters' loaders only, never into `data` behind them — and calls
+/// `process_weights_after_loading` on every module. It calls `forward`,
+/// `load_weights` and processing from one thread at a time, and destroys the
+/// model (last reference dropped) on any thread.
 using ArchitectureFactory = std::function<std::shared_ptr<CausalLM>(const ModelContext& ctx)>;
 
 }  // namespace loadkit

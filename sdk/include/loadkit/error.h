@@ -8,13 +8,31 @@
 ///
 /// A message is one line by construction: the names it quotes come from
 /// files (a tensor name, a YAML key, a path may hold "\n"), so `Error` writes
-/// control characters as `\xNN` instead of trusting every caller to.
+/// control characters as `\xNN` instead of trusting every caller to. It is
+/// also bounded: past `Error::kMaxMessageBytes` the rest is replaced by
+/// "… (N bytes more)" (a config with 100000 layers must not make a 27 MB line).
+///
+/// Why `Error` is exported and has an out-of-line destructor: an exception
+/// thrown by plugin code carries pointers to its type's vtable and typeinfo,
+/// and may still be in flight, or caught, after the plugin's library was
+/// unloaded (the CLI catches a failed load's error in `main`, after the
+/// registry that held the plugin is gone). Emitted inline, both would live
+/// in the plugin and dangle. With default visibility and the key function
+/// (the destructor) defined in libloadkit_sdk (sdk/src/error.cpp), every
+/// library — every plugin included — refers to the SDK's one copy. A type
+/// that derives from `Error` and may be thrown across a plugin boundary must
+/// do the same; a plugin must never let an exception type of its own escape.
 
+#include <cstddef>
 #include <sstream>
 #include <stdexcept>
 #include <string>
 #include <string_view>
 #include <utility>
+
+/// Marks what a plugin must find in libloadkit_sdk rather than copy into
+/// itself (plugins are built with hidden visibility).
+#define LOADKIT_SDK_API __attribute__((visibility("default")))
 
 namespace loadkit {
 
@@ -30,23 +48,16 @@ enum class ErrorKind {
 constexpr int exit_code(ErrorKind kind) { return static_cast<int>(kind); }
 
 /// `text` with control characters written as `\xNN` (a one-line rendering of untrusted names).
-inline std::string printable(std::string_view text) {
-  constexpr char kHex[] = "0123456789abcdef";
-  std::string out;
-  out.reserve(text.size());
-  for (unsigned char c : text) {
-    if (c >= 0x20 && c != 0x7f) {
-      out += static_cast<char>(c);
-    } else {
-      out += {'\\', 'x', kHex[c >> 4], kHex[c & 15]};
-    }
-  }
-  return out;
-}
+LOADKIT_SDK_API std::string printable(std::string_view text);
 
-class Error : public std::runtime_error {
+class LOADKIT_SDK_API Error : public std::runtime_error {
  public:
-  Error(ErrorKind kind, const std::string& message) : std::runtime_error(printable(message)), kind_(kind) {}
+  /// Longest message kept, in bytes of its one-line rendering; longer ones end in "… (N bytes more)".
+  static constexpr std::size_t kMaxMessageBytes = 4096;
+
+  Error(ErrorKind kind, const std::string& message);
+  /// Out of line: the key function that places the vtable and typeinfo in libloadkit_sdk.
+  ~Error() override;
   ErrorKind kind() const noexcept { return kind_; }
 
  private:

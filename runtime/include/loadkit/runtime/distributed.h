@@ -147,8 +147,10 @@ class RankGroup {
   std::unique_ptr<Impl> impl_;
 };
 
-/// Thrown on a rank when another rank failed a step (already reported there).
-bool is_other_rank_failure(const std::exception& e);
+/// Whether `e` was reported already and must not be again by this rank: another rank's failure
+/// of a step (that rank reported it), or, under the local launcher, this rank's failure to join
+/// the group (published for the launcher, which reports it unless a rank failed of its own).
+bool already_reported(const std::exception& e);
 
 /// The error kind behind an exit code another rank reported (anything unknown is Other).
 ErrorKind error_kind(int exit_code);

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "loadkit/runtime/reload_types.h"
 #include "loadkit/weights.h"
 
 namespace loadkit {
@@ -18,21 +19,6 @@ class CausalLM;
 class Registry;
 class TensorParallelGroup;
 struct ModelContext;
-
-/// How long the tensors of an update chunk stay valid (see LoadedModel::update).
-enum class Borrowed {
-  /// Until finish_update(): the engine may keep references (transformed modules cache their
-  /// loader calls until complete). No copy is made.
-  UntilFinish,
-  /// Until update() returns: the caller reuses the buffers (double-buffered receive). The
-  /// engine clones what it must keep past the call, and only that: the tensors cached by
-  /// transformed modules that the chunk left incomplete (and by attention-like modules,
-  /// processed at the end), on the device they came on.
-  UntilReturn,
-};
-
-/// Whether a streaming update can be undone (see LoadedModel::begin_update).
-enum class Rollback { None, Journal };
 
 struct LoadOptions {
   std::string model_dir;
@@ -60,9 +46,11 @@ struct LoadReport {
   double seconds = 0;
   /// Peak device memory above what the finished model holds; only measured on CUDA.
   std::optional<uint64_t> peak_extra_device_bytes;
-  bool pointers_stable = true;  ///< every parameter kept its data_ptr from build to ready
-  int layers_processed = 0;
-  int layers_delayed = 0;
+  /// Every kernel tensor kept its storage and layout: a load, from build to loaded
+  /// (and through a sharded-state copy); a reload or update, from start to end.
+  bool pointers_stable = true;
+  int layers_processed = 0;  ///< see ReloadStats (reload_types.h): the same meaning for every operation
+  int layers_delayed = 0;    ///< see ReloadStats
   /// Reloads and updates: modules that received no weight (kept as they were).
   std::vector<std::string> untouched_modules;
   /// Updates with Rollback::Journal: host bytes the journal kept.

@@ -14,6 +14,7 @@
 /// reported as shadowed. Every model or quantization config a plugin creates
 /// keeps that plugin's library loaded for as long as it lives.
 
+#include <cstdint>
 #include <map>
 #include <memory>
 #include <string>

@@ -1,6 +1,6 @@
 #pragma once
 /// \file
-/// Trainer → engine weight sync (seed 003, verl): three sources, all through
+/// Trainer → engine weight sync (as verl does it): three sources, all through
 /// the model's one reload engine (LoadedModel::begin_update / update /
 /// finish_update), so every weight goes through the model's own loaders (each
 /// rank narrows its tensor-parallel shard), quantized modules are rebuilt in

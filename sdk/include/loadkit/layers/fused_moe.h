@@ -16,6 +16,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <utility>
@@ -69,6 +70,15 @@ class FusedMoEMethod {
   /// Expert `expert`'s weights in `dtype`, from kernel format: {w13 [2I, H], w2 [H, I]}.
   virtual std::pair<at::Tensor, at::Tensor> expert_weights(FusedMoE& layer, int64_t expert,
                                                            at::ScalarType dtype) = 0;
+  /// Device bytes processing allocates for a layer of `shape` beyond its
+  /// load-format parameters and its targets, at most at any one time: what a
+  /// reload sets aside next to the layer while rebuilding it (see
+  /// LinearMethod::process_scratch_bytes). Must not throw. Default: 0.
+  virtual uint64_t process_scratch_bytes(const MoEShape& shape, const ModelContext& ctx) const {
+    (void)shape;
+    (void)ctx;
+    return 0;
+  }
 };
 
 /// Plain stacked weights in the model dtype; processing does nothing.

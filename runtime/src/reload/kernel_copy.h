@@ -1,0 +1,49 @@
+#pragma once
+/// \file
+/// Kernel-format tensors copied straight into the model: no loaders, no
+/// processing. The one copy behind `reload --no-process` (a checkpoint named
+/// as the model's parameters) and sharded state (vLLM's per-rank state dict,
+/// sharded_state.h), which differ only in their targets.
+///
+/// Transactional as every reload: every name, shape and dtype (and, when the
+/// copy must be complete, that every target is present) is checked on the
+/// headers before the first byte is written.
+
+#include <c10/core/Device.h>
+
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+
+#include "formats/checkpoint_files.h"
+#include "loadkit/runtime/reload_types.h"
+
+namespace loadkit {
+class Module;
+}
+
+namespace loadkit::reload {
+
+/// Where kernel-format tensors may go, by name.
+struct KernelCopyTargets {
+  std::vector<std::pair<std::string, at::Tensor>> tensors;  ///< name → the model's kernel tensor (a view of its storage)
+  /// What the names are, for "tensor 'x' is not <what>" messages.
+  std::string what;
+  /// A tensor smaller than its target (no dimension larger, same rank and dtype) goes into
+  /// the leading part of it, with a warning (vLLM's sharded_state loader does, for padding).
+  bool leading_part_fits = false;
+};
+
+/// The model's parameters, each under its first name: what `reload --no-process` reads.
+KernelCopyTargets parameter_targets(const Module& root);
+
+/// Copies every tensor of `files` into its target, on `device` (staged where the device takes
+/// the staged path). Input errors name the file and the tensor; with `complete`, a target no
+/// file holds fails listing every missing name. Counts, as ReloadStats says, the layers whose
+/// tensors it wrote, and whether every kernel tensor of `root` kept its storage.
+ReloadStats copy_kernel_format(Module& root, const KernelCopyTargets& targets, const safetensors::CheckpointFiles& files,
+                               const c10::Device& device, bool complete);
+
+}  // namespace loadkit::reload

@@ -1,0 +1,80 @@
+#include "reload/reload_engine.h"
+
+#include "loadkit/auto_weights_loader.h"
+#include "loadkit/error.h"
+#include "loadkit/model_context.h"
+#include "reload/staging_plan.h"
+#include "weight_sources.h"
+
+namespace loadkit {
+
+using reload::Phase;
+
+ReloadStats ReloadEngine::reload(const safetensors::CheckpointFiles& files, const Loader& load_weights) {
+  reload::Session& session = *session_;
+  session.begin(Phase::Reloading, Rollback::None);
+  try {
+    // 1. The whole checkpoint through the loaders on meta stand-ins: nothing read or written yet.
+    reload::ValidationRecord seen;
+    session.validate(*safetensors_stream(files), load_weights, &seen);
+    fail_if_missing(session.incomplete_after_validation());
+    // 2. Its data, each transformed module's weights together, within the largest layer's size.
+    const StreamPlan plan = reload::plan_apply(session.modules(), seen, ctx_);
+    session.apply(*open_weight_stream(files, ctx_.device, plan), load_weights);
+    // 3. Attention-like modules, and every module back to its own loaders.
+    return session.finish();
+  } catch (...) {
+    if (session.open()) session.abort();
+    throw;
+  }
+}
+
+void ReloadEngine::begin_update(Rollback rollback) { session_->begin(Phase::Updating, rollback); }
+
+void ReloadEngine::update(const std::vector<NamedWeight>& chunk, const Loader& load_weights, Borrowed borrowed) {
+  if (session_->phase() != Phase::Updating) fail(ErrorKind::Usage, "update() without begin_update()");
+  VectorWeightStream check(chunk);
+  session_->validate(check, load_weights);  // a bad chunk is rejected whole; earlier chunks stay applied
+  VectorWeightStream apply(chunk);
+  try {
+    session_->apply(apply, load_weights);
+    if (borrowed == Borrowed::UntilReturn) session_->own_borrowed(chunk);
+  } catch (...) {
+    session_->abort();
+    throw;
+  }
+}
+
+void ReloadEngine::validate_update(const std::vector<NamedWeight>& planned, const Loader& load_weights, bool complete) {
+  if (session_->phase() != Phase::Updating) fail(ErrorKind::Usage, "validate_update() without begin_update()");
+  VectorWeightStream check(planned);
+  session_->validate(check, load_weights);
+  if (complete) fail_if_missing(session_->incomplete_after_validation());
+}
+
+ReloadStats ReloadEngine::finish_update() {
+  if (session_->phase() != Phase::Updating) fail(ErrorKind::Usage, "finish_update() without begin_update()");
+  return session_->finish();
+}
+
+void ReloadEngine::rollback() {
+  if (session_->open()) {
+    session_->abort();
+  } else {
+    session_->journal().restore();
+  }
+}
+
+void ReloadEngine::commit() { session_->journal().clear(); }
+
+bool ReloadEngine::updating() const { return session_->open(); }
+
+ReloadEngine::ReloadEngine(Module& root, const ModelContext& ctx)
+    : ctx_(ctx), session_(std::make_unique<reload::Session>(root, ctx)) {}
+ReloadEngine::~ReloadEngine() = default;
+
+int ReloadEngine::layers() const { return static_cast<int>(session_->modules().size()); }
+
+void ReloadEngine::release_load_format() { session_->release_load_format(); }
+
+}  // namespace loadkit

@@ -1,0 +1,225 @@
+#include "reload/session.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <unordered_set>
+
+#include "loadkit/error.h"
+#include "loadkit/model_context.h"
+#include "loadkit/module.h"
+#include "loadkit/runtime/log.h"
+#include "reload/module_step.h"
+
+namespace loadkit::reload {
+
+namespace {
+
+/// Plain modules: the kernel parameters are the recorded ones, unchanged in shape and dtype.
+bool kernel_matches_records(const ModuleRecord& mod) {
+  for (const auto& rec : mod.params) {
+    Parameter* p = mod.module->find_param(rec.name);
+    if (!p || p->data.sizes() != at::IntArrayRef(rec.shape) || p->data.scalar_type() != rec.dtype) return false;
+  }
+  return true;
+}
+
+/// The parameter a module's loaders write during the session: the kernel one for plain
+/// modules, the recorded load-format object for transformed ones.
+Parameter& active_param(ModuleRecord& mod, size_t i) {
+  return mod.transforms ? *mod.params[i].original : mod.module->param(mod.params[i].name);
+}
+
+}  // namespace
+
+Session::Session(Module& root, const ModelContext& ctx) : root_(root), ctx_(ctx), modules_(record_load_format(root)) {}
+
+void Session::release_load_format() {
+  for (auto& mod : modules_)
+    for (auto& rec : mod.params)
+      if (mod.module->find_param(rec.name) != rec.original.get()) rec.original->data = meta_tensor(rec.shape, rec.dtype);
+}
+
+// ------------------------------------------------------------ initialize
+
+void Session::begin(Phase apply, Rollback rollback) {
+  if (open()) fail(ErrorKind::Usage, "a weight update is already in progress");
+  journal_.begin(rollback);  // the previous session's journal, if it was kept, is let go
+  stats_ = {};
+  before_.emplace(root_);
+  for (size_t m = 0; m < modules_.size(); ++m) {
+    ModuleRecord& mod = modules_[m];
+    mod.calls.clear();
+    mod.total = mod.applied = 0;
+    mod.done = false;
+    mod.materialized = false;
+    mod.transforms = mod.module->transforms_weights() || !kernel_matches_records(mod);
+    for (auto& rec : mod.params) {
+      rec.applied = rec.validated = 0;
+      mod.total += rec.expected;
+    }
+    take_kernel(mod);  // transformed: the load format back, on meta (nothing allocated until complete)
+    for (size_t i = 0; i < mod.params.size(); ++i) active_param(mod, i).loader = wrap(m, i);
+  }
+  apply_phase_ = phase_ = apply;
+}
+
+WeightLoader Session::wrap(size_t m, size_t i) {
+  return [this, m, i](Parameter& param, const at::Tensor& loaded, const ShardId& shard) -> int64_t {
+    ModuleRecord& mod = modules_[m];
+    switch (phase_) {
+      case Phase::Validating: return validate_one(mod, mod.params[i], m, loaded, shard);
+      case Phase::Reloading:
+      case Phase::Updating: return apply_one(mod, i, param, loaded, shard);
+      case Phase::Idle: break;
+    }
+    fail(ErrorKind::Other, "the loader of '", mod.params[i].qualified, "' ran outside a reload session");
+  };
+}
+
+// ------------------------------------------------------------ validate
+
+void Session::validate(WeightStream& stream, const Loader& load_weights, ValidationRecord* record) {
+  for (auto& mod : modules_)
+    for (auto& rec : mod.params) rec.validated = 0;
+  if (record) record->clear();
+  recording_ = record;
+  phase_ = Phase::Validating;
+  try {
+    MetaStream meta(stream);
+    if (record) {
+      RecordingStream recording(meta, *record);
+      load_weights(recording);
+    } else {
+      load_weights(meta);
+    }
+  } catch (...) {
+    phase_ = apply_phase_;
+    recording_ = nullptr;
+    throw;
+  }
+  phase_ = apply_phase_;
+  recording_ = nullptr;
+  if (record) record->current.clear();
+}
+
+int64_t Session::validate_one(ModuleRecord& mod, ParamRecord& rec, size_t m, const at::Tensor& loaded,
+                              const ShardId& shard) {
+  // The original loader against a meta stand-in: shapes checked, nothing written.
+  Parameter standin(meta_tensor(rec.shape, rec.dtype), rec.loader, rec.sharding);
+  const int64_t n = rec.loader(standin, loaded, shard);
+  if (rec.applied + rec.validated + n > rec.expected)
+    fail(ErrorKind::Input, "parameter '", rec.qualified, "' would receive more than its ", rec.expected,
+         " elements (a weight given twice, or after its module '", mod.name, "' was complete)");
+  rec.validated += n;
+  if (recording_) recording_->feeds(m);
+  return n;
+}
+
+std::vector<std::string> Session::incomplete_after_validation() const {
+  std::vector<std::string> missing;
+  for (const auto& mod : modules_)
+    for (const auto& rec : mod.params)
+      if (rec.applied + rec.validated < rec.expected) missing.push_back(rec.qualified);
+  return missing;
+}
+
+// ------------------------------------------------------------ apply
+
+void Session::apply(WeightStream& stream, const Loader& load_weights) { load_weights(stream); }
+
+int64_t Session::apply_one(ModuleRecord& mod, size_t i, Parameter& param, const at::Tensor& loaded,
+                           const ShardId& shard) {
+  ParamRecord& rec = mod.params[i];
+  if (mod.done)
+    fail(ErrorKind::Input, "a weight for '", rec.qualified, "' arrived after module '", mod.name, "' was complete");
+  // Reloading writes a transformed module's load format as its weights come (the plan delivers
+  // them together); updating keeps the calls, since their order is unknown and the caller's
+  // tensors cost no device memory while kept. Attention-like modules wait for the end either way.
+  const bool write_now = mod.transforms && phase_ == Phase::Reloading && !mod.attention_like;
+  if (!mod.transforms) journal_.keep(mod);  // the loader writes straight into kernel storage
+  if (write_now && !mod.materialized) materialize(mod, ctx_.device);
+  // Kernel storage; for transformed modules the materialised load format, or meta (calls kept).
+  const int64_t n = rec.loader(param, loaded, shard);
+  rec.applied = std::min(rec.expected, rec.applied + n);
+  mod.applied = 0;
+  for (const auto& r : mod.params) mod.applied += r.applied;
+  if (!mod.transforms) {
+    if (mod.applied >= mod.total) {
+      mod.done = true;
+      ++stats_.layers_processed;
+    }
+    return n;
+  }
+  if (!write_now) mod.calls.push_back({i, loaded, shard});
+  if (mod.applied >= mod.total && !mod.attention_like) {
+    process(mod);
+    ++stats_.layers_processed;
+  }
+  return n;
+}
+
+void Session::process(ModuleRecord& mod) {
+  journal_.keep(mod);  // processing writes into the kernel tensors
+  process_into_kernel(mod, ctx_.device);
+}
+
+// ------------------------------------------------------------ finalize
+
+ReloadStats Session::finish() {
+  std::vector<std::string> partial;
+  for (auto& mod : modules_) {
+    if (mod.transforms && !mod.done) {
+      if (mod.applied == 0) {
+        put_back_kernel(mod);
+      } else if (mod.applied >= mod.total) {
+        process(mod);  // attention-like: after all others
+        ++stats_.layers_delayed;
+      } else {
+        partial.push_back(cat(mod.name, " (", mod.applied, " of ", mod.total, " elements)"));
+        put_back_kernel(mod);
+      }
+    } else if (!mod.transforms && !mod.done && mod.applied > 0) {
+      ++stats_.layers_processed;  // partial update of plain weights: the rest keeps its values
+    }
+    if (mod.applied == 0) stats_.untouched_modules.push_back(mod.name);
+  }
+  close();
+  stats_.pointers_stable = before_->unchanged(root_);
+  stats_.journal_bytes = journal_.bytes();
+  stats_.journaled_modules = journal_.modules();
+  if (!partial.empty()) {
+    std::string list;
+    for (const auto& p : partial) list += (list.empty() ? "" : ", ") + p;
+    fail(ErrorKind::Input, "update left processed modules incomplete, kept unchanged: ", list);
+  }
+  return stats_;
+}
+
+void Session::abort() {
+  for (auto& mod : modules_)
+    if (!mod.done) put_back_kernel(mod);
+  close();
+  journal_.restore();
+}
+
+void Session::close() {
+  for (auto& mod : modules_) restore_loaders(mod);
+  phase_ = apply_phase_ = Phase::Idle;
+}
+
+void Session::own_borrowed(const std::vector<NamedWeight>& chunk) {
+  std::unordered_set<const void*> borrowed;
+  for (const auto& w : chunk)
+    if (w.tensor.has_storage()) borrowed.insert(w.tensor.storage().unsafeGetStorageImpl());
+  uint64_t cloned = 0;
+  for (auto& mod : modules_)
+    for (KeptCall& call : mod.calls)
+      if (call.loaded.has_storage() && borrowed.count(call.loaded.storage().unsafeGetStorageImpl())) {
+        call.loaded = call.loaded.clone();
+        cloned += call.loaded.nbytes();
+      }
+  if (cloned) log::debug(cat("kept ", cloned, " bytes of a borrowed chunk for modules it left incomplete"));
+}
+
+}  // namespace loadkit::reload

@@ -1,0 +1,101 @@
+#pragma once
+/// \file
+/// One reload or update session over the model's records, phase by phase:
+///
+///   begin()     initialize: every module's kernel tensors taken aside, the
+///               load format of transformed modules restored on meta, every
+///               parameter's loader wrapped (the wrapper acts by phase)
+///   validate()  Phase::Validating: the source through the model's loaders
+///               against meta stand-ins — shapes, dtypes, duplicates counted,
+///               nothing written
+///   apply()     the source through the loaders for real: Phase::Reloading
+///               (a validated complete checkpoint: a transformed module is
+///               materialised on its first weight and written at once) or
+///               Phase::Updating (streamed chunks: its calls are kept until it
+///               is complete); a module is processed the moment it is complete
+///   finish()    finalize: attention-like modules processed, untouched ones
+///               put back, loaders restored; a module left incomplete fails
+///   abort()     any failure: every module put back, the journal restored
+///
+/// The per-module steps are in module_step.h, the journal in journal.h.
+
+#include <c10/core/Device.h>
+
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "loadkit/runtime/reload_types.h"
+#include "loadkit/weights.h"
+#include "reload/journal.h"
+#include "reload/records.h"
+#include "reload/storage_snapshot.h"
+#include "reload/validation.h"
+
+namespace loadkit {
+struct ModelContext;
+}
+
+namespace loadkit::reload {
+
+/// What the wrapped loaders do with the weight they are given.
+enum class Phase {
+  Idle,        ///< no session: the parameters hold the model's own loaders
+  Validating,  ///< count against meta stand-ins; write nothing
+  Reloading,   ///< apply a validated complete checkpoint, transformed modules written at once
+  Updating,    ///< apply streamed chunks, transformed modules' calls kept until complete
+};
+
+/// The model's load_weights: streams weights through the parameters' (wrapped) loaders.
+using Loader = std::function<void(WeightStream&)>;
+
+class Session {
+ public:
+  Session(Module& root, const ModelContext& ctx);
+
+  const std::vector<ModuleRecord>& modules() const { return modules_; }
+  /// After a fresh load was processed: lets go of the load-format tensors processing replaced
+  /// (the records keep their shapes), so a quantized model holds its kernel format only.
+  void release_load_format();
+  Phase phase() const { return phase_; }
+  bool open() const { return phase_ != Phase::Idle; }
+
+  void begin(Phase apply, Rollback rollback);
+  /// Runs `stream` through the loaders in Phase::Validating; with `record`, notes the names
+  /// in order and the module each fed (for the staging plan). Leaves the session open either way.
+  void validate(WeightStream& stream, const Loader& load_weights, ValidationRecord* record = nullptr);
+  /// Parameters that neither earlier applies nor the last validation cover in full.
+  std::vector<std::string> incomplete_after_validation() const;
+  void apply(WeightStream& stream, const Loader& load_weights);
+  ReloadStats finish();
+  void abort();
+
+  /// Borrowed::UntilReturn: kept calls that still reference `chunk`'s memory get their own copy.
+  void own_borrowed(const std::vector<NamedWeight>& chunk);
+  /// The journal of the session in progress or of the last finished one (until the next begin).
+  Journal& journal() { return journal_; }
+
+ private:
+  /// The loader put in place of parameter `i` of module `m` for the session.
+  WeightLoader wrap(size_t m, size_t i);
+  int64_t validate_one(ModuleRecord& mod, ParamRecord& rec, size_t m, const at::Tensor& loaded, const ShardId& shard);
+  int64_t apply_one(ModuleRecord& mod, size_t i, Parameter& param, const at::Tensor& loaded, const ShardId& shard);
+  /// The per-module step (module_step.h), the kernel tensors journaled first.
+  void process(ModuleRecord& mod);
+  /// Loaders restored and the session closed.
+  void close();
+
+  Module& root_;
+  const ModelContext& ctx_;
+  std::vector<ModuleRecord> modules_;
+  Phase phase_ = Phase::Idle;
+  Phase apply_phase_ = Phase::Idle;
+  ValidationRecord* recording_ = nullptr;
+  Journal journal_;
+  std::optional<StorageSnapshot> before_;
+  ReloadStats stats_;
+};
+
+}  // namespace loadkit::reload
