@@ -32,7 +32,10 @@
 #include <string>
 #include <vector>
 
-#include "staging/staged_stream.h"  // the staged stream's profile (internal)
+// Internals beyond the public API: the staged stream's profile, checkpoint headers for meta stand-ins.
+#include "formats/checkpoint_files.h"
+#include "staging/staged_stream.h"
+#include "tensor_io.h"
 #include "loadkit/error.h"
 #include "loadkit/runtime/engine.h"
 #include "loadkit/runtime/log.h"
