@@ -27,6 +27,8 @@ bool cuda_available() {
 #endif
 }
 
+int cuda_device_count() { return cuda_available() ? static_cast<int>(c10::cuda::device_count()) : 0; }
+
 c10::Device parse(const std::string& text) {
   std::optional<c10::Device> device;
   try {

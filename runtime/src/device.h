@@ -13,6 +13,8 @@ namespace loadkit::device {
 /// "cpu", "cuda", "cuda:N" → a device that exists here (Usage error otherwise).
 c10::Device parse(const std::string& text);
 bool cuda_available();
+/// CUDA devices this process can see (CUDA_VISIBLE_DEVICES applies); 0 without CUDA.
+int cuda_device_count();
 /// Waits for queued work on `device` (no-op on the CPU).
 void synchronize(const c10::Device& device);
 /// Caching-allocator statistics (CUDA only; 0 elsewhere).

@@ -159,6 +159,7 @@ std::unique_ptr<LoadedModel> LoadedModel::load(const LoadOptions& options, const
            ", so it was saved with a tensor parallel size above ", options.tp_size, " (--tp-size)");
   } else if (format != "dummy") {
     files = safetensors::open_checkpoint(options.model_dir);
+    if (!files->ignored_files.empty()) log::info(safetensors::ignored_files_note(*files));
   }
 
   report.plugin = registry.provider(report.architecture).path;
@@ -261,6 +262,7 @@ const LoadReport& LoadedModel::reload(const std::string& source_dir, bool proces
   const bool sharded = !process && has_sharded_state(dir, s.ctx.tp_rank, s.sharded_pattern);
   // Every header validated first.
   const auto files = sharded ? open_sharded_state(dir, s.ctx.tp_rank, s.sharded_pattern) : safetensors::open_checkpoint(dir);
+  if (!files.ignored_files.empty()) log::info(safetensors::ignored_files_note(files));
   start_measuring(s.ctx.device, s.allocated_at_start);
   const c10::Device device = s.ctx.device;
   // The staged stream reads ahead within the plan's budget (the largest layer, less the module
