@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "commands.h"
+#include "device.h"
 #include "loadkit/error.h"
 #include "loadkit/runtime/failure.h"
 
@@ -58,6 +59,7 @@ int main(int argc, char** argv) {
   // a *.tmp left behind. Ignored, the write fails with EFBIG instead, and the writer reports it
   // as one line naming the file and removes its temporary (formats/safetensors_writer.cpp).
   std::signal(SIGXFSZ, SIG_IGN);
+  loadkit::device::reproducible_cpu_math();
   try {
     return dispatch(std::vector<std::string>(argv + 1, argv + argc));
   } catch (...) {
