@@ -71,8 +71,8 @@ std::string differing_rows(const at::Tensor& a, const at::Tensor& b) {
   return rows;
 }
 
-// The fixtures the flake was seen on (Phi3) and the two other decoder layouts the suite's
-// bit-identity checks use most (Llama with an index, Qwen2 with a bias).
+// The fixture the flake was seen on (Phi3: fused qkv and gate_up) and the layout the suite's
+// bit-identity checks use most (Llama, separate projections, an index).
 class ReloadDeterminism : public ::testing::TestWithParam<const char*> {};
 
 TEST_P(ReloadDeterminism, InProcessReloadThenLogitsEqualsLoadThenLogitsUnderLoad) {
@@ -106,7 +106,7 @@ TEST(ReloadDeterminismCli, ReloadThenLogitsEqualsLogitsUnderLoad) {
   const std::string expected_bytes = read_bytes(expected);
   CpuHogs hogs;
   const int wanted = runs_wanted(8);
-  const auto deadline = Clock::now() + time_limit(20);
+  const auto deadline = Clock::now() + time_limit(15);
   int runs = 0;
   for (; runs < wanted && Clock::now() < deadline; ++runs) {
     const fs::path out = tmp / ("reloaded" + std::to_string(runs) + ".safetensors");
@@ -149,7 +149,7 @@ TEST(ReproducibleCpuMath, EveryMklCallOfTheCliIsReproducibleWithAFixedThreadCoun
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, ReloadDeterminism,
-                         ::testing::Values("phi3_fp32_gqa", "llama_fp32_gqa_sharded", "qwen2_fp32_gqa_untied"),
+                         ::testing::Values("phi3_fp32_gqa", "llama_fp32_gqa_sharded"),
                          [](const auto& info) { return std::string(info.param); });
 
 }  // namespace
