@@ -228,7 +228,7 @@ TEST(JobParser, UnreadableJobFileIsExit2NamingIt) {
     FAIL();
   } catch (const Error& e) {
     EXPECT_EQ(e.kind(), ErrorKind::Usage);
-    EXPECT_EQ(std::string(e.what()), "/nonexistent/job.yaml: cannot read the job file");
+    EXPECT_EQ(std::string(e.what()), "/nonexistent/job.yaml: cannot read the job file: No such file or directory");
   }
 }
 

@@ -11,6 +11,7 @@
 #include "loadkit/model_config.h"
 #include "loadkit/runtime/registry.h"
 #include "options.h"
+#include "output.h"
 
 namespace loadkit::cli {
 
@@ -55,15 +56,18 @@ int inspect(const std::vector<std::string>& args) {
                                {"index", files.index_path},
                                {"tensors", files.total_tensors},
                                {"bytes", files.total_bytes},
+                               {"ignored_files", files.ignored_files},
                                {"tensor_list", tensors}};
-    std::cout << out.dump(2) << "\n";
+    std::cout << json_text(out) << "\n";
     return 0;
   }
   std::cout << "model:        " << model << "\n"
             << "architecture: " << architectures[0] << "\n"
             << "plugin:       " << (plugin.empty() ? "none serves it (see 'loadkit plugins list')" : plugin) << "\n"
             << "files:        " << files.files.size() << (files.index_path.empty() ? "" : " (with index)") << "\n"
-            << "tensors:      " << files.total_tensors << ", " << files.total_bytes << " bytes\n\n";
+            << "tensors:      " << files.total_tensors << ", " << files.total_bytes << " bytes\n";
+  if (!files.ignored_files.empty()) std::cout << "ignored:      " << join(files.ignored_files) << " (model.safetensors is read alone)\n";
+  std::cout << "\n";
   for (const auto& f : files.files) {
     std::cout << std::filesystem::path(f->path()).filename().string() << "\n";
     for (const auto& t : f->tensors())

@@ -40,6 +40,7 @@ int load(const std::vector<std::string>& args) {
       ("model", po::value(&common.load.model_dir)->required(), "checkpoint directory")
       ("report", po::value(&report_path), "write the load report (JSON) here");
   if (!parse("load", args, desc, common)) return 0;
+  refuse_output_into("load", "report", report_path, common.load.model_dir, "the model directory");
 
   return run_on_ranks(common, [&](Ranks& ranks) {
     Registry registry(Registry::search_path(common.plugin_dirs));
@@ -70,6 +71,10 @@ int reload(const std::vector<std::string>& args) {
       ("report", po::value(&report_path), "write the reload report (JSON) here");
   if (!parse("reload", args, desc, common)) return 0;
   if (tokens_text.empty() != out_path.empty()) fail(ErrorKind::Usage, "reload: --tokens and --out go together");
+  for (auto [option, path] : {std::pair{"out", &out_path}, std::pair{"report", &report_path}}) {
+    refuse_output_into("reload", option, *path, common.load.model_dir, "the model directory");
+    refuse_output_into("reload", option, *path, from, "the checkpoint reloaded from");
+  }
   const auto tokens = tokens_text.empty() ? std::vector<int64_t>{} : parse_tokens(tokens_text);
 
   return run_on_ranks(common, [&](Ranks& ranks) {
@@ -106,6 +111,7 @@ int logits(const std::vector<std::string>& args) {
       ("tokens", po::value(&tokens_text)->required(), "comma-separated token ids, e.g. 1,2,3")
       ("out", po::value(&out_path)->required(), "safetensors file to write tensor 'logits' to");
   if (!parse("logits", args, desc, common)) return 0;
+  refuse_output_into("logits", "out", out_path, common.load.model_dir, "the model directory");
 
   const auto tokens = parse_tokens(tokens_text);
   return run_on_ranks(common, [&](Ranks& ranks) {

@@ -6,16 +6,9 @@
 #include "commands.h"
 #include "loadkit/runtime/registry.h"
 #include "options.h"
+#include "output.h"
 
 namespace loadkit::cli {
-
-namespace {
-std::string join(const std::vector<std::string>& items) {
-  std::string out;
-  for (const auto& s : items) out += (out.empty() ? "" : ", ") + s;
-  return out.empty() ? "-" : out;
-}
-}  // namespace
 
 int plugins_list(const std::vector<std::string>& args) {
   CommonOptions common;
@@ -42,7 +35,7 @@ int plugins_list(const std::vector<std::string>& args) {
                      {"status", p.status},
                      {"shadowed", p.shadowed}});
     }
-    std::cout << nlohmann::ordered_json{{"search_path", registry.directories()}, {"plugins", out}}.dump(2) << "\n";
+    std::cout << json_text(nlohmann::ordered_json{{"search_path", registry.directories()}, {"plugins", out}}) << "\n";
     return 0;
   }
   std::cout << "search path: " << join(registry.directories()) << "\n";

@@ -1,6 +1,5 @@
 // loadkit save-sharded: each rank's kernel-format state as vLLM's sharded_state files.
 
-#include <filesystem>
 #include <iostream>
 
 #include "commands.h"
@@ -14,8 +13,6 @@
 
 namespace loadkit::cli {
 
-namespace fs = std::filesystem;
-
 int save_sharded(const std::vector<std::string>& args) {
   CommonOptions common;
   std::string out;
@@ -28,9 +25,7 @@ int save_sharded(const std::vector<std::string>& args) {
       ("max-part-size", po::value(&max_part_size), "largest part file in bytes (default: one part per rank)");
   if (!parse("save-sharded", args, desc, common)) return 0;
   if (max_part_size < 0) fail(ErrorKind::Usage, "--max-part-size must be positive");
-  std::error_code ec;
-  if (fs::exists(out, ec) && fs::equivalent(out, common.load.model_dir, ec))
-    fail(ErrorKind::Usage, "save-sharded: --out must not be the model directory");
+  refuse_output_into("save-sharded", "out", out, common.load.model_dir, "the model directory");
   std::optional<uint64_t> limit;
   if (max_part_size > 0) limit = static_cast<uint64_t>(max_part_size);
 

@@ -1,10 +1,12 @@
 // loadkit command line: dispatch and the one place that turns errors into exit codes.
 
+#include <csignal>
 #include <iostream>
 #include <string>
 #include <vector>
 
 #include "commands.h"
+#include "device.h"
 #include "loadkit/error.h"
 #include "loadkit/runtime/failure.h"
 
@@ -53,6 +55,11 @@ int dispatch(const std::vector<std::string>& argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // A file-size limit (ulimit -f) ends a process that writes past it with SIGXFSZ: no message,
+  // a *.tmp left behind. Ignored, the write fails with EFBIG instead, and the writer reports it
+  // as one line naming the file and removes its temporary (formats/safetensors_writer.cpp).
+  std::signal(SIGXFSZ, SIG_IGN);
+  loadkit::device::reproducible_cpu_math();
   try {
     return dispatch(std::vector<std::string>(argv + 1, argv + argc));
   } catch (...) {

@@ -2,6 +2,7 @@
 
 #include <iostream>
 
+#include "jobs/output_guard.h"
 #include "loadkit/error.h"
 #include "loadkit/runtime/log.h"
 
@@ -43,6 +44,13 @@ bool parse(const std::string& command, const std::vector<std::string>& args, po:
   log::set_level(log::parse_level(common.log_level));
   if (common.load.tp_size < 1) fail(ErrorKind::Usage, "--tp-size must be at least 1");
   return true;
+}
+
+void refuse_output_into(const std::string& command, const char* option, const std::string& output,
+                        const std::string& input, const char* what) {
+  if (output.empty() || input.empty() || !jobs::writes_into(output, input)) return;
+  fail(ErrorKind::Usage, command, ": --", option, " ", output, " writes into ", input, ", ", what,
+       ": a command never writes into a checkpoint it reads");
 }
 
 }  // namespace loadkit::cli

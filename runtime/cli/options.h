@@ -30,4 +30,10 @@ void add_plugin_dirs(po::options_description& desc, CommonOptions& common);
 bool parse(const std::string& command, const std::vector<std::string>& args, po::options_description& desc,
            CommonOptions& common);
 
+/// A command never writes into a checkpoint it reads (jobs/output_guard.h has
+/// the rule and why): Usage error `<command>: --<option> <output> writes into
+/// <input>, <what>: ...` when `output` is `input` or lies inside it. Empty paths pass.
+void refuse_output_into(const std::string& command, const char* option, const std::string& output,
+                        const std::string& input, const char* what);
+
 }  // namespace loadkit::cli

@@ -1,12 +1,16 @@
 #include "ranks.h"
 
 #include <c10/util/Exception.h>
+#include <sched.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <thread>
 
+#include "device.h"
 #include "loadkit/error.h"
 #include "loadkit/runtime/distributed.h"
 #include "loadkit/runtime/engine.h"
@@ -31,6 +35,35 @@ std::pair<int, std::string> describe(const std::exception& e) {
   return {1, e.what()};
 }
 
+/// CPUs this process may run on (taskset, cpusets), at least 1.
+int usable_cpus() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+/// Refuses, before any rank starts, a tensor-parallel size this host cannot run as local ranks.
+/// CUDA: one GPU per rank. CPU: every rank is a whole process (its own libtorch, its shard, Gloo's
+/// buffers), and ranks beyond the cores only time-slice; at
+/// most max(usable CPUs, kMinCpuRanks) ranks, so that the usual sizes (2, 4, 8) still run on a
+/// small machine (for tests of the sharding) and a typo (--tp-size 24 on 2 cores took 4.4 GB and
+/// 17 s to fail) stops at once.
+void check_local_ranks(int tp_size, const std::string& type) {
+  constexpr int kMinCpuRanks = 8;
+  if (type == "cuda") {
+    const int gpus = device::cuda_device_count();
+    if (tp_size > gpus)
+      fail(ErrorKind::Usage, "--tp-size ", tp_size, ": each rank needs its own GPU but ", gpus,
+           " CUDA device(s) are visible here", std::getenv("CUDA_VISIBLE_DEVICES") ? " (CUDA_VISIBLE_DEVICES is set)" : "");
+    return;
+  }
+  const int cpus = usable_cpus(), limit = std::max(cpus, kMinCpuRanks);
+  if (tp_size > limit)
+    fail(ErrorKind::Usage, "--tp-size ", tp_size, ": at most ", limit, " CPU ranks on this machine (", cpus,
+         " usable CPUs; each rank is a process of its own)");
+}
+
 }  // namespace
 
 int run_on_ranks(CommonOptions& common, const std::function<int(Ranks&)>& body) {
@@ -43,6 +76,7 @@ int run_on_ranks(CommonOptions& common, const std::function<int(Ranks&)>& body) 
     }
     const std::string type = load.device.rfind("cuda", 0) == 0 ? "cuda" : "cpu";
     if (auto why = tp_unavailable_reason(type)) fail(ErrorKind::Usage, "--tp-size ", load.tp_size, ": ", *why);
+    check_local_ranks(load.tp_size, type);
     return launch_local_ranks(load.tp_size);
   }
   if (env->world_size != load.tp_size)

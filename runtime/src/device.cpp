@@ -1,9 +1,11 @@
 #include "device.h"
 
 #include <ATen/Context.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <fstream>
 #include <optional>
 #include <sstream>
@@ -26,6 +28,13 @@ bool cuda_available() {
   return false;
 #endif
 }
+
+void reproducible_cpu_math() {
+  setenv("MKL_CBWR", "AUTO", /*overwrite=*/0);
+  at::set_num_threads(at::get_num_threads());
+}
+
+int cuda_device_count() { return cuda_available() ? static_cast<int>(c10::cuda::device_count()) : 0; }
 
 c10::Device parse(const std::string& text) {
   std::optional<c10::Device> device;

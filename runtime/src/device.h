@@ -13,6 +13,19 @@ namespace loadkit::device {
 /// "cpu", "cuda", "cuda:N" → a device that exists here (Usage error otherwise).
 c10::Device parse(const std::string& text);
 bool cuda_available();
+/// CUDA devices this process can see (CUDA_VISIBLE_DEVICES applies); 0 without CUDA.
+int cuda_device_count();
+
+/// The same CPU results from the same weights, run after run (docs/reliability.md,
+/// "Reproducibility"). MKL, left to itself, picks at run time how many threads a GEMM uses
+/// (MKL_DYNAMIC, on unless torch.set_num_threads was called) and runs kernels whose results
+/// are not guaranteed to repeat (its conditional numerical reproducibility is off). This pins
+/// both: MKL_CBWR=AUTO (this CPU's own fastest kernels with a deterministic split of the work)
+/// unless the user set MKL_CBWR, and a fixed thread count (at::set_num_threads, which also
+/// turns MKL's dynamic adjustment off). Call once at process start, before the first torch
+/// operation (MKL reads MKL_CBWR on its first call) and while the process has one thread
+/// (it sets an environment variable): the CLI's main does, and so do the test binaries.
+void reproducible_cpu_math();
 /// Waits for queued work on `device` (no-op on the CPU).
 void synchronize(const c10::Device& device);
 /// Caching-allocator statistics (CUDA only; 0 elsewhere).

@@ -144,6 +144,7 @@ LoadSource open_source(const LoadOptions& options) {
            ", so it was saved with a tensor parallel size above ", options.tp_size, " (--tp-size)");
   } else if (format != "dummy") {
     source.files = safetensors::open_checkpoint(options.model_dir);
+    if (!source.files->ignored_files.empty()) log::info(safetensors::ignored_files_note(*source.files));
   }
   return source;
 }
@@ -295,6 +296,7 @@ const LoadReport& LoadedModel::reload(const std::string& source_dir, bool proces
   const bool sharded = !process && has_sharded_state(dir, s.ctx.tp_rank, s.sharded_pattern);
   // Every header validated first.
   const auto files = sharded ? open_sharded_state(dir, s.ctx.tp_rank, s.sharded_pattern) : safetensors::open_checkpoint(dir);
+  if (!files.ignored_files.empty()) log::info(safetensors::ignored_files_note(files));
   start_measuring(s.ctx.device, s.allocated_at_start);
   ReloadStats stats;
   if (process) {

@@ -1,13 +1,17 @@
 #include "loadkit/runtime/registry.h"
 
 #include <dlfcn.h>
+#include <sys/stat.h>
 
 #include <algorithm>
 #include <boost/dll/runtime_symbol_info.hpp>
 #include <boost/dll/shared_library.hpp>
 #include <cstdlib>
 #include <filesystem>
+#include <variant>
 
+#include "elf_check.h"
+#include "formats/regular_file.h"
 #include "loadkit/error.h"
 #include "loadkit/plugin.h"
 #include "loadkit/runtime/log.h"
@@ -123,6 +127,9 @@ void Registry::Impl::scan(const std::string& dir) {
       log::debug(cat("plugin directory ", dir, " does not exist"));
     return;
   }
+  struct stat st {};
+  if (::stat(dir.c_str(), &st) == 0 && (st.st_mode & S_IWOTH))
+    log::warn(cat("plugin directory ", dir, " is writable by every user: anyone on this machine can add code that loadkit runs"));
   // increment(ec), not range-for: a read error mid-listing must not throw out of the scan.
   std::vector<fs::path> files;
   for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec))
@@ -151,7 +158,19 @@ void Registry::Impl::load(const fs::path& path) {
                            : cat("cannot open: symlink to '", target.string(), "': ", ec.message()));
   }
 
-  // 1. open
+  // 1. open: a regular file this process can read (a FIFO named *.so must not block the scan).
+  {
+    auto opened = RegularFile::try_open(info.path);
+    if (auto* why = std::get_if<std::string>(&opened)) return broken(cat("cannot open: ", *why));
+    const RegularFile& file = std::get<RegularFile>(opened);
+    if (file.mode() & S_IWOTH)
+      log::warn(cat("plugin ", info.path, " is writable by every user: anyone on this machine can change the code loadkit runs"));
+    // 2. ELF: complete and of this machine, before dlopen maps it (elf_check.h says why).
+    // A file that is no ELF file at all goes on to dlopen, which reads (does not map) its header
+    // and refuses it in its own words ("invalid ELF header").
+    if (auto problem = elf_problem(file.fd(), file.size()); problem && problem->is_elf) return broken(problem->what);
+  }
+  // 3. load
   Library library;
   try {
     library = std::make_shared<boost::dll::shared_library>(
@@ -167,13 +186,13 @@ void Registry::Impl::load(const fs::path& path) {
     }
     return broken(cat("cannot open: ", first_line(why)));
   }
-  // 2. entry symbol
+  // 4. entry symbol
   if (!library->has(LOADKIT_PLUGIN_ENTRY_SYMBOL))
     return broken(cat("no entry symbol '", LOADKIT_PLUGIN_ENTRY_SYMBOL, "' (not a loadkit plugin of this ABI)"));
   auto entry = library->get<const loadkit_plugin_descriptor*()>(LOADKIT_PLUGIN_ENTRY_SYMBOL);
   const loadkit_plugin_descriptor* d = entry();
   if (!d) return broken("entry symbol returned no descriptor");
-  // 3. versions, each naming both sides
+  // 5. versions, each naming both sides
   info.abi_version = d->abi_version;
   if (d->abi_version != LOADKIT_PLUGIN_ABI_VERSION)
     return broken(cat("Wrong ABI version on plugin '", path.filename().string(), "'. Got ", d->abi_version,
@@ -194,7 +213,7 @@ void Registry::Impl::load(const fs::path& path) {
     return broken(cat("Wrong C++ ABI on plugin '", path.filename().string(), "'. Got '", info.cxx_abi,
                       "', host has '", LOADKIT_CXX_ABI_TAG, "'."));
   if (!d->register_plugin) return broken("descriptor has no registration hook");
-  // 4. registration hook
+  // 6. registration hook
   CollectingRegistrar registrar;
   char error[512] = {0};
   if (d->register_plugin(reinterpret_cast<loadkit_registrar*>(static_cast<Registrar*>(&registrar)), error,

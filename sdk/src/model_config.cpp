@@ -1,10 +1,12 @@
 #include "loadkit/model_config.h"
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <cerrno>
 #include <cstring>
-#include <fstream>
 #include <nlohmann/json.hpp>
-#include <sstream>
 
 #include "loadkit/error.h"
 
@@ -85,14 +87,28 @@ ModelConfig::ModelConfig(const ModelConfig&) = default;
 ModelConfig& ModelConfig::operator=(const ModelConfig&) = default;
 
 ModelConfig ModelConfig::from_file(const std::string& path) {
-  errno = 0;
-  std::ifstream in(path, std::ios::binary);
-  // filebuf::open leaves open(2)'s errno: say which of missing, unreadable, not a directory it was.
-  if (!in) fail(ErrorKind::Input, path, ": cannot open model config: ", errno ? std::strerror(errno) : "unknown reason");
-  std::stringstream text;
-  text << in.rdbuf();
-  if (in.bad()) fail(ErrorKind::Input, path, ": read error");
-  return parse(text.str(), path);
+  // Regular files only, as the runtime reads every input (runtime/src/formats/regular_file.h; the
+  // SDK cannot link the runtime, so the same three calls are made here): opening a FIFO would wait
+  // for a writer for ever and /dev/zero never ends. O_NONBLOCK makes opening a FIFO return at once.
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  if (fd < 0) fail(ErrorKind::Input, path, ": cannot open model config: ", std::strerror(errno));
+  struct Closer {
+    int fd;
+    ~Closer() { ::close(fd); }
+  } closer{fd};
+  struct stat st {};
+  if (fstat(fd, &st) != 0) fail(ErrorKind::Input, path, ": cannot open model config: ", std::strerror(errno));
+  if (!S_ISREG(st.st_mode)) fail(ErrorKind::Input, path, ": cannot open model config: not a regular file");
+  std::string text;
+  char buffer[65536];
+  for (;;) {
+    const ssize_t n = ::read(fd, buffer, sizeof buffer);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) fail(ErrorKind::Input, path, ": read error: ", std::strerror(errno));
+    if (n == 0) break;
+    text.append(buffer, static_cast<size_t>(n));
+  }
+  return parse(text, path);
 }
 
 ModelConfig ModelConfig::parse(std::string_view text, const std::string& origin) {

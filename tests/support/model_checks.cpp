@@ -9,9 +9,16 @@
 #include "loadkit/causal_lm.h"
 #include "loadkit/runtime/engine.h"
 #include "loadkit/runtime/registry.h"
+#include "device.h"
 #include "tensor_io.h"
 
 namespace loadkit::test {
+
+namespace {
+// Tests compare logits computed in this process bit for bit (a reload against a fresh load):
+// the same reproducible CPU math as the CLI sets up in its main, before any torch operation.
+const bool kReproducibleCpuMath = (device::reproducible_cpu_math(), true);
+}  // namespace
 
 Registry& build_registry() {
   static Registry r({plugin_dir()});

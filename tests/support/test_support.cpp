@@ -106,6 +106,13 @@ ChildSetup limit_address_space(uint64_t bytes) {
   };
 }
 
+ChildSetup with_deadline(unsigned seconds, ChildSetup then) {
+  return [seconds, then = std::move(then)] {
+    if (then) then();
+    alarm(seconds);
+  };
+}
+
 void expect_failure(const CliResult& r, int code, const std::vector<std::string>& fragments) {
   EXPECT_EQ(r.code, code) << r.err;
   const auto lines = r.error_lines();

@@ -52,6 +52,12 @@ void drop_root_file_access();
 /// A ChildSetup: caps the CLI's address space (RLIMIT_AS) at `bytes`.
 ChildSetup limit_address_space(uint64_t bytes);
 
+/// A ChildSetup: the CLI gets SIGALRM (and dies, exit code 128 + 14) after
+/// `seconds`, so that a hang is a failing test, not a stuck suite; `then` runs
+/// after (another limit). A pending alarm survives exec.
+ChildSetup with_deadline(unsigned seconds, ChildSetup then = {});
+constexpr int kKilledByDeadline = 128 + 14;
+
 /// Expects exit code `code` and exactly one error line on stderr naming every fragment, no crash
 /// or trace (GoogleTest assertions).
 void expect_failure(const CliResult& r, int code, const std::vector<std::string>& fragments);

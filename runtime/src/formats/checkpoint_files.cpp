@@ -2,12 +2,11 @@
 
 #include <algorithm>
 #include <filesystem>
-#include <fstream>
 #include <nlohmann/json.hpp>
 #include <set>
-#include <sstream>
 #include <unordered_map>
 
+#include "formats/regular_file.h"
 #include "loadkit/error.h"
 
 namespace loadkit::safetensors {
@@ -40,18 +39,6 @@ std::map<std::string, std::string> parse_index(std::string_view text, const std:
   return weight_map;
 }
 
-namespace {
-
-std::string read_text(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) fail(ErrorKind::Input, path.string(), ": cannot open");
-  std::stringstream text;
-  text << in.rdbuf();
-  return text.str();
-}
-
-}  // namespace
-
 CheckpointFiles open_checkpoint(const std::string& directory) {
   std::error_code ec;
   if (!fs::exists(fs::status(directory, ec))) {
@@ -69,11 +56,12 @@ CheckpointFiles open_checkpoint(const std::string& directory) {
   std::vector<std::string> names;
   if (fs::exists(index_path, ec)) {
     out.index_path = index_path.string();
-    weight_map = parse_index(read_text(index_path), out.index_path);
+    weight_map = parse_index(read_regular_file(out.index_path, ErrorKind::Input), out.index_path);
     std::set<std::string> unique;
     for (const auto& [tensor, file] : weight_map) {
       if (!unique.insert(file).second) continue;
-      if (!fs::is_regular_file(dir / file, ec))
+      // A name that exists but is no regular file (a FIFO) is refused by SafetensorsFile::open, saying what it is.
+      if (!fs::exists(dir / file, ec))
         fail(ErrorKind::Input, out.index_path, ": weight_map names missing file '", file, "' (for tensor '", tensor,
              "')");
     }
@@ -85,6 +73,15 @@ CheckpointFiles open_checkpoint(const std::string& directory) {
       if (entry.path().extension() == ".safetensors") names.push_back(entry.path().filename().string());
     std::sort(names.begin(), names.end());
     if (names.empty()) fail(ErrorKind::Input, directory, ": no *.safetensors files (and no model.safetensors.index.json)");
+    // transformers reads model.safetensors alone when it exists: the other files next to it are
+    // adapters (adapter_model.safetensors), other layouts of the same weights
+    // (consolidated.safetensors) or strays, and reading them too would define tensors twice or
+    // add names the model does not have.
+    if (std::find(names.begin(), names.end(), kSingleFileName) != names.end()) {
+      for (auto& name : names)
+        if (name != kSingleFileName) out.ignored_files.push_back(std::move(name));
+      names = {kSingleFileName};
+    }
   }
 
   std::unordered_map<std::string, const SafetensorsFile*> owner;
@@ -107,6 +104,13 @@ CheckpointFiles open_checkpoint(const std::string& directory) {
            "', which does not contain it");
   }
   return out;
+}
+
+std::string ignored_files_note(const CheckpointFiles& files) {
+  std::string names;
+  for (const auto& name : files.ignored_files) names += cat(names.empty() ? "" : ", ", name);
+  return cat(files.directory, ": read ", kSingleFileName, " alone (no model.safetensors.index.json), as transformers does; ignored ",
+             names);
 }
 
 uint64_t largest_tensor_bytes(const CheckpointFiles& files) {

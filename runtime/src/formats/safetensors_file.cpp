@@ -1,8 +1,7 @@
 #include "formats/safetensors_file.h"
 
-#include <fcntl.h>
 #include <sys/mman.h>
-#include <sys/stat.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -11,6 +10,7 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "formats/regular_file.h"
 #include "loadkit/error.h"
 
 namespace loadkit::safetensors {
@@ -45,6 +45,16 @@ struct Mapping {
   fail(ErrorKind::Input, origin, ": ", what);
 }
 
+/// Why mapping `bytes` failed with ENOMEM: the file is fine, this process has no room for it.
+/// Exit 1 (Other), as for memory, not 3: the same file maps where the limit is higher.
+std::string out_of_address_space(uint64_t bytes) {
+  std::string limit;
+  struct rlimit as {};
+  if (getrlimit(RLIMIT_AS, &as) == 0 && as.rlim_cur != RLIM_INFINITY)
+    limit = cat(" (this process's address-space limit, RLIMIT_AS / ulimit -v, is ", as.rlim_cur >> 20, " MiB)");
+  return cat("out of address space: cannot map its ", bytes >> 20, " MiB", limit);
+}
+
 uint64_t read_u64_le(const uint8_t* p) {
   uint64_t v = 0;
   for (int i = 7; i >= 0; --i) v = (v << 8) | p[i];
@@ -74,28 +84,16 @@ size_t dtype_size(DType dtype) {
 SafetensorsFile::~SafetensorsFile() = default;
 
 std::shared_ptr<const SafetensorsFile> SafetensorsFile::open(const std::string& path) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) bad(path, cat("cannot open: ", std::strerror(errno)));
-  struct stat st {};
-  if (fstat(fd, &st) != 0) {
-    int err = errno;
-    ::close(fd);
-    bad(path, cat("cannot stat: ", std::strerror(err)));
-  }
-  if (!S_ISREG(st.st_mode)) {
-    ::close(fd);
-    bad(path, "not a regular file");
-  }
+  const RegularFile file(path, ErrorKind::Input);
   auto mapping = std::make_shared<Mapping>();
-  mapping->size = static_cast<size_t>(st.st_size);
-  if (mapping->size == 0) {
-    ::close(fd);
-    bad(path, "empty file (0 bytes), not a safetensors file");
+  mapping->size = static_cast<size_t>(file.size());
+  if (mapping->size == 0) bad(path, "empty file (0 bytes), not a safetensors file");
+  void* addr = mmap(nullptr, mapping->size, PROT_READ, MAP_PRIVATE, file.fd(), 0);
+  if (addr == MAP_FAILED) {
+    const int err = errno;
+    if (err == ENOMEM) fail(ErrorKind::Other, path, ": ", out_of_address_space(mapping->size));
+    bad(path, cat("cannot map: ", std::strerror(err)));
   }
-  void* addr = mmap(nullptr, mapping->size, PROT_READ, MAP_PRIVATE, fd, 0);
-  int err = errno;
-  ::close(fd);
-  if (addr == MAP_FAILED) bad(path, cat("cannot map: ", std::strerror(err)));
   mapping->addr = addr;
   auto* bytes = static_cast<const uint8_t*>(addr);
   return parse(mapping, bytes, mapping->size, path);

@@ -42,7 +42,10 @@ constexpr uint64_t kMaxHeaderBytes = 100u * 1024 * 1024;
 
 class SafetensorsFile {
  public:
-  /// Maps `path` read-only and validates it.
+  /// Maps `path` read-only and validates it. Only a regular file is opened
+  /// (formats/regular_file.h: a FIFO or a device is an Input error naming it);
+  /// a file the address space cannot hold is an Other error saying so (the
+  /// file is fine, this process's limit is not).
   static std::shared_ptr<const SafetensorsFile> open(const std::string& path);
   /// Validates bytes already in memory; `owner` keeps them alive, `origin` names them.
   static std::shared_ptr<const SafetensorsFile> parse(std::shared_ptr<const void> owner, const uint8_t* data,

@@ -29,15 +29,25 @@ void write_file(const std::string& path, const std::vector<TensorBlob>& tensors,
   const std::string tmp = path + ".tmp";
   FILE* f = std::fopen(tmp.c_str(), "wb");
   if (!f) fail(ErrorKind::Other, path, ": cannot write: ", std::strerror(errno));
+  // The first failing call's errno is the reason (EFBIG past a file-size limit, ENOSPC, EIO);
+  // fclose and remove would overwrite it.
+  int err = 0;
+  auto put = [&](const void* data, size_t bytes) {
+    if (err != 0 || bytes == 0) return;
+    errno = 0;
+    if (std::fwrite(data, 1, bytes, f) != bytes) err = errno ? errno : EIO;
+  };
   uint8_t len[8];
   for (int i = 0; i < 8; ++i) len[i] = static_cast<uint8_t>(static_cast<uint64_t>(text.size()) >> (8 * i));
-  bool ok = std::fwrite(len, 1, 8, f) == 8 && std::fwrite(text.data(), 1, text.size(), f) == text.size();
-  for (const auto& t : tensors)
-    ok = ok && (t.bytes == 0 || std::fwrite(t.data, 1, t.bytes, f) == t.bytes);
-  ok = (std::fclose(f) == 0) && ok;
-  if (!ok || std::rename(tmp.c_str(), path.c_str()) != 0) {
+  put(len, 8);
+  put(text.data(), text.size());
+  for (const auto& t : tensors) put(t.data, t.bytes);
+  errno = 0;
+  if (std::fclose(f) != 0 && err == 0) err = errno ? errno : EIO;
+  if (err == 0 && std::rename(tmp.c_str(), path.c_str()) != 0) err = errno;
+  if (err != 0) {
     std::remove(tmp.c_str());
-    fail(ErrorKind::Other, path, ": write failed: ", std::strerror(errno));
+    fail(ErrorKind::Other, path, ": write failed: ", std::strerror(err));
   }
 }
 

@@ -60,6 +60,7 @@ struct Step {
   std::vector<int64_t> tokens;
   std::string tokens_from;
   std::string out;  ///< logits: file written; save_sharded: directory written
+  Mark out_mark;    ///< of `out` (logits, save_sharded) or `path` (report): what the step writes
   // reload
   std::string from;  ///< empty: the model's own checkpoint
   bool process_weights_after_loading = true;
@@ -87,9 +88,12 @@ struct Job {
 /// Parses and checks a job. `file_name` names the job in messages and anchors
 /// relative paths (its folder); `${NAME}` in paths expands from the
 /// environment. Throws loadkit::Error (Usage) `file:line:column: message`.
+/// A job whose outputs write into a checkpoint it reads is refused here
+/// (jobs/output_guard.h).
 Job parse_job(const std::string& text, const std::string& file_name);
 
-/// Reads `path` (Usage error if it cannot be read) and parses it.
+/// Reads `path` (Usage error naming it if it cannot be read or is not a
+/// regular file: a FIFO would wait for a writer for ever) and parses it.
 Job load_job(const std::string& path);
 
 /// `file:line:column` of a step, for messages of the steps as they run.

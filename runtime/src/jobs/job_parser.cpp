@@ -1,5 +1,5 @@
 // YAML job files: schema checks with file:line:column messages (yaml-cpp marks).
-// Torch-free, so that tests/fuzz fuzzes parse_job on its own.
+// Torch-free; tests/fuzz/fuzz_job_yaml.cpp fuzzes parse_job on its own.
 
 #include <yaml-cpp/yaml.h>
 
@@ -7,12 +7,12 @@
 #include <cctype>
 #include <cmath>
 #include <cstdlib>
-#include <fstream>
 #include <initializer_list>
 #include <set>
-#include <sstream>
 
+#include "formats/regular_file.h"
 #include "jobs/job.h"
+#include "jobs/output_guard.h"
 #include "loadkit/error.h"
 
 namespace loadkit::jobs {
@@ -225,6 +225,14 @@ class Parser {
     return s;
   }
 
+  /// A path the step writes; its mark is kept for the output guard's messages.
+  std::string output_path(Step& s, const YAML::Node& params, const Mark& pm, const std::string& what,
+                          const char* key) const {
+    const YAML::Node node = required(params, pm, what, key);
+    s.out_mark = mark_of(node, pm);
+    return path_value(node, pm, key);
+  }
+
   /// Reads through a const node: yaml-cpp's non-const operator[] would add the keys it looks up.
   void step_params(Step& s, const YAML::Node& params, const Mark& pm, const std::string& what) const {
     switch (s.kind) {
@@ -237,7 +245,7 @@ class Parser {
         if (inline_tokens == from_file) error(pm, what, ": give exactly one of 'tokens' or 'tokens_from'");
         if (inline_tokens) s.tokens = tokens(params["tokens"], pm);
         if (from_file) s.tokens_from = path_value(params["tokens_from"], pm, "tokens_from");
-        s.out = path_value(required(params, pm, what, "out"), pm, "out");
+        s.out = output_path(s, params, pm, what, "out");
         break;
       }
       case StepKind::Reload:
@@ -265,7 +273,7 @@ class Parser {
       }
       case StepKind::SaveSharded:
         check_keys(params, pm, what, {"out", "max_part_size"});
-        s.out = path_value(required(params, pm, what, "out"), pm, "out");
+        s.out = output_path(s, params, pm, what, "out");
         if (YAML::Node n = params["max_part_size"]; n.IsDefined()) {
           const int64_t size = int_value(n, pm, "max_part_size");
           if (size <= 0) error(mark_of(n, pm), "'max_part_size' must be positive, got ", size);
@@ -274,7 +282,7 @@ class Parser {
         break;
       case StepKind::Report:
         check_keys(params, pm, what, {"path"});
-        s.path = path_value(required(params, pm, what, "path"), pm, "path");
+        s.path = output_path(s, params, pm, what, "path");
         break;
     }
   }
@@ -312,6 +320,7 @@ class Parser {
       loaded = loaded || s.kind == StepKind::Load;
       job.steps.push_back(std::move(s));
     }
+    check_outputs(job);
     return job;
   }
 
@@ -338,12 +347,7 @@ Job parse_job(const std::string& text, const std::string& file_name) {
 }
 
 Job load_job(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) fail(ErrorKind::Usage, path, ": cannot read the job file");
-  std::ostringstream text;
-  text << in.rdbuf();
-  if (in.bad()) fail(ErrorKind::Usage, path, ": cannot read the job file");
-  return parse_job(text.str(), path);
+  return parse_job(read_regular_file(path, ErrorKind::Usage, "cannot read the job file"), path);
 }
 
 }  // namespace loadkit::jobs

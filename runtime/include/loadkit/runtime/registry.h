@@ -7,9 +7,12 @@
 /// `LOADKIT_PLUGIN_PATH` (colon-separated), then the default directory next to
 /// the runtime library (`<prefix>/lib/loadkit/plugins`, whichever program
 /// hosts it: the CLI, Python). Within a directory, files
-/// `*.so` in name order. Each library is checked in a fixed order — open,
-/// entry symbol, ABI version, SDK major, torch version, C++ ABI, registration —
-/// and a failure marks it broken with the reason; it never stops the others.
+/// `*.so` in name order. Each library is checked in a fixed order — open (a
+/// readable regular file), ELF (complete and of this machine, before `dlopen`
+/// maps it), load, entry symbol, ABI version, SDK major, torch version, C++
+/// ABI, registration — and a failure marks it broken with the reason; it never
+/// stops the others. World-writable plugin directories and files are warned
+/// about: a plugin is trusted code, run inside the host process.
 /// The first plugin to claim an architecture serves it; later claimants are
 /// reported as shadowed. Every model or quantization config a plugin creates
 /// keeps that plugin's library loaded for as long as it lives.
