@@ -96,6 +96,10 @@ const TpCase kTpCases[] = {
     {"phi3_fp32_tp3", 3},
     {"deepseek_v2_fp32_tp3", 2},
     {"deepseek_v2_fp32_tp3", 3},
+    {"qwen3_fp32_tp2", 2},                        // per-head q/k norms on each rank's heads
+    {"qwen3_moe_fp32_tp2", 2},                    // experts' intermediate dim split, router replicated
+    {"qwen3_moe_fp32_norm_topk", 2},              // a dense layer among sparse ones
+    {"granite_fp32_gqa", 2},                      // the example plugin: multipliers on every rank
 };
 
 std::string case_name(const ::testing::TestParamInfo<TpCase>& info) {

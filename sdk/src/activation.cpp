@@ -15,14 +15,14 @@ at::Tensor gelu_erf(const at::Tensor& x) { return at::gelu(x); }
 at::Tensor gelu_tanh(const at::Tensor& x) { return at::gelu(x, "tanh"); }
 at::Tensor quick_gelu(const at::Tensor& x) { return x * at::sigmoid(1.702 * x); }
 at::Tensor relu(const at::Tensor& x) { return at::relu(x); }
-at::Tensor silu(const at::Tensor& x) { return at::silu(x); }
-
 constexpr std::pair<std::string_view, ActivationFn> kActivations[] = {
     {"gelu", gelu_erf},       {"gelu_new", gelu_tanh}, {"gelu_fast", gelu_tanh}, {"gelu_pytorch_tanh", gelu_tanh},
     {"quick_gelu", quick_gelu}, {"relu", relu},        {"silu", silu},           {"swish", silu},
 };
 
 }  // namespace
+
+at::Tensor silu(const at::Tensor& x) { return at::silu(x); }
 
 ActivationFn activation(const ModelConfig& config, std::string_view key, const std::string& fallback) {
   return activation_named(config, key, config.get_string(key, fallback));

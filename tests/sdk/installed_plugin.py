@@ -6,8 +6,9 @@
      prefix (find_package(loadkit), which forwards find_dependency(Torch));
   3. check the plugin exports only its entry symbol (of its own code);
   4. drop the .so into a fresh plugin directory and run the *installed*
-     `loadkit logits` on a Qwen3 fixture: equal to transformers' logits;
-  5. the installed CLI alone (no plugin directory) does not serve Qwen3 (exit 4);
+     `loadkit logits` on a Granite fixture: equal to transformers' logits;
+  5. the installed CLI alone (no plugin directory) does not serve Granite (exit 4), and
+     serves Qwen3 from its shipped plugins;
   6. the package is SameMajorVersion: asking for loadkit 1.0 fails to configure.
 
     installed_plugin.py BUILD_DIR SOURCE_DIR FIXTURES_DIR CXX GENERATOR [LAUNCHER]
@@ -22,7 +23,7 @@ import tempfile
 import torch
 from safetensors.torch import load_file
 
-FIXTURE = "qwen3_fp32_gqa"
+FIXTURE = "granite_fp32_gqa"
 
 
 def run(cmd, **kw):
@@ -46,8 +47,8 @@ def main():
             configure.append(f"-DCMAKE_CXX_COMPILER_LAUNCHER={launcher}")
         run(configure)
         run(["cmake", "--build", project])
-        built = os.path.join(project, "qwen3.so")
-        assert os.path.isfile(built), "the example built no qwen3.so"
+        built = os.path.join(project, "granite.so")
+        assert os.path.isfile(built), "the example built no granite.so"
 
         # Hidden visibility: of the plugin's own (strong) symbols only the entry is exported.
         # Weak symbols are libtorch's inline templates, which keep the visibility torch gives them.
@@ -62,9 +63,9 @@ def main():
         env = {k: v for k, v in os.environ.items() if k != "LOADKIT_PLUGIN_PATH"}
 
         listing = json.loads(run([loadkit, "plugins", "list", "--json", "--plugin-dir", drop], env=env))
-        mine = [p for p in listing["plugins"] if p["file"] == os.path.join(drop, "qwen3.so")]
+        mine = [p for p in listing["plugins"] if p["file"] == os.path.join(drop, "granite.so")]
         assert mine and mine[0]["status"] == "ok", listing
-        assert mine[0]["architectures"] == ["Qwen3ForCausalLM"], mine
+        assert mine[0]["architectures"] == ["GraniteForCausalLM"], mine
         assert mine[0]["torch_version"] == torch.__version__.split("+")[0], mine
 
         manifest = json.load(open(os.path.join(fixtures, "fixtures.json")))
@@ -77,13 +78,19 @@ def main():
         ref = load_file(os.path.join(fixtures, "references", FIXTURE + ".safetensors"))["logits"]
         assert ours.shape == ref.shape, (ours.shape, ref.shape)
         diff = (ours - ref).abs().max().item()
-        print(f"installed loadkit + out-of-tree qwen3.so vs transformers: max |diff| = {diff:.3e}")
+        print(f"installed loadkit + out-of-tree granite.so vs transformers: max |diff| = {diff:.3e}")
         assert diff <= 1e-4, diff
 
         alone = subprocess.run([loadkit, "logits", "--model", model, "--tokens", tokens, "--out", out],
                                env=env, text=True, capture_output=True)
         assert alone.returncode == 4, (alone.returncode, alone.stderr)
-        assert "'Qwen3ForCausalLM'" in alone.stderr, alone.stderr
+        assert "'GraniteForCausalLM'" in alone.stderr, alone.stderr
+        # ... while the architectures loadkit ships (Qwen3 among them) come installed with it.
+        shipped = next(f for f in manifest["fixtures"] if f["name"] == "qwen3_fp32_gqa")
+        run([loadkit, "logits", "--model", shipped["dir"], "--tokens", ",".join(map(str, shipped["tokens"])),
+             "--out", out], env=env)
+        ref = load_file(os.path.join(fixtures, "references", "qwen3_fp32_gqa.safetensors"))["logits"]
+        assert (load_file(out)["logits"] - ref).abs().max().item() <= 1e-4
         # SameMajorVersion: the version file refuses another major before the config is read.
         other = os.path.join(tmp, "wants-major-1")
         os.makedirs(other)
