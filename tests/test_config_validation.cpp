@@ -134,7 +134,7 @@ std::vector<BadConfig> bad_configs() {
                  std::vector<std::string> fragments) {
     rows.push_back({std::move(name), fixture, std::move(edits), std::move(fragments)});
   };
-  // The issue's own case: both of the sizes it divides negative.
+  // Both sizes the head dimension is divided from negative, the smaller as small as int64 goes.
   row("Llama_HiddenMinWithHeadsMinusOne", "llama_fp32_gqa_sharded",
       {{"hidden_size", kMin}, {"num_attention_heads", -1}}, {"'hidden_size'"});
   // Not divisible: both keys named.

@@ -63,7 +63,14 @@ TEST_P(MissingCheckpointTensor, IsNamedAsTheCheckpointNamesIt) {
   const MissingTensor& m = GetParam();
   TempDir tmp;
   const fs::path model = copy_fixture(fixture(m.fixture), tmp / "model");
-  const fs::path file = file_holding(model, m.dropped);
+  // transformers 5.24 writes MoE checkpoints per expert; a version that wrote them stacked would
+  // make this case another one: said as a skip with the reason, not failed obscurely.
+  fs::path file;
+  try {
+    file = file_holding(model, m.dropped);
+  } catch (const std::exception& e) {
+    GTEST_SKIP() << e.what() << " (experts stored stacked by this transformers?)";
+  }
   drop_from_file(file, m.dropped);
   const fs::path index = model / "model.safetensors.index.json";
   if (fs::exists(index)) {

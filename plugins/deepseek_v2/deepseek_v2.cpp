@@ -1,6 +1,9 @@
-// DeepSeek-V2 on the SDK's decoder skeleton: multi-head latent attention (MLA, this
-// plugin's own attention block) and DeepSeekMoE (the SDK's SparseMoEBlock: routed experts
-// stacked into FusedMoE's w13/w2, a float32 router, shared experts; dense first layers).
+// DeepSeek-V2 on the SDK's decoder skeleton: multi-head latent attention (MLA) and
+// DeepSeekMoE (the SDK's SparseMoEBlock: routed experts stacked into FusedMoE's w13/w2, a
+// float32 router, shared experts; dense first layers). The attention stays this plugin's own
+// AttentionBlock: MLA has no q/k/v projections to stack — queries and keys/values come from
+// low-rank latents (q_a/q_b, kv_a_proj_with_mqa/kv_b_proj) and only part of each head is
+// rotated — so RotarySelfAttention does not fit it.
 // Module and parameter names are vLLM's (model.layers.N.self_attn.kv_b_proj.weight,
 // model.layers.N.mlp.experts.w13_weight, model.layers.N.mlp.gate.weight, …);
 // numerics follow transformers' DeepseekV2ForCausalLM.
