@@ -72,8 +72,7 @@ struct DeepseekV2Config {
         rope(rope_parameters(r.config())) {
     const ModelConfig& c = r.config();
     auto bad = [&](const char* key, const auto&... why) { fail(ErrorKind::Input, c.origin(), ": ", key, why...); };
-    if (const std::string act = c.get_string("hidden_act", "silu"); act != "silu")
-      bad("hidden_act", " '", act, "' is not supported (want silu)");
+    activation_only(c, "hidden_act", "silu");  // the experts (FusedMoE) compute silu
     if (c.get_bool("mlp_bias", false)) bad("mlp_bias", " true is not supported (the experts have no bias)");
     if (const std::string f = c.get_string("scoring_func", "softmax"); f != "softmax")
       bad("scoring_func", " '", f, "' is not supported (want softmax)");

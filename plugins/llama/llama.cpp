@@ -21,7 +21,8 @@ struct LlamaConfig : DecoderConfig {
         // InternLM says "bias"; Llama "attention_bias" (q, k, v and o).
         attention_bias(r.config().get_bool("attention_bias", false) || r.config().get_bool("bias", false)),
         mlp_bias(r.config().get_bool("mlp_bias", false)),
-        activation(loadkit::activation(r.config(), "hidden_act", "silu")) {
+        // vLLM's Llama MLP has silu only; so does this plugin.
+        activation(activation_only(r.config(), "hidden_act", "silu")) {
     rotary_dim = partial_rotary_dim(r, r.config().get_double("partial_rotary_factor", 1.0));
     // Mistral-style sliding window: every layer, or the layers layer_types marks.
     sliding_window = sliding_windows(r, num_layers, r.non_negative("sliding_window", 0), [](int64_t) { return true; });

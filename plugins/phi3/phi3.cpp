@@ -24,7 +24,7 @@ struct Phi3Config : DecoderConfig {
 
   Phi3Config(ConfigReader& r, const ModelContext& ctx)
       : DecoderConfig(r, ctx, {.norm_eps = 1e-5}),
-        activation(loadkit::activation(r.config(), "hidden_act", "silu")),
+        activation(activation_only(r.config(), "hidden_act", "silu")),  // vLLM's Phi3 is its Llama
         sliding_window(r.non_negative("sliding_window", 0)) {
     // Phi3Config renames the pre-release spellings of longrope.
     if (rope.type == "su" || rope.type == "yarn") rope.type = "longrope";

@@ -28,6 +28,12 @@ ActivationFn activation(const ModelConfig& config, std::string_view key, const s
   return activation_named(config, key, config.get_string(key, fallback));
 }
 
+ActivationFn activation_only(const ModelConfig& config, std::string_view key, const std::string& only) {
+  const std::string name = config.get_string(key, only);
+  if (name != only) fail(ErrorKind::Input, config.origin(), ": ", key, " '", name, "' is not supported (want ", only, ")");
+  return activation_named(config, key, name);
+}
+
 ActivationFn activation_named(const ModelConfig& config, std::string_view key, const std::string& name) {
   std::string known;
   for (const auto& [n, fn] : kActivations) {
