@@ -6,6 +6,8 @@
 ///   LOADKIT_ARCH_FIXTURES(Qwen2, "qwen2_fp32_untied", "qwen2_bf16_tied")
 ///     logits equal transformers' (C++ API on cpu and cuda, CLI on cpu);
 ///     fp8 and int8 online quantization within the reload issue's cosine bounds.
+///   LOADKIT_ARCH_LOGITS_FIXTURES(LlamaDynamicRope, "llama_fp32_dynamic_long")
+///     logits only (a variant whose quantization another fixture covers).
 ///   LOADKIT_ARCH_RELOADS(Qwen2, "qwen2_bf16_tied")
 ///     reload into the fixture's `reload_target` (same shapes, other weights)
 ///     equals a fresh load of it, bit for bit, unquantized and fp8, cpu and cuda.
@@ -47,13 +49,17 @@ std::string arch_quant_param_name(const ::testing::TestParamInfo<ArchQuantParam>
                                               ::testing::Values("cpu", "cuda")),                               \
                            ::loadkit::test::arch_quant_param_name)
 
-/// Fixtures sized for tensor parallelism (test_tensor_parallel runs them over ranks):
-/// their single-rank logits against transformers here, quantization left to the family's others.
-#define LOADKIT_ARCH_TP_FIXTURES(Family, ...)                                                                  \
-  [[maybe_unused]] static const bool loadkit_covered_tp_##Family = ::loadkit::test::cover({__VA_ARGS__});      \
-  INSTANTIATE_TEST_SUITE_P(Family##Tp, ArchLogits,                                                             \
+/// Fixtures whose quantization the family's others already cover (a config variant of one of
+/// them, a rope setting): their logits against transformers only.
+#define LOADKIT_ARCH_LOGITS_FIXTURES(Family, ...)                                                              \
+  [[maybe_unused]] static const bool loadkit_covered_logits_##Family = ::loadkit::test::cover({__VA_ARGS__});  \
+  INSTANTIATE_TEST_SUITE_P(Family, ArchLogits,                                                                 \
                            ::testing::Combine(::testing::Values(__VA_ARGS__), ::testing::Values("cpu", "cuda")), \
                            ::loadkit::test::arch_param_name)
+
+/// Fixtures sized for tensor parallelism (test_tensor_parallel runs them over ranks):
+/// their single-rank logits against transformers here, quantization left to the family's others.
+#define LOADKIT_ARCH_TP_FIXTURES(Family, ...) LOADKIT_ARCH_LOGITS_FIXTURES(Family##Tp, __VA_ARGS__)
 
 #define LOADKIT_ARCH_RELOADS(Family, ...)                                                                      \
   INSTANTIATE_TEST_SUITE_P(Family, ArchReload,                                                                 \

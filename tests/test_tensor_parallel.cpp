@@ -96,6 +96,10 @@ const TpCase kTpCases[] = {
     {"phi3_fp32_tp3", 3},
     {"deepseek_v2_fp32_tp3", 2},
     {"deepseek_v2_fp32_tp3", 3},
+    {"qwen3_fp32_tp2", 2},                        // per-head q/k norms on each rank's heads
+    {"qwen3_moe_fp32_tp2", 2},                    // experts' intermediate dim split, router replicated
+    {"qwen3_moe_fp32_norm_topk", 2},              // a dense layer among sparse ones
+    {"granite_fp32_gqa", 2},                      // the example plugin: multipliers on every rank
 };
 
 std::string case_name(const ::testing::TestParamInfo<TpCase>& info) {
@@ -466,6 +470,25 @@ TEST(ShardedState, ReloadNoProcessFromShardedStateOnTwoRanks) {
 
 // ------------------------------------------------------------ GPU machine
 
+/// `f`'s logits over NCCL at TP 2 equal one GPU's and transformers'.
+void expect_two_gpus_match_one(const Fixture& f, const TempDir& tmp) {
+  at::Tensor one = cli_logits(f.dir, f.tokens_arg(), tmp / "one", {"--device", "cuda"});
+  at::Tensor two = cli_logits(f.dir, f.tokens_arg(), tmp / "two", {"--device", "cuda", "--tp-size", "2"});
+  ASSERT_TRUE(one.defined() && two.defined());
+  expect_close(two, one, f.dtype);
+  expect_close(two, reference_logits(f), f.dtype);
+}
+
+/// Qwen3-MoE over NCCL: each GPU holds every expert's slice of the intermediate dim and the
+/// partial expert outputs are summed across ranks, q/k norms per rank's heads.
+TEST(TensorParallelGpu, NcclTwoRanksQwen3MoeMatchOneGpu) {
+  SKIP_WITHOUT(std::string("cuda"));
+  if (at::getNumGPUs() < 2) GTEST_SKIP() << "needs 2 GPUs (device kind nvidia-h200-x2), found " << at::getNumGPUs();
+  SKIP_WITHOUT_TP_BACKEND("cuda");
+  TempDir tmp;
+  expect_two_gpus_match_one(fixture("qwen3_moe_fp32_tp2"), tmp);
+}
+
 /// NCCL with one GPU per rank; prints what the lead reports: load throughput
 /// per rank, HF format against sharded state (LOADKIT_TP_BENCH_MODEL: a
 /// bigger checkpoint to time, default the fixture).
@@ -475,11 +498,8 @@ TEST(TensorParallelGpu, NcclTwoRanksMatchOneGpu) {
   SKIP_WITHOUT_TP_BACKEND("cuda");
   const Fixture& f = fixture("llama_fp32_gqa_sharded");
   TempDir tmp;
-  at::Tensor one = cli_logits(f.dir, f.tokens_arg(), tmp / "one", {"--device", "cuda"});
-  at::Tensor two = cli_logits(f.dir, f.tokens_arg(), tmp / "two", {"--device", "cuda", "--tp-size", "2"});
-  ASSERT_TRUE(one.defined() && two.defined());
-  expect_close(two, one, f.dtype);
-  expect_close(two, reference_logits(f), f.dtype);
+  expect_two_gpus_match_one(f, tmp);
+  if (HasFatalFailure()) return;
 
   const char* bench = std::getenv("LOADKIT_TP_BENCH_MODEL");
   const std::string model = bench ? bench : f.dir;

@@ -1,5 +1,9 @@
-// DeepSeek-V2: multi-head latent attention (MLA) and DeepSeekMoE (routed
-// experts stacked into FusedMoE's w13/w2, shared experts, dense first layers).
+// DeepSeek-V2 on the SDK's decoder skeleton: multi-head latent attention (MLA) and
+// DeepSeekMoE (the SDK's SparseMoEBlock: routed experts stacked into FusedMoE's w13/w2, a
+// float32 router, shared experts; dense first layers). The attention stays this plugin's own
+// AttentionBlock: MLA has no q/k/v projections to stack — queries and keys/values come from
+// low-rank latents (q_a/q_b, kv_a_proj_with_mqa/kv_b_proj) and only part of each head is
+// rotated — so RotarySelfAttention does not fit it.
 // Module and parameter names are vLLM's (model.layers.N.self_attn.kv_b_proj.weight,
 // model.layers.N.mlp.experts.w13_weight, model.layers.N.mlp.gate.weight, …);
 // numerics follow transformers' DeepseekV2ForCausalLM.
@@ -11,14 +15,10 @@
 
 #include <ATen/ATen.h>
 
-#include <loadkit/causal_lm.h>
+#include <loadkit/decoder_config.h>
 #include <loadkit/error.h>
-#include <loadkit/layers/attention.h>
-#include <loadkit/layers/embedding.h>
-#include <loadkit/layers/fused_moe.h>
 #include <loadkit/layers/linear.h>
-#include <loadkit/layers/norm.h>
-#include <loadkit/layers/rotary.h>
+#include <loadkit/layers/sparse_moe.h>
 #include <loadkit/plugin.h>
 
 #include <cmath>
@@ -44,41 +44,49 @@ struct DeepseekV2Config {
   RopeParameters rope;
   double softmax_scale;
 
-  explicit DeepseekV2Config(const ModelConfig& c)
-      : hidden_size(c.get_int("hidden_size")),
-        intermediate_size(c.get_int("intermediate_size")),
-        num_layers(c.get_int("num_hidden_layers")),
-        num_heads(c.get_int("num_attention_heads")),
-        vocab_size(c.get_int("vocab_size")),
-        q_lora_rank(c.get_int("q_lora_rank", 0)),  // null: a plain q_proj
-        kv_lora_rank(c.get_int("kv_lora_rank")),
-        qk_nope_head_dim(c.get_int("qk_nope_head_dim")),
-        qk_rope_head_dim(c.get_int("qk_rope_head_dim")),
-        v_head_dim(c.get_int("v_head_dim")),
-        n_routed_experts(c.get_int("n_routed_experts", 0)),  // null: every layer dense
-        n_shared_experts(c.get_int("n_shared_experts", 0)),
-        moe_intermediate_size(c.get_int("moe_intermediate_size", 0)),
-        num_experts_per_tok(c.get_int("num_experts_per_tok", 0)),
-        first_k_dense_replace(c.get_int("first_k_dense_replace", 0)),
-        moe_layer_freq(c.get_int("moe_layer_freq", 1)),
-        n_group(c.get_int("n_group", 0)),
-        topk_group(c.get_int("topk_group", 0)),
-        topk_method(c.get_string("topk_method", "greedy")),
-        norm_topk_prob(c.get_bool("norm_topk_prob", false)),
-        routed_scaling_factor(c.get_double("routed_scaling_factor", 1.0)),
-        rms_norm_eps(c.get_double("rms_norm_eps", 1e-6)),
-        tie_word_embeddings(c.get_bool("tie_word_embeddings", false)),
-        attention_bias(c.get_bool("attention_bias", false)),
-        rope(rope_parameters(c)) {
+  explicit DeepseekV2Config(ConfigReader& r, const ModelContext& ctx)
+      : hidden_size(r.positive("hidden_size")),
+        intermediate_size(r.positive("intermediate_size")),
+        num_layers(r.positive("num_hidden_layers")),
+        num_heads(r.positive("num_attention_heads")),
+        vocab_size(r.positive("vocab_size")),
+        q_lora_rank(r.non_negative("q_lora_rank", 0)),  // null: a plain q_proj
+        kv_lora_rank(r.positive("kv_lora_rank")),
+        qk_nope_head_dim(r.non_negative("qk_nope_head_dim", 0)),
+        qk_rope_head_dim(r.positive("qk_rope_head_dim")),
+        v_head_dim(r.positive("v_head_dim")),
+        n_routed_experts(r.non_negative("n_routed_experts", 0)),  // null: every layer dense
+        n_shared_experts(r.non_negative("n_shared_experts", 0)),
+        moe_intermediate_size(r.non_negative("moe_intermediate_size", 0)),
+        num_experts_per_tok(r.non_negative("num_experts_per_tok", 0)),
+        first_k_dense_replace(r.non_negative("first_k_dense_replace", 0)),
+        moe_layer_freq(r.positive("moe_layer_freq", 1)),  // layer % moe_layer_freq
+        n_group(r.non_negative("n_group", 0)),
+        topk_group(r.non_negative("topk_group", 0)),
+        topk_method(r.config().get_string("topk_method", "greedy")),
+        norm_topk_prob(r.config().get_bool("norm_topk_prob", false)),
+        routed_scaling_factor(r.config().get_double("routed_scaling_factor", 1.0)),
+        rms_norm_eps(r.config().get_double("rms_norm_eps", 1e-6)),
+        tie_word_embeddings(r.config().get_bool("tie_word_embeddings", false)),
+        attention_bias(r.config().get_bool("attention_bias", false)),
+        rope(rope_parameters(r.config())) {
+    const ModelConfig& c = r.config();
     auto bad = [&](const char* key, const auto&... why) { fail(ErrorKind::Input, c.origin(), ": ", key, why...); };
-    if (const std::string act = c.get_string("hidden_act", "silu"); act != "silu")
-      bad("hidden_act", " '", act, "' is not supported (want silu)");
+    activation_only(c, "hidden_act", "silu");  // the experts (FusedMoE) compute silu
     if (c.get_bool("mlp_bias", false)) bad("mlp_bias", " true is not supported (the experts have no bias)");
     if (const std::string f = c.get_string("scoring_func", "softmax"); f != "softmax")
       bad("scoring_func", " '", f, "' is not supported (want softmax)");
-    if (num_layers < 0 || num_heads <= 0 || hidden_size <= 0 || kv_lora_rank <= 0 || qk_rope_head_dim <= 0 ||
-        qk_rope_head_dim % 2 != 0 || qk_nope_head_dim < 0 || v_head_dim <= 0 || q_lora_rank < 0)
-      bad("num_attention_heads", ", kv_lora_rank and the head dims must be positive (qk_rope_head_dim even)");
+    if (qk_rope_head_dim % 2 != 0) bad("qk_rope_head_dim", " (", qk_rope_head_dim, ") must be even (rotated in pairs)");
+    const auto element = static_cast<int64_t>(c10::elementSize(ctx.dtype));
+    r.sum("qk_head_dim", {"qk_nope_head_dim", "qk_rope_head_dim"});
+    r.sum("kv_head_dim", {"qk_nope_head_dim", "v_head_dim"});
+    r.allocatable({"num_attention_heads", "qk_head_dim", "hidden_size"}, element, 1, ctx.tp_size);
+    r.allocatable({"num_attention_heads", "kv_head_dim", "kv_lora_rank"}, element, 1, ctx.tp_size);
+    r.allocatable({"intermediate_size", "hidden_size"}, element, 2, ctx.tp_size);
+    if (q_lora_rank > 0) {
+      r.allocatable({"q_lora_rank", "hidden_size"}, element);
+      r.allocatable({"num_attention_heads", "qk_head_dim", "q_lora_rank"}, element, 1, ctx.tp_size);
+    }
     if (topk_method == "greedy") {
       n_group = topk_group = 0;
     } else if (topk_method != "group_limited_greedy") {
@@ -86,8 +94,18 @@ struct DeepseekV2Config {
     } else if (n_group <= 0 || topk_group <= 0) {
       bad("n_group", " and topk_group must be positive for group_limited_greedy");
     }
-    if (n_routed_experts > 0 && (moe_intermediate_size <= 0 || num_experts_per_tok <= 0 || moe_layer_freq <= 0))
-      bad("moe_intermediate_size", ", num_experts_per_tok and moe_layer_freq must be positive with routed experts");
+    if (n_routed_experts > 0) {
+      r.positive("moe_intermediate_size");
+      r.positive("num_experts_per_tok");
+      r.at_most("num_experts_per_tok", "n_routed_experts");
+      if (n_group > 0) {
+        r.divides("n_group", "n_routed_experts");
+        r.at_most("topk_group", "n_group");
+      }
+      r.allocatable({"n_routed_experts", "moe_intermediate_size", "hidden_size"}, element, 3, ctx.tp_size);
+      if (n_shared_experts > 0)
+        r.allocatable({"n_shared_experts", "moe_intermediate_size", "hidden_size"}, element, 3, ctx.tp_size);
+    }
     // transformers' scaling: 1/sqrt(qk_head_dim), times mscale² of the stretched context when
     // the rope is scaled and names mscale_all_dim.
     softmax_scale = 1.0 / std::sqrt(static_cast<double>(qk_nope_head_dim + qk_rope_head_dim));
@@ -106,10 +124,10 @@ struct DeepseekV2Config {
   }
 };
 
-class DeepseekV2Attention : public Module {
+class DeepseekV2Attention : public AttentionBlock {
  public:
   DeepseekV2Attention(const DeepseekV2Config& cfg, const ModelContext& ctx)
-      : Module("DeepseekV2Attention"),
+      : AttentionBlock("DeepseekV2Attention"),
         nope_(cfg.qk_nope_head_dim),
         rope_(cfg.qk_rope_head_dim),
         v_(cfg.v_head_dim),
@@ -145,7 +163,7 @@ class DeepseekV2Attention : public Module {
                                                             AttentionOptions{.scale = cfg.softmax_scale}));
   }
 
-  at::Tensor forward(const at::Tensor& positions, const at::Tensor& x) {
+  at::Tensor forward(const at::Tensor& positions, const at::Tensor& x) override {
     const int64_t n = x.size(0), qk_head = nope_ + rope_;
     at::Tensor q = q_ ? q_->forward(x) : q_b_->forward(q_a_norm_->forward(q_a_->forward(x)));
     q = q.view({n, heads_, qk_head});
@@ -177,140 +195,42 @@ class DeepseekV2Attention : public Module {
   Attention* attn_;
 };
 
-class DeepseekV2MLP : public Module {
- public:
-  DeepseekV2MLP(int64_t hidden_size, int64_t intermediate_size, const ModelContext& ctx) : Module("DeepseekV2MLP") {
-    gate_up_ = &add_module("gate_up_proj", std::make_shared<MergedColumnParallelLinear>(
-                                               hidden_size, std::vector<int64_t>{intermediate_size, intermediate_size}, ctx));
-    down_ = &add_module("down_proj", std::make_shared<RowParallelLinear>(intermediate_size, hidden_size, ctx));
-  }
-  at::Tensor forward(const at::Tensor& x) { return down_->forward(silu_and_mul(gate_up_->forward(x))); }
-
- private:
-  MergedColumnParallelLinear* gate_up_;
-  RowParallelLinear* down_;
-};
-
-/// Router weights in float32: transformers routes in float32 whatever the model dtype.
-ModelContext router_context(const ModelContext& ctx) {
-  ModelContext out = ctx;
-  out.dtype = at::kFloat;
-  out.quant = nullptr;
-  return out;
+std::shared_ptr<FeedForwardBlock> deepseek_mlp(const DeepseekV2Config& cfg, int64_t layer, const ModelContext& ctx) {
+  if (!cfg.is_moe_layer(layer))
+    return std::make_shared<GatedMLP>("DeepseekV2MLP", cfg.hidden_size, cfg.intermediate_size, silu, ctx);
+  SparseMoESpec moe{.type_name = "DeepseekV2MoE",
+                    .experts = {.num_experts = cfg.n_routed_experts,
+                                .top_k = cfg.num_experts_per_tok,
+                                .hidden_size = cfg.hidden_size,
+                                .intermediate_size = cfg.moe_intermediate_size,
+                                .renormalize = cfg.norm_topk_prob,
+                                .num_expert_group = cfg.n_group,
+                                .topk_group = cfg.topk_group,
+                                .routed_scaling_factor = cfg.routed_scaling_factor},
+                    // transformers routes in float32 whatever the model dtype.
+                    .router_in_float32 = true,
+                    .shared_intermediate_size = cfg.moe_intermediate_size * cfg.n_shared_experts,
+                    .shared_type_name = "DeepseekV2MLP"};
+  return std::make_shared<SparseMoEBlock>(moe, ctx);
 }
 
-class DeepseekV2MoE : public Module {
- public:
-  DeepseekV2MoE(const DeepseekV2Config& cfg, const ModelContext& ctx) : Module("DeepseekV2MoE") {
-    gate_ = &add_module("gate", std::make_shared<ReplicatedLinear>(cfg.hidden_size, cfg.n_routed_experts,
-                                                                   router_context(ctx), LinearOptions{.quantize = false}));
-    experts_ = &add_module("experts", std::make_shared<FusedMoE>(
-                                          FusedMoEOptions{.num_experts = cfg.n_routed_experts,
-                                                          .top_k = cfg.num_experts_per_tok,
-                                                          .hidden_size = cfg.hidden_size,
-                                                          .intermediate_size = cfg.moe_intermediate_size,
-                                                          .renormalize = cfg.norm_topk_prob,
-                                                          .num_expert_group = cfg.n_group,
-                                                          .topk_group = cfg.topk_group,
-                                                          .routed_scaling_factor = cfg.routed_scaling_factor},
-                                          ctx));
-    if (cfg.n_shared_experts > 0)
-      shared_ = &add_module("shared_experts", std::make_shared<DeepseekV2MLP>(
-                                                  cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, ctx));
-  }
-
-  at::Tensor forward(const at::Tensor& x) {
-    at::Tensor router_logits = at::linear(x.to(at::kFloat), gate_->param("weight").data);
-    at::Tensor out = experts_->forward(x, router_logits);
-    return shared_ ? out + shared_->forward(x) : out;
-  }
-
- private:
-  ReplicatedLinear* gate_;
-  FusedMoE* experts_;
-  DeepseekV2MLP* shared_ = nullptr;
-};
-
-class DeepseekV2DecoderLayer : public Module {
- public:
-  DeepseekV2DecoderLayer(const DeepseekV2Config& cfg, int64_t layer, const ModelContext& ctx)
-      : Module("DeepseekV2DecoderLayer") {
-    attn_ = &add_module("self_attn", std::make_shared<DeepseekV2Attention>(cfg, ctx));
-    if (cfg.is_moe_layer(layer))
-      moe_ = &add_module("mlp", std::make_shared<DeepseekV2MoE>(cfg, ctx));
-    else
-      mlp_ = &add_module("mlp", std::make_shared<DeepseekV2MLP>(cfg.hidden_size, cfg.intermediate_size, ctx));
-    input_norm_ = &add_module("input_layernorm", std::make_shared<RMSNorm>(cfg.hidden_size, cfg.rms_norm_eps, ctx));
-    post_norm_ = &add_module("post_attention_layernorm", std::make_shared<RMSNorm>(cfg.hidden_size, cfg.rms_norm_eps, ctx));
-  }
-  at::Tensor forward(const at::Tensor& positions, at::Tensor h) {
-    h = h + attn_->forward(positions, input_norm_->forward(h));
-    at::Tensor x = post_norm_->forward(h);
-    return h + (moe_ ? moe_->forward(x) : mlp_->forward(x));
-  }
-
- private:
-  DeepseekV2Attention* attn_;
-  DeepseekV2MoE* moe_ = nullptr;
-  DeepseekV2MLP* mlp_ = nullptr;
-  RMSNorm* input_norm_;
-  RMSNorm* post_norm_;
-};
-
-class DeepseekV2Model : public Module {
- public:
-  DeepseekV2Model(const DeepseekV2Config& cfg, const ModelContext& ctx) : Module("DeepseekV2Model") {
-    embed_ = &add_module("embed_tokens", std::make_shared<VocabParallelEmbedding>(cfg.vocab_size, cfg.hidden_size, ctx));
-    auto& layers = add_module("layers", std::make_shared<ModuleList>());
-    for (int64_t i = 0; i < cfg.num_layers; ++i)
-      layers_.push_back(&layers.append(std::make_shared<DeepseekV2DecoderLayer>(cfg, i, ctx)));
-    norm_ = &add_module("norm", std::make_shared<RMSNorm>(cfg.hidden_size, cfg.rms_norm_eps, ctx));
-  }
-  at::Tensor forward(const at::Tensor& ids) {
-    at::Tensor positions = at::arange(ids.size(0), ids.options());
-    at::Tensor h = embed_->forward(ids);
-    for (auto* layer : layers_) h = layer->forward(positions, h);
-    return norm_->forward(h);
-  }
-  VocabParallelEmbedding& embed_tokens() { return *embed_; }
-
- private:
-  VocabParallelEmbedding* embed_;
-  std::vector<DeepseekV2DecoderLayer*> layers_;
-  RMSNorm* norm_;
-};
-
-class DeepseekV2ForCausalLM : public CausalLM {
- public:
-  explicit DeepseekV2ForCausalLM(const ModelContext& ctx) : CausalLM("DeepseekV2ForCausalLM"), cfg_(ctx.config) {
-    model_ = &add_module("model", std::make_shared<DeepseekV2Model>(cfg_, ctx));
-    lm_head_ = &add_module("lm_head", std::make_shared<ParallelLMHead>(cfg_.vocab_size, cfg_.hidden_size, ctx));
-    if (cfg_.tie_word_embeddings) lm_head_->tie_to(model_->embed_tokens());
-  }
-  at::Tensor forward(const at::Tensor& ids) override { return lm_head_->compute_logits(model_->forward(ids)); }
-  int64_t vocab_size() const override { return cfg_.vocab_size; }
-
-  WeightMapping weight_mapping() const override {
-    WeightMapping m;
-    m.stacked = {{".gate_up_proj", ".gate_proj", {"0"}}, {".gate_up_proj", ".up_proj", {"1"}}};
-    m.experts = make_expert_params_mapping("gate_proj", "down_proj", "up_proj", cfg_.n_routed_experts);
-    // transformers 5's own state dict (what it holds in memory) keeps all experts in one tensor each.
-    m.experts.push_back({"experts.w13_weight", "experts.gate_up_proj", {"w13"}});
-    m.experts.push_back({"experts.w2_weight", "experts.down_proj", {"w2"}});
-    m.skip_substrs = {"rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached"};
-    if (cfg_.tie_word_embeddings) m.skip_prefixes = {"lm_head."};
-    return m;
-  }
-
- private:
-  DeepseekV2Config cfg_;
-  DeepseekV2Model* model_;
-  ParallelLMHead* lm_head_;
-};
+std::shared_ptr<CausalLM> make_deepseek_v2(const ModelContext& ctx) {
+  ConfigReader reader(ctx.config);
+  const DeepseekV2Config cfg(reader, ctx);
+  DecoderSpec spec{.type_name = "DeepseekV2ForCausalLM", .model_type_name = "DeepseekV2Model",
+                   .vocab_size = cfg.vocab_size, .hidden_size = cfg.hidden_size, .num_layers = cfg.num_layers,
+                   .tie_word_embeddings = cfg.tie_word_embeddings, .final_norm = {NormSpec::Kind::RMS, cfg.rms_norm_eps},
+                   .num_experts = cfg.n_routed_experts};
+  const DecoderLayerSpec layer{.type_name = "DeepseekV2DecoderLayer", .hidden_size = cfg.hidden_size,
+                               .norm = {NormSpec::Kind::RMS, cfg.rms_norm_eps}};
+  return std::make_shared<DecoderOnlyLM>(spec, ctx, [&](int64_t i) {
+    return std::make_shared<PreNormDecoderLayer>(layer, std::make_shared<DeepseekV2Attention>(cfg, ctx),
+                                                 deepseek_mlp(cfg, i, ctx), ctx);
+  });
+}
 
 void register_deepseek_v2(Registrar& registrar) {
-  registrar.add_architecture("DeepseekV2ForCausalLM",
-                             [](const ModelContext& ctx) { return std::make_shared<DeepseekV2ForCausalLM>(ctx); });
+  registrar.add_architecture("DeepseekV2ForCausalLM", make_deepseek_v2);
 }
 
 }  // namespace

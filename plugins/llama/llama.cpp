@@ -1,184 +1,55 @@
-// The Llama family: Llama, Mistral, InternLM (biased projections), Aquila.
+// The Llama family: Llama, Mistral, InternLM (biased projections), Aquila, on the
+// SDK's decoder skeleton (decoder_only_lm.h) with its default weight mapping.
 // Module and parameter names are vLLM's (model.layers.N.self_attn.qkv_proj.weight, …).
 
-#include <ATen/ATen.h>
-
-#include <loadkit/causal_lm.h>
-#include <loadkit/error.h>
-#include <loadkit/layers/attention.h>
-#include <loadkit/layers/embedding.h>
-#include <loadkit/layers/linear.h>
-#include <loadkit/layers/norm.h>
-#include <loadkit/layers/rotary.h>
+#include <loadkit/decoder_config.h>
 #include <loadkit/plugin.h>
 
 namespace {
 
 using namespace loadkit;
 
-/// What the Llama family reads from config.json.
-struct LlamaConfig {
-  int64_t hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads, head_dim, vocab_size;
-  double rms_norm_eps;
-  bool tie_word_embeddings, attention_bias, mlp_bias;
-  RopeParameters rope;
-  double partial_rotary_factor;
+/// What the Llama family reads from config.json beyond every decoder's keys.
+struct LlamaConfig : DecoderConfig {
+  bool attention_bias, mlp_bias;
+  ActivationFn activation;
+  int64_t rotary_dim;
   std::vector<int64_t> sliding_window;  ///< per layer, 0 = full attention
 
-  explicit LlamaConfig(const ModelConfig& c)
-      : hidden_size(c.get_int("hidden_size")),
-        intermediate_size(c.get_int("intermediate_size")),
-        num_layers(c.get_int("num_hidden_layers")),
-        num_heads(c.get_int("num_attention_heads")),
-        num_kv_heads(c.get_int("num_key_value_heads", num_heads)),
-        head_dim(c.get_int("head_dim", hidden_size / num_heads)),
-        vocab_size(c.get_int("vocab_size")),
-        rms_norm_eps(c.get_double("rms_norm_eps", 1e-6)),
-        tie_word_embeddings(c.get_bool("tie_word_embeddings", false)),
+  LlamaConfig(ConfigReader& r, const ModelContext& ctx)
+      : DecoderConfig(r, ctx),
         // InternLM says "bias"; Llama "attention_bias" (q, k, v and o).
-        attention_bias(c.get_bool("attention_bias", false) || c.get_bool("bias", false)),
-        mlp_bias(c.get_bool("mlp_bias", false)),
-        rope(rope_parameters(c)),
-        partial_rotary_factor(c.get_double("partial_rotary_factor", 1.0)) {
-    const std::string act = c.get_string("hidden_act", "silu");
-    if (act != "silu") fail(ErrorKind::Input, c.origin(), ": hidden_act '", act, "' is not supported (want silu)");
-    if (num_layers < 0 || num_heads <= 0 || num_kv_heads <= 0 || head_dim <= 0 || hidden_size <= 0)
-      fail(ErrorKind::Input, c.origin(), ": layer, head and hidden sizes must be positive");
+        attention_bias(r.config().get_bool("attention_bias", false) || r.config().get_bool("bias", false)),
+        mlp_bias(r.config().get_bool("mlp_bias", false)),
+        // vLLM's Llama MLP has silu only; so does this plugin.
+        activation(activation_only(r.config(), "hidden_act", "silu")) {
+    rotary_dim = partial_rotary_dim(r, r.config().get_double("partial_rotary_factor", 1.0));
     // Mistral-style sliding window: every layer, or the layers layer_types marks.
-    const int64_t window = c.get_int("sliding_window", 0);
-    sliding_window.assign(num_layers, window);
-    if (c.has("layer_types")) {
-      auto types = c.get_strings("layer_types");
-      for (int64_t i = 0; i < num_layers && i < static_cast<int64_t>(types.size()); ++i)
-        if (types[i] != "sliding_attention") sliding_window[i] = 0;
-    }
+    sliding_window = sliding_windows(r, num_layers, r.non_negative("sliding_window", 0), [](int64_t) { return true; });
+  }
+
+  std::shared_ptr<DecoderLayer> make_layer(int64_t i, const ModelContext& ctx) const {
+    SelfAttentionSpec attn = attention();
+    attn.qkv_bias = attn.o_bias = attention_bias;
+    attn.rotary_dim = rotary_dim;
+    attn.attention.sliding_window = sliding_window[i];
+    return std::make_shared<PreNormDecoderLayer>(
+        layer("LlamaDecoderLayer"), std::make_shared<RotarySelfAttention>("LlamaAttention", attn, ctx),
+        std::make_shared<GatedMLP>("LlamaMLP", hidden_size, intermediate_size, activation, ctx, mlp_bias), ctx);
   }
 };
 
-class LlamaAttention : public Module {
- public:
-  LlamaAttention(const LlamaConfig& cfg, int64_t layer, const ModelContext& ctx) : Module("LlamaAttention") {
-    qkv_ = &add_module("qkv_proj", std::make_shared<QKVParallelLinear>(cfg.hidden_size, cfg.head_dim, cfg.num_heads,
-                                                                       cfg.num_kv_heads, ctx,
-                                                                       LinearOptions{.bias = cfg.attention_bias}));
-    o_ = &add_module("o_proj", std::make_shared<RowParallelLinear>(cfg.num_heads * cfg.head_dim, cfg.hidden_size, ctx,
-                                                                   LinearOptions{.bias = cfg.attention_bias}));
-    const auto rotary_dim = static_cast<int64_t>(static_cast<double>(cfg.head_dim) * cfg.partial_rotary_factor);
-    rotary_ = &add_module("rotary_emb", std::make_shared<RotaryEmbedding>(cfg.head_dim, rotary_dim, cfg.rope, ctx));
-    attn_ = &add_module("attn", std::make_shared<Attention>(qkv_->num_heads(), qkv_->num_kv_heads(), cfg.head_dim,
-                                                            AttentionOptions{.sliding_window = cfg.sliding_window[layer]}));
-  }
-
-  at::Tensor forward(const at::Tensor& positions, const at::Tensor& x) {
-    const int64_t n = x.size(0), hd = qkv_->head_size();
-    const int64_t q_size = qkv_->num_heads() * hd, kv_size = qkv_->num_kv_heads() * hd;
-    at::Tensor qkv = qkv_->forward(x);
-    at::Tensor q = qkv.narrow(-1, 0, q_size).view({n, -1, hd});
-    at::Tensor k = qkv.narrow(-1, q_size, kv_size).view({n, -1, hd});
-    at::Tensor v = qkv.narrow(-1, q_size + kv_size, kv_size);
-    std::tie(q, k) = rotary_->forward(positions, q, k);
-    return o_->forward(attn_->forward(q.reshape({n, q_size}), k.reshape({n, kv_size}), v));
-  }
-
- private:
-  QKVParallelLinear* qkv_;
-  RowParallelLinear* o_;
-  RotaryEmbedding* rotary_;
-  Attention* attn_;
-};
-
-class LlamaMLP : public Module {
- public:
-  LlamaMLP(const LlamaConfig& cfg, const ModelContext& ctx) : Module("LlamaMLP") {
-    gate_up_ = &add_module("gate_up_proj", std::make_shared<MergedColumnParallelLinear>(
-                                               cfg.hidden_size, std::vector<int64_t>{cfg.intermediate_size, cfg.intermediate_size},
-                                               ctx, LinearOptions{.bias = cfg.mlp_bias}));
-    down_ = &add_module("down_proj", std::make_shared<RowParallelLinear>(cfg.intermediate_size, cfg.hidden_size, ctx,
-                                                                         LinearOptions{.bias = cfg.mlp_bias}));
-  }
-  at::Tensor forward(const at::Tensor& x) { return down_->forward(silu_and_mul(gate_up_->forward(x))); }
-
- private:
-  MergedColumnParallelLinear* gate_up_;
-  RowParallelLinear* down_;
-};
-
-class LlamaDecoderLayer : public Module {
- public:
-  LlamaDecoderLayer(const LlamaConfig& cfg, int64_t layer, const ModelContext& ctx) : Module("LlamaDecoderLayer") {
-    attn_ = &add_module("self_attn", std::make_shared<LlamaAttention>(cfg, layer, ctx));
-    mlp_ = &add_module("mlp", std::make_shared<LlamaMLP>(cfg, ctx));
-    input_norm_ = &add_module("input_layernorm", std::make_shared<RMSNorm>(cfg.hidden_size, cfg.rms_norm_eps, ctx));
-    post_norm_ = &add_module("post_attention_layernorm", std::make_shared<RMSNorm>(cfg.hidden_size, cfg.rms_norm_eps, ctx));
-  }
-  at::Tensor forward(const at::Tensor& positions, at::Tensor h) {
-    h = h + attn_->forward(positions, input_norm_->forward(h));
-    return h + mlp_->forward(post_norm_->forward(h));
-  }
-
- private:
-  LlamaAttention* attn_;
-  LlamaMLP* mlp_;
-  RMSNorm* input_norm_;
-  RMSNorm* post_norm_;
-};
-
-class LlamaModel : public Module {
- public:
-  LlamaModel(const LlamaConfig& cfg, const ModelContext& ctx) : Module("LlamaModel") {
-    embed_ = &add_module("embed_tokens", std::make_shared<VocabParallelEmbedding>(cfg.vocab_size, cfg.hidden_size, ctx));
-    auto& layers = add_module("layers", std::make_shared<ModuleList>());
-    for (int64_t i = 0; i < cfg.num_layers; ++i)
-      layers_.push_back(&layers.append(std::make_shared<LlamaDecoderLayer>(cfg, i, ctx)));
-    norm_ = &add_module("norm", std::make_shared<RMSNorm>(cfg.hidden_size, cfg.rms_norm_eps, ctx));
-  }
-  at::Tensor forward(const at::Tensor& ids) {
-    at::Tensor positions = at::arange(ids.size(0), ids.options());
-    at::Tensor h = embed_->forward(ids);
-    for (auto* layer : layers_) h = layer->forward(positions, h);
-    return norm_->forward(h);
-  }
-  VocabParallelEmbedding& embed_tokens() { return *embed_; }
-
- private:
-  VocabParallelEmbedding* embed_;
-  std::vector<LlamaDecoderLayer*> layers_;
-  RMSNorm* norm_;
-};
-
-class LlamaForCausalLM : public CausalLM {
- public:
-  LlamaForCausalLM(const ModelContext& ctx) : CausalLM("LlamaForCausalLM"), cfg_(ctx.config) {
-    model_ = &add_module("model", std::make_shared<LlamaModel>(cfg_, ctx));
-    lm_head_ = &add_module("lm_head", std::make_shared<ParallelLMHead>(cfg_.vocab_size, cfg_.hidden_size, ctx));
-    if (cfg_.tie_word_embeddings) lm_head_->tie_to(model_->embed_tokens());
-  }
-  at::Tensor forward(const at::Tensor& ids) override { return lm_head_->compute_logits(model_->forward(ids)); }
-  int64_t vocab_size() const override { return cfg_.vocab_size; }
-
-  WeightMapping weight_mapping() const override {
-    WeightMapping m;
-    m.stacked = {
-        {".qkv_proj", ".q_proj", {"q"}},         {".qkv_proj", ".k_proj", {"k"}},
-        {".qkv_proj", ".v_proj", {"v"}},         {".gate_up_proj", ".gate_proj", {"0"}},
-        {".gate_up_proj", ".up_proj", {"1"}},
-    };
-    m.skip_substrs = {"rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached"};
-    if (cfg_.tie_word_embeddings) m.skip_prefixes = {"lm_head."};
-    return m;
-  }
-
- private:
-  LlamaConfig cfg_;
-  LlamaModel* model_;
-  ParallelLMHead* lm_head_;
-};
+std::shared_ptr<CausalLM> make_llama(const ModelContext& ctx) {
+  ConfigReader reader(ctx.config);
+  const LlamaConfig cfg(reader, ctx);
+  return std::make_shared<DecoderOnlyLM>(cfg.decoder("LlamaForCausalLM", "LlamaModel"), ctx,
+                                         [&](int64_t i) { return cfg.make_layer(i, ctx); });
+}
 
 void register_llama(Registrar& registrar) {
-  ArchitectureFactory factory = [](const ModelContext& ctx) { return std::make_shared<LlamaForCausalLM>(ctx); };
   for (const char* name : {"LlamaForCausalLM", "LLaMAForCausalLM", "MistralForCausalLM", "InternLMForCausalLM",
                            "AquilaModel", "AquilaForCausalLM"})
-    registrar.add_architecture(name, factory);
+    registrar.add_architecture(name, make_llama);
 }
 
 }  // namespace

@@ -126,6 +126,9 @@ std::string AutoWeightsLoader::load_one(const NamedWeight& weight) {
     }
   int64_t written = call_loader(param, weight, target.name, shard, layout);
   param.loaded_numel = std::min<int64_t>(param.data.numel(), param.loaded_numel + written);
+  std::string shard_name = shard.str();
+  if (std::find(param.loaded_shards.begin(), param.loaded_shards.end(), shard_name) == param.loaded_shards.end())
+    param.loaded_shards.push_back(std::move(shard_name));
   return target.name;
 }
 
@@ -153,7 +156,10 @@ std::vector<ExpertParam> make_expert_params_mapping(const std::string& gate, con
 }
 
 void reset_load_counts(Module& root) {
-  for (auto& [name, p] : root.named_parameters()) p->loaded_numel = 0;
+  for (auto& [name, p] : root.named_parameters()) {
+    p->loaded_numel = 0;
+    p->loaded_shards.clear();
+  }
 }
 
 std::vector<std::string> uninitialized_parameters(const Module& root) {
@@ -167,8 +173,12 @@ std::vector<std::string> uninitialized_parameters(const Module& root) {
 void fail_if_missing(std::vector<std::string> missing) {
   if (missing.empty()) return;
   std::sort(missing.begin(), missing.end());
+  // One line a person reads: a config with 100000 layers over a 2-layer checkpoint misses
+  // millions of names, and the first ones say what is wrong as well as all of them would.
   std::string list;
-  for (const auto& name : missing) list += (list.empty() ? "" : ", ") + name;
+  const size_t shown = std::min(missing.size(), kMissingNamesShown);
+  for (size_t i = 0; i < shown; ++i) list += (i ? ", " : "") + missing[i];
+  if (missing.size() > shown) list += cat(", ... and ", missing.size() - shown, " more");
   fail(ErrorKind::Input, "Some weights are not initialized from checkpoints: ", list);
 }
 

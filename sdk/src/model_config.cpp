@@ -22,7 +22,7 @@ struct ModelConfig::Impl {
 
 namespace {
 
-std::string qualified(const ModelConfig::Impl& impl, std::string_view key) {
+std::string qualified_key(const ModelConfig::Impl& impl, std::string_view key) {
   return impl.path.empty() ? std::string(key) : cat(impl.path, ".", key);
 }
 
@@ -48,20 +48,20 @@ const json* find(const ModelConfig::Impl& impl, std::string_view key) {
 
 const json& require(const ModelConfig::Impl& impl, std::string_view key) {
   const json* v = find(impl, key);
-  if (!v) fail(ErrorKind::Input, impl.origin, ": missing required key '", qualified(impl, key), "'");
+  if (!v) fail(ErrorKind::Input, impl.origin, ": missing required key '", qualified_key(impl, key), "'");
   return *v;
 }
 
 [[noreturn]] void wrong_type(const ModelConfig::Impl& impl, std::string_view key, const char* want,
                              const json& got) {
-  fail(ErrorKind::Input, impl.origin, ": key '", qualified(impl, key), "' must be ", want, ", got ",
+  fail(ErrorKind::Input, impl.origin, ": key '", qualified_key(impl, key), "' must be ", want, ", got ",
        type_name(got));
 }
 
 int64_t as_int(const ModelConfig::Impl& impl, std::string_view key, const json& v) {
   if (v.is_number_integer() || v.is_number_unsigned()) {
     if (v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(INT64_MAX))
-      fail(ErrorKind::Input, impl.origin, ": key '", qualified(impl, key), "' is out of range");
+      fail(ErrorKind::Input, impl.origin, ": key '", qualified_key(impl, key), "' is out of range");
     return v.get<int64_t>();
   }
   if (v.is_number_float()) {
@@ -197,11 +197,13 @@ ModelConfig ModelConfig::get_object(std::string_view key) const {
   auto impl = std::make_shared<Impl>();
   impl->value = v;
   impl->origin = impl_->origin;
-  impl->path = qualified(*impl_, key);
+  impl->path = qualified_key(*impl_, key);
   return ModelConfig(std::move(impl));
 }
 
 const std::string& ModelConfig::origin() const { return impl_->origin; }
+
+std::string ModelConfig::qualified(std::string_view key) const { return qualified_key(*impl_, key); }
 
 std::string ModelConfig::dump() const { return impl_->value.dump(); }
 

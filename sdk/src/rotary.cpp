@@ -5,30 +5,54 @@
 #include <cmath>
 #include <vector>
 
+#include "loadkit/config_reader.h"
 #include "loadkit/error.h"
 
 namespace loadkit {
 
 RopeParameters rope_parameters(const ModelConfig& config, double default_theta) {
   RopeParameters rope;
-  rope.theta = config.get_double("rope_theta", default_theta);
+  ConfigReader top(config);
+  rope.theta = top.positive_number("rope_theta", default_theta);
+  const bool internlm = config.is_object("rotary");
   if (config.is_object("rope_parameters")) {  // transformers >= 5
     rope.scaling = config.get_object("rope_parameters");
-    rope.theta = rope.scaling.get_double("rope_theta", rope.theta);
+    rope.theta = ConfigReader(rope.scaling).positive_number("rope_theta", rope.theta);
   } else if (config.has("rope_scaling")) {
     rope.scaling = config.get_object("rope_scaling");
+  } else if (internlm) {
+    // InternLM's own block: "origin" is plain RoPE, "dynamic" dynamic NTK with scaling_factor.
+    rope.scaling = config.get_object("rotary");
+    ConfigReader r(rope.scaling);
+    rope.theta = r.positive_number("base", rope.theta);
+    const std::string type = rope.scaling.get_string("type", "origin");
+    if (type != "origin" && type != "dynamic")
+      fail(ErrorKind::Input, config.origin(), ": key 'rotary.type' is '", type,
+           "', which is not supported (want origin or dynamic)");
+    rope.type = type == "dynamic" ? "dynamic" : "default";
+    if (rope.type == "dynamic") rope.dynamic_factor = r.positive_number("scaling_factor", 1.0);
+    return rope;
   }
+  if (internlm)
+    fail(ErrorKind::Input, config.origin(), ": key 'rotary' (InternLM's rope settings) conflicts with ",
+         config.is_object("rope_parameters") ? "'rope_parameters'" : "'rope_scaling'", "; give one of them");
   rope.type = rope.scaling.get_string("rope_type", rope.scaling.get_string("type", "default"));
+  if (rope.type == "dynamic") rope.dynamic_factor = ConfigReader(rope.scaling).positive_number("factor");
   return rope;
 }
 
 namespace {
 
 at::Tensor llama3_inv_freq(const at::Tensor& inv_freq, const ModelConfig& s) {
-  const double factor = s.get_double("factor");
-  const double low_freq_factor = s.get_double("low_freq_factor");
-  const double high_freq_factor = s.get_double("high_freq_factor");
-  const double old_context = static_cast<double>(s.get_int("original_max_position_embeddings"));
+  ConfigReader r(s);
+  const double factor = r.positive_number("factor");
+  const double low_freq_factor = r.positive_number("low_freq_factor");
+  const double high_freq_factor = r.positive_number("high_freq_factor");
+  const double old_context = static_cast<double>(r.positive("original_max_position_embeddings"));
+  // The smoothing divides by their difference.
+  if (low_freq_factor == high_freq_factor)
+    fail(ErrorKind::Input, s.origin(), ": keys '", s.qualified("low_freq_factor"), "' and '",
+         s.qualified("high_freq_factor"), "' are both ", low_freq_factor, "; the llama3 rope divides by their difference");
   const double low_freq_wavelen = old_context / low_freq_factor;
   const double high_freq_wavelen = old_context / high_freq_factor;
 
@@ -68,11 +92,15 @@ LongRope longrope_inv_freq(const at::Tensor& exponents, const RopeParameters& ro
       s.has("attention_factor") ? s.get_double("attention_factor")
       : factor <= 1.0           ? 1.0
                                 : std::sqrt(1.0 + std::log(factor) / std::log(static_cast<double>(out.original_max)));
+  if (!(factor > 0.0)) fail(ErrorKind::Input, config.origin(), ": longrope factor must be positive, got ", factor);
   auto factors = [&](const char* key) {
     std::vector<double> values = s.get_doubles(key);
     if (static_cast<int64_t>(values.size()) != rotary_dim / 2)
       fail(ErrorKind::Input, config.origin(), ": longrope ", key, " has ", values.size(), " entries, want ",
            rotary_dim / 2, " (rotary dims / 2)");
+    for (double v : values)  // frequencies are divided by them
+      if (!std::isfinite(v) || v <= 0.0)
+        fail(ErrorKind::Input, config.origin(), ": longrope ", key, " holds ", v, "; every entry must be positive");
     return at::tensor(values, at::kDouble).to(at::kFloat);
   };
   // 1 / (factor * theta^(2i/d)), in float32 as transformers computes it.
@@ -87,9 +115,11 @@ LongRope longrope_inv_freq(const at::Tensor& exponents, const RopeParameters& ro
 /// Returns the frequencies and the factor that scales cos and sin.
 std::pair<at::Tensor, double> yarn_inv_freq(const at::Tensor& pos_freqs, int64_t dim, double base,
                                             const ModelConfig& s, const ModelConfig& config) {
-  const auto original = static_cast<double>(
-      s.get_int("original_max_position_embeddings", config.get_int("max_position_embeddings")));
-  const double factor = s.has("factor") ? s.get_double("factor")
+  ConfigReader r(s);
+  const auto original = static_cast<double>(r.has("original_max_position_embeddings")
+                                                ? r.positive("original_max_position_embeddings")
+                                                : ConfigReader(config).positive("max_position_embeddings"));
+  const double factor = s.has("factor") ? r.positive_number("factor")
                                         : static_cast<double>(config.get_int("max_position_embeddings")) / original;
   double attention_factor = yarn_mscale(factor);
   const double mscale = s.get_double("mscale", 0.0), mscale_all_dim = s.get_double("mscale_all_dim", 0.0);
@@ -131,7 +161,14 @@ RotaryEmbedding::RotaryEmbedding(int64_t head_size, int64_t rotary_dim, const Ro
   at::Tensor exponents = at::arange(0, rotary_dim, 2, at::kLong).to(at::kFloat) / static_cast<double>(rotary_dim);
   at::Tensor inv_freq = 1.0 / at::pow(rope.theta, exponents);
   if (rope.type == "linear") {
-    inv_freq = inv_freq / rope.scaling.get_double("factor");
+    inv_freq = inv_freq / ConfigReader(rope.scaling).positive_number("factor");
+  } else if (rope.type == "dynamic") {
+    // Plain RoPE up to max_position_embeddings; forward() rescales the base beyond it.
+    dynamic_after_ = ConfigReader(ctx.config).positive("max_position_embeddings");
+    dynamic_factor_ = rope.dynamic_factor;
+    theta_ = rope.theta;
+    if (rotary_dim <= 2)
+      fail(ErrorKind::Input, ctx.config.origin(), ": dynamic rope needs more than 2 rotary dims, got ", rotary_dim);
   } else if (rope.type == "llama3") {
     inv_freq = llama3_inv_freq(inv_freq, rope.scaling);
   } else if (rope.type == "longrope") {
@@ -147,6 +184,16 @@ RotaryEmbedding::RotaryEmbedding(int64_t head_size, int64_t rotary_dim, const Ro
     fail(ErrorKind::Input, ctx.config.origin(), ": rope type '", rope.type, "' is not supported");
   }
   add_buffer("inv_freq", inv_freq.to(ctx.device));
+}
+
+at::Tensor RotaryEmbedding::dynamic_inv_freq(int64_t seq_len) const {
+  // transformers' _compute_dynamic_ntk_parameters, op for op: the int64 length times the factor is
+  // float32 from there on, so the rescaled base rounds as it does there.
+  at::Tensor length = at::scalar_tensor(seq_len, at::kLong);
+  at::Tensor base = theta_ * at::pow(length * dynamic_factor_ / dynamic_after_ - (dynamic_factor_ - 1),
+                                     static_cast<double>(rotary_dim_) / static_cast<double>(rotary_dim_ - 2));
+  at::Tensor exponents = at::arange(0, rotary_dim_, 2, at::kLong).to(at::kFloat) / static_cast<double>(rotary_dim_);
+  return 1.0 / at::pow(base, exponents);
 }
 
 at::Tensor RotaryEmbedding::rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) const {
@@ -171,7 +218,11 @@ std::pair<at::Tensor, at::Tensor> RotaryEmbedding::forward(const at::Tensor& pos
   // (max position + 1) exceeds the original context.
   const bool long_context =
       long_context_after_ > 0 && positions.numel() > 0 && positions.max().item<int64_t>() + 1 > long_context_after_;
-  const at::Tensor& inv_freq = self->buffer(long_context ? "long_inv_freq" : "inv_freq");
+  at::Tensor inv_freq = self->buffer(long_context ? "long_inv_freq" : "inv_freq");
+  if (dynamic_after_ > 0 && positions.numel() > 0) {
+    const int64_t seq_len = positions.max().item<int64_t>() + 1;
+    if (seq_len > dynamic_after_) inv_freq = dynamic_inv_freq(seq_len).to(inv_freq.device());
+  }
   at::Tensor freqs = at::outer(positions.to(at::kFloat), inv_freq);  // [n, rotary_dim / 2]
   at::Tensor emb = neox_style_ ? at::cat({freqs, freqs}, -1) : at::repeat_interleave(freqs, 2, -1);
   // [n, 1, rotary_dim], broadcast over heads; cast like transformers before multiplying.

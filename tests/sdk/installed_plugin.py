@@ -6,8 +6,9 @@
      prefix (find_package(loadkit), which forwards find_dependency(Torch));
   3. check the plugin exports only its entry symbol (of its own code);
   4. drop the .so into a fresh plugin directory and run the *installed*
-     `loadkit logits` on a Qwen3 fixture: equal to transformers' logits;
-  5. the installed CLI alone (no plugin directory) does not serve Qwen3 (exit 4);
+     `loadkit logits` on a Granite fixture: equal to transformers' logits;
+  5. the installed CLI alone (no plugin directory) does not serve Granite (exit 4), and
+     serves Qwen3 from its shipped plugins;
   6. the package is SameMajorVersion: asking for loadkit 1.0 fails to configure.
 
     installed_plugin.py BUILD_DIR SOURCE_DIR FIXTURES_DIR CXX GENERATOR [LAUNCHER]
@@ -21,7 +22,7 @@ import torch
 
 from installed_package import installed_package, run
 
-FIXTURE = "qwen3_fp32_gqa"
+FIXTURE = "granite_fp32_gqa"
 
 
 def main():
@@ -29,8 +30,8 @@ def main():
         tmp, prefix = package.tmp, package.prefix
         project = os.path.join(tmp, "plugin-build")
         package.build_example("plugin_template", project)
-        built = os.path.join(project, "qwen3.so")
-        assert os.path.isfile(built), "the example built no qwen3.so"
+        built = os.path.join(project, "granite.so")
+        assert os.path.isfile(built), "the example built no granite.so"
 
         # Hidden visibility: of the plugin's own (strong) symbols only the entry is exported.
         # Weak symbols are libtorch's inline templates, which keep the visibility torch gives them.
@@ -45,9 +46,9 @@ def main():
         env = {k: v for k, v in os.environ.items() if k != "LOADKIT_PLUGIN_PATH"}
 
         listing = json.loads(run([loadkit, "plugins", "list", "--json", "--plugin-dir", drop], env=env))
-        mine = [p for p in listing["plugins"] if p["file"] == os.path.join(drop, "qwen3.so")]
+        mine = [p for p in listing["plugins"] if p["file"] == os.path.join(drop, "granite.so")]
         assert mine and mine[0]["status"] == "ok", listing
-        assert mine[0]["architectures"] == ["Qwen3ForCausalLM"], mine
+        assert mine[0]["architectures"] == ["GraniteForCausalLM"], mine
         assert mine[0]["torch_version"] == torch.__version__.split("+")[0], mine
 
         fx = package.fixture(FIXTURE)
@@ -55,12 +56,17 @@ def main():
         out = os.path.join(tmp, "logits.safetensors")
         tokens = ",".join(map(str, fx["tokens"]))
         run([loadkit, "logits", "--model", model, "--tokens", tokens, "--out", out, "--plugin-dir", drop], env=env)
-        package.expect_reference_logits(FIXTURE, out, "installed loadkit + out-of-tree qwen3.so")
+        package.expect_reference_logits(FIXTURE, out, "installed loadkit + out-of-tree granite.so")
 
         alone = subprocess.run([loadkit, "logits", "--model", model, "--tokens", tokens, "--out", out],
                                env=env, text=True, capture_output=True)
         assert alone.returncode == 4, (alone.returncode, alone.stderr)
-        assert "'Qwen3ForCausalLM'" in alone.stderr, alone.stderr
+        assert "'GraniteForCausalLM'" in alone.stderr, alone.stderr
+        # ... while the architectures loadkit ships (Qwen3 among them) come installed with it.
+        shipped = package.fixture("qwen3_fp32_gqa")
+        run([loadkit, "logits", "--model", shipped["dir"], "--tokens", ",".join(map(str, shipped["tokens"])),
+             "--out", out], env=env)
+        package.expect_reference_logits("qwen3_fp32_gqa", out, "installed loadkit's shipped qwen3.so")
         # SameMajorVersion: the version file refuses another major before the config is read.
         other = os.path.join(tmp, "wants-major-1")
         os.makedirs(other)

@@ -109,11 +109,16 @@ std::vector<std::string> uninitialized_parameters(const Module& root);
 void reset_load_counts(Module& root);
 
 /// Throws `Some weights are not initialized from checkpoints: <sorted names>` (Input)
-/// when `uninitialized_parameters(root)` is not empty.
+/// when `uninitialized_parameters(root)` is not empty. For a whole model, the overload
+/// in causal_lm.h names checkpoint tensors instead of fused parameters.
 void check_all_initialized(const Module& root);
 
+/// How many names a missing-weights error lists before "... and N more".
+inline constexpr size_t kMissingNamesShown = 20;
+
 /// The one place that words a missing-weights error: throws it (Input) naming
-/// `missing`, sorted, unless it is empty.
+/// `missing`, sorted (the first kMissingNamesShown of them, then how many more),
+/// unless it is empty.
 void fail_if_missing(std::vector<std::string> missing);
 
 }  // namespace loadkit

@@ -8,6 +8,7 @@
 #include <memory>
 #include <set>
 #include <string>
+#include <vector>
 
 #include "loadkit/auto_weights_loader.h"
 #include "loadkit/model_context.h"
@@ -35,6 +36,20 @@ class CausalLM : public Module {
     return AutoWeightsLoader(*this, weight_mapping()).load(weights);
   }
 };
+
+/// The checkpoint tensors `model` still lacks after a load (counters reset before
+/// it), sorted: every parameter `uninitialized_parameters` names, except that a
+/// fused parameter is named by the checkpoint tensors its weight mapping fills
+/// it from and that did not arrive — an expert's
+/// `model.layers.1.mlp.experts.3.gate_proj.weight` rather than
+/// `model.layers.1.mlp.experts.w13_weight`, and, when some of its shards came,
+/// `self_attn.k_proj.weight` rather than `self_attn.qkv_proj.weight`.
+std::vector<std::string> missing_checkpoint_tensors(const CausalLM& model);
+
+/// `check_all_initialized` for a whole model: the error names what
+/// `missing_checkpoint_tensors` does. (Overload resolution picks it for a
+/// `CausalLM`; the `Module` overload in auto_weights_loader.h names parameters.)
+void check_all_initialized(const CausalLM& model);
 
 /// Builds a model, with parameters allocated on `ctx.device` in `ctx.dtype`
 /// (contents undefined until loaded), in load format (see quant_method.h).

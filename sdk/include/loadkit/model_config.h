@@ -43,6 +43,8 @@ class ModelConfig {
   /// A nested object (e.g. `rope_scaling`); its errors name `parent.key`.
   ModelConfig get_object(std::string_view key) const;
 
+  /// `key` as messages name it: dotted from the top of the file (`rope_scaling.factor`).
+  std::string qualified(std::string_view key) const;
   /// File (or other origin) this config came from.
   const std::string& origin() const;
   /// Compact JSON text of this object.

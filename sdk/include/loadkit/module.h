@@ -63,6 +63,9 @@ class Parameter {
   int64_t expected_load_numel;
   /// Elements written by loaders since the counter was last reset (capped at numel).
   int64_t loaded_numel = 0;
+  /// The shards (`ShardId::str()`) written since then, each once: a missing-weights
+  /// report names the checkpoint tensors a fused parameter still lacks from them.
+  std::vector<std::string> loaded_shards;
 };
 
 /// Kernel-format tensors that a reload wants processing to write into, by
