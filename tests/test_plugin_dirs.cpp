@@ -148,7 +148,7 @@ TEST(PluginDirs, ListingShowsNameVersionArchitecturesAndBuildVersions) {
   EXPECT_EQ(q["version"], "0.1.0");
   EXPECT_EQ(q["architectures"], nlohmann::json::array({"Qwen3ForCausalLM"}));
   EXPECT_EQ(q["abi_version"], 1);
-  EXPECT_EQ(q["sdk_version"], "0.1.0");
+  EXPECT_EQ(q["sdk_version"], "1.0.0");
   EXPECT_EQ(q["torch_version"], plugins[plugin_dir() + "/llama.so"]["torch_version"]);
   EXPECT_FALSE(q["torch_version"].get<std::string>().empty());
   EXPECT_EQ(plugins[plugin_dir() + "/quant.so"]["quantization_methods"], nlohmann::json::array({"fp8", "int8"}));
@@ -156,7 +156,7 @@ TEST(PluginDirs, ListingShowsNameVersionArchitecturesAndBuildVersions) {
   auto text = run_cli({"plugins", "list", "--plugin-dir", plugin_dir()});
   ASSERT_EQ(text.code, 0);
   EXPECT_NE(text.out.find("plugin:        qwen3 0.1.0"), std::string::npos) << text.out;
-  EXPECT_NE(text.out.find("built with:    sdk 0.1.0, abi 1, torch " + q["torch_version"].get<std::string>()),
+  EXPECT_NE(text.out.find("built with:    sdk 1.0.0, abi 1, torch " + q["torch_version"].get<std::string>()),
             std::string::npos) << text.out;
 }
 

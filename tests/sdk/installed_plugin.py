@@ -68,15 +68,15 @@ def main():
              "--out", out], env=env)
         package.expect_reference_logits("qwen3_fp32_gqa", out, "installed loadkit's shipped qwen3.so")
         # SameMajorVersion: the version file refuses another major before the config is read.
-        other = os.path.join(tmp, "wants-major-1")
+        other = os.path.join(tmp, "wants-major-2")
         os.makedirs(other)
         with open(os.path.join(other, "CMakeLists.txt"), "w") as f:
-            f.write("cmake_minimum_required(VERSION 3.25)\nproject(wants_major_1 LANGUAGES NONE)\n"
-                    "find_package(loadkit 1.0 REQUIRED)\n")
+            f.write("cmake_minimum_required(VERSION 3.25)\nproject(wants_major_2 LANGUAGES NONE)\n"
+                    "find_package(loadkit 2.0 REQUIRED)\n")
         refused = subprocess.run(["cmake", "-S", other, "-B", os.path.join(other, "build"),
                                   f"-DCMAKE_PREFIX_PATH={prefix}"], text=True, capture_output=True)
         assert refused.returncode != 0, refused.stdout
-        assert "version: 0.1.0" in refused.stderr and "\"1.0\"" in refused.stderr, refused.stderr
+        assert "version: 1.0.0" in refused.stderr and "\"2.0\"" in refused.stderr, refused.stderr
         print("ok")
 
 

@@ -4,8 +4,10 @@
 ///
 /// The major version changes whenever a header of the SDK changes in a way
 /// that breaks plugins built against an earlier one; the host refuses a
-/// plugin whose SDK major differs from its own.
+/// plugin whose SDK major differs from its own. 1.0: the decoder skeleton, the
+/// processing-scratch hooks of LinearMethod/FusedMoEMethod and loadkit::Error exported
+/// from libloadkit_sdk changed what a plugin compiles against.
 
-#define LOADKIT_VERSION_MAJOR 0
-#define LOADKIT_VERSION_MINOR 1
+#define LOADKIT_VERSION_MAJOR 1
+#define LOADKIT_VERSION_MINOR 0
 #define LOADKIT_VERSION_PATCH 0
