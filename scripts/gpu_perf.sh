@@ -17,7 +17,8 @@
 #
 # Environment: OUT (default ./gpu-out), BENCH_WORK (checkpoints; default /dev/shm/loadkit-bench
 # when /dev/shm has 48 GB free, else /tmp/loadkit-bench), BENCH_ARGS (more load_bench.py flags,
-# e.g. "--shapes moe,dense8 --repeats 2"), BENCH_BUDGET_S, TEST_REGEX.
+# e.g. "--shapes moe,dense8 --repeats 2"), BENCH_BUDGET_S, TEST_REGEX, TEST_EXCLUDE (ctest -E), CTEST_JOBS
+# (default 4).
 #
 # What comes back under $OUT (the tool returns at most 8 files): summary.txt (printed last),
 # bench.txt, bench.json, bench.png, raw_probe.txt, logs.tar.gz (build, ctest and bench logs,
@@ -49,7 +50,9 @@ build() {
 tests() {
   local start=$(date +%s)
   local regex=${TEST_REGEX:-'QuantKernels|StagedMoE|StagedLoad|ReloadGpu|WeightSyncGpu\.Fsdp|Reload\..*_cuda|(fp8|int8)_cuda'}
-  (cd build-gpu && ctest -R "$regex" -j 4 --output-on-failure --timeout 400) >"$OUT/logs/ctest.log" 2>&1 || status=1
+  # shellcheck disable=SC2086
+  (cd build-gpu && ctest -R "$regex" ${TEST_EXCLUDE:+-E "$TEST_EXCLUDE"} -j "${CTEST_JOBS:-4}" --output-on-failure \
+    --timeout 400) >"$OUT/logs/ctest.log" 2>&1 || status=1
   grep -h "MEASURE" build-gpu/Testing/Temporary/LastTest.log 2>/dev/null | sort -u >"$OUT/logs/measure.txt"
   cp build-gpu/Testing/Temporary/LastTest.log "$OUT/logs/" 2>/dev/null
   summary "tests ($regex): $(grep -E 'tests passed|tests failed' "$OUT/logs/ctest.log" | tail -1) in $(( $(date +%s) - start )) s"

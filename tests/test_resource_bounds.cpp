@@ -1,4 +1,4 @@
-// Resource bounds (issue 10): a header that claims more than a file holds, or
+// Resource bounds: a header that claims more than a file holds, or
 // a checkpoint larger than the memory it is going to, fails at once with one
 // line, before anything of the claimed size is allocated.
 //

@@ -5,7 +5,9 @@
 #include <algorithm>
 #include <unordered_set>
 
+#include "loadkit/causal_lm.h"
 #include "loadkit/error.h"
+#include "loadkit/missing_tensors.h"
 #include "loadkit/model_context.h"
 #include "loadkit/module.h"
 #include "loadkit/runtime/log.h"
@@ -56,6 +58,7 @@ void Session::begin(Phase apply, Rollback rollback) {
     mod.transforms = mod.module->transforms_weights() || !kernel_matches_records(mod);
     for (auto& rec : mod.params) {
       rec.applied = rec.validated = 0;
+      rec.shards.clear();
       mod.total += rec.expected;
     }
     take_kernel(mod);  // transformed: the load format back, on meta (nothing allocated until complete)
@@ -112,15 +115,22 @@ int64_t Session::validate_one(ModuleRecord& mod, ParamRecord& rec, size_t m, con
     fail(ErrorKind::Input, "parameter '", rec.qualified, "' would receive more than its ", rec.expected,
          " elements (a weight given twice, or after its module '", mod.name, "' was complete)");
   rec.validated += n;
+  if (std::string id = shard.str(); std::find(rec.shards.begin(), rec.shards.end(), id) == rec.shards.end())
+    rec.shards.push_back(std::move(id));
   if (recording_) recording_->feeds(m);
   return n;
 }
 
 std::vector<std::string> Session::incomplete_after_validation() const {
+  // Named as the checkpoint names them, as a fresh load does (loadkit/missing_tensors.h).
+  const auto* lm = dynamic_cast<const CausalLM*>(&root_);
+  const WeightMapping mapping = lm ? lm->weight_mapping() : WeightMapping{};
   std::vector<std::string> missing;
   for (const auto& mod : modules_)
     for (const auto& rec : mod.params)
-      if (rec.applied + rec.validated < rec.expected) missing.push_back(rec.qualified);
+      if (rec.applied + rec.validated < rec.expected)
+        for (auto& tensor : missing_tensors_of(rec.qualified, rec.shards, mapping)) missing.push_back(std::move(tensor));
+  std::sort(missing.begin(), missing.end());
   return missing;
 }
 
