@@ -59,7 +59,7 @@ at::Tensor reference_int8(const at::Tensor& w, const at::Tensor& scale) {
 void expect_same_bytes(const at::Tensor& ours, const at::Tensor& reference, const std::string& what) {
   ASSERT_EQ(ours.sizes(), reference.sizes()) << what;
   ASSERT_EQ(ours.scalar_type(), reference.scalar_type()) << what;
-  const at::Tensor a = ours.cpu().contiguous().view(at::kByte), b = reference.contiguous().view(at::kByte);
+  const at::Tensor a = ours.cpu().contiguous().view(at::kByte), b = reference.cpu().contiguous().view(at::kByte);
   const int64_t differ = a.ne(b).sum().item<int64_t>();
   EXPECT_EQ(differ, 0) << what << ": " << differ << " of " << a.numel() << " bytes differ";
 }

@@ -76,6 +76,19 @@ class Filesystem(unittest.TestCase):
             imported = [line.split()[-1] for line in undefined.splitlines() if FILESYSTEM.search(line)]
             self.assertEqual(imported, [], binary)
 
+    def test_every_binary_of_ours_runs_on_the_shared_libstdcxx(self):
+        # A toolchain with libstdc++.a alone copies all of libstdc++ into each binary and
+        # exports it (cmake/loadkitSharedLibstdcxx.cmake): two libstdc++ in a process that
+        # imported torch first. The symbols below exist only in libstdc++ itself.
+        own_copy = ("__gxx_personality_v0", "_ZNSt8ios_base4InitC1Ev", "_ZNSt6locale7classicEv")
+        for binary in self.binaries:
+            dynamic = subprocess.run(["readelf", "-d", "-W", binary], check=True, text=True,
+                                     stdout=subprocess.PIPE).stdout
+            self.assertIn("[libstdc++.so.6]", dynamic, f"{binary}: libstdc++.so.6 is not among its NEEDED entries")
+            defined = subprocess.run(["nm", "-D", "--defined-only", binary], check=True, text=True,
+                                     stdout=subprocess.PIPE).stdout.split()
+            self.assertEqual([sym for sym in own_copy if sym in defined], [], f"{binary} exports libstdc++'s own symbols")
+
     def bindings_after_torch(self, rtld_global):
         """Runs import torch → import loadkit → load, reload, plugins() in a child under
         LD_DEBUG=bindings; returns the std::filesystem bindings of our binaries (file, bound to,
