@@ -208,6 +208,11 @@ def run_fsdp(args):
 
 def launch(args):
     """Not started by torchrun: checks that this machine can run the ranks, then runs torchrun."""
+    backend = loadkit.rank_backends()[args.device]
+    if backend is None:
+        print(f"SKIPPED: fsdp on {args.device}: this loadkit was built without a collective backend for "
+              f"{args.device} (loadkit.rank_backends())")
+        return SKIP
     if args.device == "cuda" and torch.cuda.device_count() < args.ranks:
         print(f"SKIPPED: fsdp on CUDA needs one GPU per rank: {args.ranks} ranks, "
               f"{torch.cuda.device_count()} GPUs here")

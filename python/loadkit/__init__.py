@@ -26,6 +26,8 @@ from typing import Any, Optional, Union
 import torch
 
 from ._build_info import TORCH_VERSION as _BUILT_AGAINST_TORCH
+from ._build_info import GLOO as _GLOO
+from ._build_info import NCCL as _NCCL
 from ._build_info import __version__
 from ._errors import Error, InputError, PluginError, UsageError
 
@@ -47,12 +49,18 @@ from . import _loadkit  # noqa: E402
 atexit.register(_loadkit._shutdown)
 os.register_at_fork(after_in_child=_loadkit._after_fork_in_child)
 
-__all__ = ["Model", "RankGroup", "plugins", "set_log_level", "Error", "UsageError", "InputError", "PluginError",
+__all__ = ["Model", "RankGroup", "plugins", "rank_backends", "set_log_level", "Error", "UsageError", "InputError", "PluginError",
            "__version__"]
 
 PathLike = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
 NamedTensors = Union[Mapping[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]]
 Report = dict[str, Any]
+
+
+def rank_backends() -> dict[str, Optional[str]]:
+    """The collective backend RankGroup uses on each device type in this build, None where the build
+    has none (its headers were missing when it was built; RankGroup.join says so as a UsageError)."""
+    return {"cpu": "gloo" if _GLOO else None, "cuda": "nccl" if _NCCL else None}
 
 
 def set_log_level(level: str) -> None:

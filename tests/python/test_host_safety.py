@@ -100,9 +100,9 @@ def run_with_heartbeat(*workers):
 class GilAndLockOrder(HostCase):
     def test_polling_report_and_updating_during_reloads_keeps_other_threads_running(self):
         # The worker holds the model's lock for reloads and for logits of a sequence that doubles
-        # (up to 4096 tokens) until two calls have held it for LONG_HOLD_S: a poller waiting for the
-        # lock with the GIL held would then stall the heartbeat far beyond its limit, whatever the
-        # speed of the machine.
+        # (up to 8192 tokens, the checkpoint's longest) until two calls have held it for
+        # LONG_HOLD_S: a poller waiting for the lock with the GIL held would then stall the
+        # heartbeat far beyond its limit, whatever the speed of the machine.
         result = self.child(HEARTBEAT + """
 model = loadkit.Model(PATH, device=DEVICE)
 holds, polls, done = [], [], threading.Event()
@@ -115,7 +115,7 @@ def worker():
             call()
             holds.append(time.perf_counter() - start)
         if holds[-1] < LONG_HOLD_S:
-            assert len(tokens) < 4096, f"logits of 4096 tokens took {holds[-1]} s"
+            assert len(tokens) < 8192, f"logits of 8192 tokens took {holds[-1]} s"
             tokens = tokens * 2
     done.set()
 
