@@ -121,6 +121,26 @@ class ChangingCheckpointReload : public ::testing::TestWithParam<Param> {
     }
     return {};
   }
+
+  /// The model loaded, its kernel tensors, and the error of a reload from a copy of the target
+  /// whose victim file changed (`how`) after half of its tensors were read: an Input error
+  /// naming the file and the change.
+  struct Midway {
+    std::unique_ptr<LoadedModel> model;
+    std::map<std::string, at::Tensor> before;
+    std::string error;
+  };
+  Midway reload_changed_midway(const std::string& how, Rollback rollback, const TempDir& tmp) {
+    Midway m;
+    m.model = load(model_fixture().dir);
+    m.before = kernel_state(*m.model);
+    const Victim v = copy_with_victim(target_fixture(), tmp, "b");
+    m.error = reload_with(*m.model, hook(how, v.half, v.file), v.dir, rollback);
+    EXPECT_FALSE(m.error.empty()) << "the reload succeeded although " << v.file << " changed";
+    EXPECT_NE(m.error.find(v.file.string()), std::string::npos) << m.error;
+    EXPECT_NE(m.error.find(kChanged), std::string::npos) << m.error;
+    return m;
+  }
 };
 
 TEST_P(ChangingCheckpointReload, AReloadOfAFileChangedMidwayFailsAndListsExactlyTheLayersItWrote) {
@@ -128,23 +148,17 @@ TEST_P(ChangingCheckpointReload, AReloadOfAFileChangedMidwayFailsAndListsExactly
   for (const std::string how : {"truncate", "rewrite"}) {
     SCOPED_TRACE(how);
     TempDir tmp;
-    auto model = load(model_fixture().dir);
-    const auto before = kernel_state(*model);
-    const Victim v = copy_with_victim(target_fixture(), tmp, "b");
-    const std::string error = reload_with(*model, hook(how, v.half, v.file), v.dir, Rollback::None);
-    ASSERT_FALSE(error.empty()) << "the reload succeeded although " << v.file << " changed";
-    EXPECT_NE(error.find(v.file.string()), std::string::npos) << error;
-    EXPECT_NE(error.find(kChanged), std::string::npos) << error;
-    const LoadReport& r = model->report();
+    const Midway m = reload_changed_midway(how, Rollback::None, tmp);
+    const LoadReport& r = m.model->report();
     if (quant() == "none") {
       EXPECT_FALSE(r.written_modules.empty()) << "plain layers are written as they are read";
     }
-    EXPECT_EQ(error.find(kMixed) != std::string::npos, !r.written_modules.empty()) << error;
-    EXPECT_EQ(r.error, error);
-    expect_written_as_reported(before, kernel_state(*model), r.written_modules);
+    EXPECT_EQ(m.error.find(kMixed) != std::string::npos, !r.written_modules.empty()) << m.error;
+    EXPECT_EQ(r.error, m.error);
+    expect_written_as_reported(m.before, kernel_state(*m.model), r.written_modules);
     // The model still works: a reload of an unchanged checkpoint completes it.
-    model->reload(target_fixture().dir);
-    expect_identical(kernel_state(*model), kernel_state(*load(target_fixture().dir)));
+    m.model->reload(target_fixture().dir);
+    expect_identical(kernel_state(*m.model), kernel_state(*load(target_fixture().dir)));
   }
 }
 
@@ -153,16 +167,10 @@ TEST_P(ChangingCheckpointReload, WithAJournalAFailedReloadLeavesTheModelBitIdent
   for (const std::string how : {"truncate", "rewrite"}) {
     SCOPED_TRACE(how);
     TempDir tmp;
-    auto model = load(model_fixture().dir);
-    const auto before = kernel_state(*model);
-    const Victim v = copy_with_victim(target_fixture(), tmp, "b");
-    const std::string error = reload_with(*model, hook(how, v.half, v.file), v.dir, Rollback::Journal);
-    ASSERT_FALSE(error.empty()) << "the reload succeeded although " << v.file << " changed";
-    EXPECT_NE(error.find(v.file.string()), std::string::npos) << error;
-    EXPECT_NE(error.find(kChanged), std::string::npos) << error;
-    EXPECT_EQ(error.find(kMixed), std::string::npos) << error;
-    EXPECT_TRUE(model->report().written_modules.empty());
-    expect_identical(kernel_state(*model), before);
+    const Midway m = reload_changed_midway(how, Rollback::Journal, tmp);
+    EXPECT_EQ(m.error.find(kMixed), std::string::npos) << m.error;
+    EXPECT_TRUE(m.model->report().written_modules.empty());
+    expect_identical(kernel_state(*m.model), m.before);
   }
 }
 

@@ -87,10 +87,6 @@ class SafetensorsFile {
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
   /// Offset of `info`'s first byte from the start of the file.
   uint64_t file_offset(const TensorInfo& info) const { return data_start_ + info.begin; }
-  /// Offset of the data section (8 + the header's length).
-  uint64_t data_start() const { return data_start_; }
-  /// The file as it was when it was opened and validated (an opened file; zero for parsed bytes).
-  const FileIdentity& identity() const { return identity_; }
 
   /// Reads bytes [offset, offset + n) of `info`'s data into `dst`: pread on the validated
   /// descriptor (parsed bytes: a copy). Returns "" or why not, without the file's or the
