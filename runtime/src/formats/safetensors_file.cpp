@@ -98,7 +98,7 @@ std::shared_ptr<const SafetensorsFile> SafetensorsFile::open(const std::string& 
       !why.empty())
     bad(path, "cannot read its header: " + why);
   file->validate(header);
-  file->check_unchanged();  // the header read is the version the offsets describe
+  file->check_identity();  // the header read is the version the offsets describe
   testing::change_after_checks(path, file->data_start_, 0);
   return file;
 }
@@ -228,28 +228,37 @@ const TensorInfo* SafetensorsFile::find(std::string_view name) const {
 }
 
 std::string SafetensorsFile::try_read(const TensorInfo& info, uint64_t offset, void* dst, uint64_t n) const noexcept {
-  if (offset > info.bytes() || n > info.bytes() - offset)
-    return cat("bytes [", offset, ", +", n, ") lie outside the tensor's ", info.bytes());
-  if (!file_) {
-    std::memcpy(dst, bytes_ + file_offset(info) + offset, n);
-    return {};
+  try {
+    if (offset > info.bytes() || n > info.bytes() - offset)
+      return cat("bytes [", offset, ", +", n, ") lie outside the tensor's ", info.bytes());
+    if (!file_) {
+      std::memcpy(dst, bytes_ + file_offset(info) + offset, n);
+      return {};
+    }
+    std::string why = pread_exact(file_->fd(), static_cast<uint8_t*>(dst), n, file_offset(info) + offset);
+    if (!why.empty() && why.starts_with("the file ends"))
+      why += cat(" (it held ", size_, " bytes when it was validated: truncated since)");
+    return why;
+  } catch (...) {  // composing the message ran out of memory; reader threads must not throw
+    return "out of memory";  // short enough to need no allocation
   }
-  std::string why = pread_exact(file_->fd(), static_cast<uint8_t*>(dst), n, file_offset(info) + offset);
-  if (!why.empty() && why.starts_with("the file ends"))
-    why += cat(" (it held ", size_, " bytes when it was validated: truncated since)");
-  return why;
 }
 
 void SafetensorsFile::read(const TensorInfo& info, void* dst) const {
   const std::string why = try_read(info, 0, dst, info.bytes());
   if (!why.empty()) {
-    check_unchanged();  // a truncation is named as the change it is
+    check_identity();  // a truncation is named as the change it is
     bad(path_, cat("reading tensor '", info.name, "': ", why));
   }
   check_unchanged();
 }
 
 void SafetensorsFile::check_unchanged() const {
+  check_identity();
+  testing::change_after_checks(path_, data_start_, checks_.fetch_add(1) + 1);
+}
+
+void SafetensorsFile::check_identity() const {
   if (!file_) return;
   FileIdentity now;
   std::string why;
@@ -262,7 +271,6 @@ void SafetensorsFile::check_unchanged() const {
       how = cat("it was modified after it was validated (mtime ", identity_.mtime_ns, " -> ", now.mtime_ns, " ns)");
     bad(path_, cat("changed while it was read: ", how, "; write a new file and rename it over the old one instead"));
   }
-  testing::change_after_checks(path_, data_start_, checks_.fetch_add(1) + 1);
 }
 
 void SafetensorsFile::will_need() const {
