@@ -55,7 +55,12 @@ TEST_F(ReaderTest, ValidFileListsTensorsInDataOrder) {
   EXPECT_EQ(file->tensors()[0].shape, (std::vector<int64_t>{2, 3}));
   EXPECT_EQ(file->tensors()[1].dtype, safetensors::DType::I64);
   EXPECT_EQ(file->metadata().at("format"), "pt");
-  EXPECT_EQ(file->data(*file->find("b")) - file->data(*file->find("a")), 24);
+  EXPECT_EQ(file->file_offset(*file->find("b")) - file->file_offset(*file->find("a")), 24u);
+  // Read through the validated descriptor: the bytes written after the header.
+  const auto& b = *file->find("b");
+  std::string got(b.bytes(), '\0');
+  file->read(b, got.data());
+  EXPECT_EQ(got, good_data().substr(24));
 }
 
 TEST_F(ReaderTest, ZeroByteFileFails) { expect_rejected(write(""), {"empty file"}); }

@@ -207,20 +207,28 @@ class Model:
             tokens = tokens.tolist()
         return self._engine.logits([operator.index(t) for t in tokens])
 
-    def reload(self, path: Optional[PathLike] = None, process: bool = True) -> Report:
+    def reload(self, path: Optional[PathLike] = None, process: bool = True, journal: bool = False) -> Report:
         """Reloads every weight in place, each kernel tensor keeping its storage.
 
         The whole checkpoint is validated first (names, shapes, dtypes, completeness); if that fails
         nothing is touched.
 
+        A file truncated or rewritten while it is read raises InputError naming it ("changed while
+        it was read"); a file renamed over the checkpoint meanwhile is fine (the version opened is
+        read, consistently). When such a failure comes after layers were written: with `journal`
+        the model is put back bit-identically; without, the error says the weights are now mixed
+        and `report["written_modules"]` lists the layers already written.
+
         Args:
             path: checkpoint directory; None re-reads the model's own.
             process: False when the checkpoint is already in kernel format (the model's parameter
                 names and shapes, e.g. sharded state): copied straight in.
+            journal: keep a host copy of each layer before writing it, so that a failure puts the
+                model back. Costs this rank's kernel bytes in host memory, for the reload only.
         Returns:
             the report (see `report`).
         """
-        return self._engine.reload(b"" if path is None else _path(path), bool(process))
+        return self._engine.reload(b"" if path is None else _path(path), bool(process), bool(journal))
 
     def begin_update(self) -> None:
         """Starts a streaming update: update() calls then each add one chunk, finish_update() ends it.
@@ -301,7 +309,9 @@ class Model:
         """The latest load, reload or update, as a dict: architecture, plugin, device, dtype,
         quantization, tensors, bytes, seconds, gb_per_s, peak_extra_device_bytes (CUDA only, else
         None), pointers_stable (every kernel tensor kept its storage), layers_processed,
-        layers_delayed, untouched_modules (modules that received nothing), journal_bytes."""
+        layers_delayed, untouched_modules (modules that received nothing), journal_bytes, and for a
+        reload that failed: error (its message, else None) and written_modules (the layers it had
+        written, now mixed with the others' previous weights; empty when the model is as before)."""
         return self._engine.report
 
     @property

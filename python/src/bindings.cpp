@@ -61,6 +61,8 @@ py::dict report_dict(const LoadReport& r) {
   d["layers_delayed"] = r.layers_delayed;
   d["untouched_modules"] = os_strs(r.untouched_modules);
   d["journal_bytes"] = r.journal_bytes;
+  d["written_modules"] = os_strs(r.written_modules);
+  d["error"] = r.error.empty() ? py::object(py::none()) : py::object(os_str(r.error));
   return d;
 }
 
@@ -140,8 +142,9 @@ class Engine {
     return without_gil([&] { return locked([&](LoadedModel& m) { return m.logits(tokens); }); });
   }
 
-  LoadReport reload(const std::string& path, bool process) {
-    return without_gil([&] { return locked([&](LoadedModel& m) { return m.reload(path, process); }); });
+  LoadReport reload(const std::string& path, bool process, bool journal) {
+    const auto rollback = journal ? loadkit::Rollback::Journal : loadkit::Rollback::None;
+    return without_gil([&] { return locked([&](LoadedModel& m) { return m.reload(path, process, rollback); }); });
   }
 
   void begin_update() {
@@ -322,8 +325,11 @@ PYBIND11_MODULE(_loadkit, m) {
            py::arg("path"), py::arg("device"), py::arg("dtype"), py::arg("quantization"), py::arg("load_format"),
            py::arg("plugin_dirs"), py::arg("tp_rank"), py::arg("tp_size"))
       .def("logits", &Engine::logits, py::arg("tokens"))
-      .def("reload", [](Engine& e, const std::string& path, bool process) { return report_dict(e.reload(path, process)); },
-           py::arg("path"), py::arg("process"))
+      .def("reload",
+           [](Engine& e, const std::string& path, bool process, bool journal) {
+             return report_dict(e.reload(path, process, journal));
+           },
+           py::arg("path"), py::arg("process"), py::arg("journal"))
       .def("begin_update", &Engine::begin_update)
       .def("update", [](Engine& e, const loadkit::python::Chunk& chunk) -> py::object {
              auto report = e.update(chunk);

@@ -59,13 +59,16 @@ int load(const std::vector<std::string>& args) {
 int reload(const std::vector<std::string>& args) {
   CommonOptions common;
   std::string from, tokens_text, out_path, report_path;
-  bool no_process = false;
+  bool no_process = false, journal = false;
   po::options_description desc("reload");
   add_common(desc, common);
   desc.add_options()
       ("model", po::value(&common.load.model_dir)->required(), "checkpoint directory to load first")
       ("from", po::value(&from)->required(), "checkpoint directory to reload from, in place")
       ("no-process", po::bool_switch(&no_process), "the source is already in kernel format: copy it straight in")
+      ("journal", po::bool_switch(&journal),
+       "keep a host copy of each layer before writing it, so that a failed reload puts the model back "
+       "bit-identically (costs this rank's kernel bytes in host memory)")
       ("tokens", po::value(&tokens_text), "comma-separated token ids for logits after the reload")
       ("out", po::value(&out_path), "safetensors file for those logits")
       ("report", po::value(&report_path), "write the reload report (JSON) here");
@@ -84,7 +87,15 @@ int reload(const std::vector<std::string>& args) {
       model = LoadedModel::load(common.load, registry);
       return std::string();
     });
-    const auto timings = ranks.step("reload", [&] { return timing_payload(model->reload(from, !no_process)); });
+    const auto timings = ranks.step("reload", [&] {
+      try {
+        return timing_payload(model->reload(from, !no_process, journal ? Rollback::Journal : Rollback::None));
+      } catch (const std::exception&) {
+        // The report of a failed reload says what it wrote (written_modules) and why it failed.
+        if (!report_path.empty() && ranks.writes_outputs()) write_report(report_path, model->report(), {});
+        throw;
+      }
+    });
     const LoadReport& r = model->report();
     at::Tensor logits;
     if (!out_path.empty()) logits = model->logits(tokens);  // every rank: the forward is collective

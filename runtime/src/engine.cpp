@@ -284,10 +284,26 @@ void finish_measuring(LoadReport& report, const c10::Device& device, uint64_t al
   report.layers_delayed = stats.layers_delayed;
   report.untouched_modules = stats.untouched_modules;
   report.journal_bytes = stats.journal_bytes;
+  report.written_modules.clear();
+  report.error.clear();
 }
 }  // namespace
 
-const LoadReport& LoadedModel::reload(const std::string& source_dir, bool process) {
+namespace {
+/// A reload's error once it has written part of the model: the weights are mixed, and which.
+[[noreturn]] void fail_mixed(ErrorKind kind, const std::string& what, const std::string& dir,
+                             const std::vector<std::string>& written) {
+  constexpr size_t kNamed = 3;
+  std::string names;
+  for (size_t i = 0; i < written.size() && i < kNamed; ++i) names += (i ? ", " : "") + written[i];
+  if (written.size() > kNamed) names += ", …";
+  fail(kind, what, "; the weights are now mixed: ", written.size(), " modules (", names, ") were already written from ",
+       dir, " and the others keep their previous weights (the report's written_modules lists them; reload with a "
+       "journal to have a failed reload put everything back)");
+}
+}  // namespace
+
+const LoadReport& LoadedModel::reload(const std::string& source_dir, bool process, Rollback rollback) {
   c10::AutoGradMode no_grad(false);
   State& s = *state_;
   const auto start = Clock::now();
@@ -299,12 +315,28 @@ const LoadReport& LoadedModel::reload(const std::string& source_dir, bool proces
   if (!files.ignored_files.empty()) log::info(safetensors::ignored_files_note(files));
   start_measuring(s.ctx.device, s.allocated_at_start);
   ReloadStats stats;
-  if (process) {
-    stats = s.reload->reload(files, s.loader());
-  } else {
-    // Kernel format: sharded state by its state-dict names, anything else by parameter names.
-    const auto targets = sharded ? sharded_state_targets(*s.model) : reload::parameter_targets(*s.model);
-    stats = reload::copy_kernel_format(*s.model, targets, files, s.ctx.device, /*complete=*/true);
+  std::vector<std::string> written;
+  report_.written_modules.clear();
+  report_.error.clear();
+  try {
+    if (process) {
+      stats = s.reload->reload(files, s.loader(), rollback, &written);
+    } else {
+      // Kernel format: sharded state by its state-dict names, anything else by parameter names.
+      const auto targets = sharded ? sharded_state_targets(*s.model) : reload::parameter_targets(*s.model);
+      stats = reload::copy_kernel_format(*s.model, targets, files, s.ctx.device, /*complete=*/true, rollback, &written);
+    }
+  } catch (const std::exception& e) {
+    const Error* ours = dynamic_cast<const Error*>(&e);
+    report_.written_modules = written;
+    report_.error = e.what();
+    if (written.empty()) throw;  // the model is as it was
+    try {
+      fail_mixed(ours ? ours->kind() : ErrorKind::Other, e.what(), dir, written);
+    } catch (const Error& mixed) {
+      report_.error = mixed.what();
+      throw;
+    }
   }
   report_.bytes = files.total_bytes;
   report_.tensors = files.total_tensors;
@@ -387,6 +419,8 @@ std::string LoadReport::to_json() const {
   j["layers_delayed"] = layers_delayed;
   j["untouched_modules"] = untouched_modules;
   j["journal_bytes"] = journal_bytes;
+  j["written_modules"] = written_modules;
+  if (!error.empty()) j["error"] = error;
   return j.dump(2);
 }
 

@@ -36,12 +36,14 @@ DType to_safetensors_dtype(at::ScalarType type) {
   fail(ErrorKind::Usage, "dtype ", c10::toString(type), " cannot be stored in safetensors");
 }
 
-at::Tensor view_tensor(const std::shared_ptr<const safetensors::SafetensorsFile>& file,
-                       const safetensors::TensorInfo& info) {
-  // The mapping is read-only: loaders only ever read these tensors.
-  void* data = const_cast<uint8_t*>(file->data(info));
-  return at::from_blob(
-      data, info.shape, [keep = file](void*) {}, at::TensorOptions().dtype(to_scalar_type(info.dtype)));
+at::Tensor read_tensor(const safetensors::SafetensorsFile& file, const safetensors::TensorInfo& info) {
+  at::Tensor t = at::empty(info.shape, at::TensorOptions().dtype(to_scalar_type(info.dtype)));
+  file.read(info, t.data_ptr());
+  return t;
+}
+
+at::Tensor meta_tensor_of(const safetensors::TensorInfo& info) {
+  return at::empty(info.shape, at::TensorOptions().dtype(to_scalar_type(info.dtype)).device(at::kMeta));
 }
 
 void save_tensors(const std::string& path, const std::vector<std::pair<std::string, at::Tensor>>& tensors) {
@@ -60,7 +62,7 @@ void save_tensors(const std::string& path, const std::vector<std::pair<std::stri
 std::vector<std::pair<std::string, at::Tensor>> load_tensors(const std::string& path) {
   auto file = safetensors::SafetensorsFile::open(path);
   std::vector<std::pair<std::string, at::Tensor>> out;
-  for (const auto& info : file->tensors()) out.emplace_back(info.name, view_tensor(file, info).clone());
+  for (const auto& info : file->tensors()) out.emplace_back(info.name, read_tensor(*file, info));
   return out;
 }
 
@@ -68,7 +70,7 @@ std::vector<NamedWeight> read_checkpoint(const std::string& dir) {
   const auto checkpoint = safetensors::open_checkpoint(dir);
   std::vector<NamedWeight> out;
   for (const auto& file : checkpoint.files)
-    for (const auto& info : file->tensors()) out.push_back({info.name, view_tensor(file, info).clone(), file->path()});
+    for (const auto& info : file->tensors()) out.push_back({info.name, read_tensor(*file, info), file->path()});
   return out;
 }
 

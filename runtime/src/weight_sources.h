@@ -17,10 +17,15 @@ namespace loadkit {
 class Module;
 
 /// Every tensor of a validated checkpoint, file by file in data order (or in
-/// `order`: every tensor's name once), zero-copy from the mappings. Logs a
-/// progress line per file on large loads.
+/// `order`: every tensor's name once), each read into a host tensor of its own
+/// when it is handed out (tensor_io.h's read_tensor: pread on the validated
+/// descriptor, then the file checked unchanged), and let go when the next is
+/// asked for: one tensor of host memory at a time. Logs a progress line per
+/// file on large loads.
 std::unique_ptr<WeightStream> safetensors_stream(const safetensors::CheckpointFiles& files,
                                                  std::vector<std::string> order = {});
+/// The same tensors, file order, as meta tensors from the headers: nothing is read (validation).
+std::unique_ptr<WeightStream> safetensors_header_stream(const safetensors::CheckpointFiles& files);
 
 /// How a checkpoint's data is read for a load, a reload or a kernel-format copy.
 struct StreamPlan {
@@ -35,8 +40,8 @@ struct StreamPlan {
 };
 
 /// The one place that picks how data reaches `device`: the staged path
-/// (staging/staged_stream.h) where staging_enabled(device), else the mapped
-/// files (safetensors_stream). Every load, reload and kernel-format copy opens
+/// (staging/staged_stream.h) where staging_enabled(device), else host tensors
+/// read one at a time (safetensors_stream). Every load, reload and kernel-format copy opens
 /// its data stream here.
 std::unique_ptr<WeightStream> open_weight_stream(const safetensors::CheckpointFiles& files, const c10::Device& device,
                                                  const StreamPlan& plan = {});

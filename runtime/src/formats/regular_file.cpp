@@ -22,6 +22,11 @@ const char* file_type_name(mode_t mode) {
   }
 }
 
+FileIdentity identity_of(const struct stat& st) {
+  return {static_cast<uint64_t>(st.st_dev), static_cast<uint64_t>(st.st_ino), static_cast<uint64_t>(st.st_size),
+          static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec};
+}
+
 /// A descriptor of the regular file at `path`, or -1 with `why` set.
 int open_regular(const std::string& path, struct stat& st, std::string& why) {
   // O_NONBLOCK: opening a FIFO returns at once instead of waiting for a writer. It changes
@@ -52,20 +57,31 @@ RegularFile::RegularFile(const std::string& path, ErrorKind kind, std::string_vi
   std::string why;
   fd_ = open_regular(path, st, why);
   if (fd_ < 0) fail(kind, path, ": ", action, ": ", why);
-  size_ = static_cast<uint64_t>(st.st_size);
+  identity_ = identity_of(st);
+  size_ = identity_.size;
   mode_ = st.st_mode;
 }
 
-RegularFile::RegularFile(const std::string& path, ErrorKind kind, std::string_view action, int fd, uint64_t size,
-                         unsigned mode)
-    : path_(path), kind_(kind), action_(action), fd_(fd), size_(size), mode_(mode) {}
+RegularFile::RegularFile(const std::string& path, ErrorKind kind, std::string_view action, int fd,
+                         const FileIdentity& identity, unsigned mode)
+    : path_(path), kind_(kind), action_(action), fd_(fd), size_(identity.size), mode_(mode), identity_(identity) {}
 
 std::variant<RegularFile, std::string> RegularFile::try_open(const std::string& path) {
   struct stat st {};
   std::string why;
   const int fd = open_regular(path, st, why);
   if (fd < 0) return why;
-  return RegularFile(path, ErrorKind::Input, "cannot read", fd, static_cast<uint64_t>(st.st_size), st.st_mode);
+  return RegularFile(path, ErrorKind::Input, "cannot read", fd, identity_of(st), st.st_mode);
+}
+
+bool RegularFile::current_identity(FileIdentity& now, std::string& why) const {
+  struct stat st {};
+  if (fstat(fd_, &st) != 0) {
+    why = std::strerror(errno);
+    return false;
+  }
+  now = identity_of(st);
+  return true;
 }
 
 RegularFile::RegularFile(RegularFile&& other) noexcept
@@ -74,7 +90,8 @@ RegularFile::RegularFile(RegularFile&& other) noexcept
       action_(std::move(other.action_)),
       fd_(other.fd_),
       size_(other.size_),
-      mode_(other.mode_) {
+      mode_(other.mode_),
+      identity_(other.identity_) {
   other.fd_ = -1;
 }
 

@@ -13,6 +13,10 @@
 ///
 /// `ModelConfig::from_file` (the SDK, which sits below the runtime and cannot
 /// link it) makes the same three calls for `config.json`.
+///
+/// The descriptor is also what a checkpoint is read through for as long as it
+/// is used (formats/safetensors_file.h): a file renamed over the name later is
+/// another inode, and this descriptor goes on reading the one that was opened.
 
 #include <cstdint>
 #include <string>
@@ -22,6 +26,18 @@
 #include "loadkit/error.h"
 
 namespace loadkit {
+
+/// A file's contents as fstat describes them: which inode, how long, last
+/// modified when. Equal identities before and after reading mean nobody wrote
+/// the file in between (see SafetensorsFile::check_unchanged for what this
+/// catches and the one thing it cannot).
+struct FileIdentity {
+  uint64_t device = 0;
+  uint64_t inode = 0;
+  uint64_t size = 0;
+  int64_t mtime_ns = 0;  ///< st_mtim in nanoseconds
+  bool operator==(const FileIdentity&) const = default;
+};
 
 /// An open regular file; closes its descriptor when destroyed.
 class RegularFile {
@@ -45,11 +61,17 @@ class RegularFile {
   uint64_t size() const { return size_; }
   /// st_mode as fstat gave it (permission bits included).
   unsigned mode() const { return mode_; }
+  /// Identity as fstat gave it when the file was opened.
+  const FileIdentity& identity() const { return identity_; }
+  /// Identity as fstat gives it now, on the same descriptor (the opened inode, whatever the name
+  /// now points to); `why` holds strerror's text when fstat fails.
+  bool current_identity(FileIdentity& now, std::string& why) const;
   /// The whole file as bytes (read to its end, however long it has become).
   std::string read_all() const;
 
  private:
-  RegularFile(const std::string& path, ErrorKind kind, std::string_view action, int fd, uint64_t size, unsigned mode);
+  RegularFile(const std::string& path, ErrorKind kind, std::string_view action, int fd, const FileIdentity& identity,
+              unsigned mode);
 
   std::string path_;
   ErrorKind kind_;
@@ -57,6 +79,7 @@ class RegularFile {
   int fd_ = -1;
   uint64_t size_ = 0;
   unsigned mode_ = 0;
+  FileIdentity identity_;
 };
 
 /// The contents of the regular file `path` (errors as RegularFile's).

@@ -1,7 +1,6 @@
 #include "formats/safetensors_file.h"
 
-#include <sys/mman.h>
-#include <sys/resource.h>
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -10,6 +9,7 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "formats/change_hook.h"
 #include "formats/regular_file.h"
 #include "loadkit/error.h"
 
@@ -32,27 +32,25 @@ constexpr DTypeEntry kDTypes[] = {
     {DType::F64, "F64", 8},         {DType::F8_E4M3, "F8_E4M3", 1}, {DType::F8_E5M2, "F8_E5M2", 1},
 };
 
-/// A read-only private mapping of a whole file.
-struct Mapping {
-  void* addr = nullptr;
-  size_t size = 0;
-  ~Mapping() {
-    if (addr) munmap(addr, size);
-  }
-};
-
 [[noreturn]] void bad(const std::string& origin, const std::string& what) {
   fail(ErrorKind::Input, origin, ": ", what);
 }
 
-/// Why mapping `bytes` failed with ENOMEM: the file is fine, this process has no room for it.
-/// Exit 1 (Other), as for memory, not 3: the same file maps where the limit is higher.
-std::string out_of_address_space(uint64_t bytes) {
-  std::string limit;
-  struct rlimit as {};
-  if (getrlimit(RLIMIT_AS, &as) == 0 && as.rlim_cur != RLIM_INFINITY)
-    limit = cat(" (this process's address-space limit, RLIMIT_AS / ulimit -v, is ", as.rlim_cur >> 20, " MiB)");
-  return cat("out of address space: cannot map its ", bytes >> 20, " MiB", limit);
+/// Reads exactly `n` bytes at `offset`: "" or why not (strerror's text, or the file ending first).
+std::string pread_exact(int fd, uint8_t* dst, uint64_t n, uint64_t offset) {
+  while (n > 0) {
+    const size_t chunk = static_cast<size_t>(std::min<uint64_t>(n, 1u << 30));  // Linux reads at most ~2 GiB per call
+    const ssize_t got = ::pread(fd, dst, chunk, static_cast<off_t>(offset));
+    if (got < 0) {
+      if (errno == EINTR) continue;
+      return cat("read error at byte ", offset, ": ", std::strerror(errno));
+    }
+    if (got == 0) return cat("the file ends at byte ", offset, ", before the data does");
+    dst += got;
+    n -= static_cast<uint64_t>(got);
+    offset += static_cast<uint64_t>(got);
+  }
+  return {};
 }
 
 uint64_t read_u64_le(const uint8_t* p) {
@@ -84,19 +82,25 @@ size_t dtype_size(DType dtype) {
 SafetensorsFile::~SafetensorsFile() = default;
 
 std::shared_ptr<const SafetensorsFile> SafetensorsFile::open(const std::string& path) {
-  const RegularFile file(path, ErrorKind::Input);
-  auto mapping = std::make_shared<Mapping>();
-  mapping->size = static_cast<size_t>(file.size());
-  if (mapping->size == 0) bad(path, "empty file (0 bytes), not a safetensors file");
-  void* addr = mmap(nullptr, mapping->size, PROT_READ, MAP_PRIVATE, file.fd(), 0);
-  if (addr == MAP_FAILED) {
-    const int err = errno;
-    if (err == ENOMEM) fail(ErrorKind::Other, path, ": ", out_of_address_space(mapping->size));
-    bad(path, cat("cannot map: ", std::strerror(err)));
+  std::shared_ptr<SafetensorsFile> file(new SafetensorsFile());
+  file->path_ = path;
+  const RegularFile& opened = file->file_.emplace(path, ErrorKind::Input);
+  file->identity_ = opened.identity();
+  file->size_ = file->identity_.size;
+  if (file->size_ == 0) bad(path, "empty file (0 bytes), not a safetensors file");
+  uint8_t prefix[8] = {};
+  if (file->size_ >= 8) {
+    if (std::string why = pread_exact(opened.fd(), prefix, 8, 0); !why.empty()) bad(path, "cannot read its header: " + why);
   }
-  mapping->addr = addr;
-  auto* bytes = static_cast<const uint8_t*>(addr);
-  return parse(mapping, bytes, mapping->size, path);
+  file->check_header_length(file->size_ >= 8 ? read_u64_le(prefix) : 0);
+  std::string header(file->data_start_ - 8, '\0');
+  if (std::string why = pread_exact(opened.fd(), reinterpret_cast<uint8_t*>(header.data()), header.size(), 8);
+      !why.empty())
+    bad(path, "cannot read its header: " + why);
+  file->validate(header);
+  file->check_identity();  // the header read is the version the offsets describe
+  testing::change_after_checks(path, file->data_start_, 0);
+  return file;
 }
 
 std::shared_ptr<const SafetensorsFile> SafetensorsFile::parse(std::shared_ptr<const void> owner, const uint8_t* data,
@@ -106,19 +110,23 @@ std::shared_ptr<const SafetensorsFile> SafetensorsFile::parse(std::shared_ptr<co
   file->owner_ = std::move(owner);
   file->bytes_ = data;
   file->size_ = size;
-  file->validate();
+  file->check_header_length(size >= 8 ? read_u64_le(data) : 0);
+  file->validate(std::string_view(reinterpret_cast<const char*>(data) + 8, file->data_start_ - 8));
   return file;
 }
 
-void SafetensorsFile::validate() {
+void SafetensorsFile::check_header_length(uint64_t header_len) {
   const std::string& origin = path_;
   if (size_ < 8) bad(origin, cat("file of ", size_, " bytes is too small for a safetensors header"));
-  const uint64_t header_len = read_u64_le(bytes_);
   if (header_len == 0) bad(origin, "header length is 0");
   if (header_len > kMaxHeaderBytes) bad(origin, cat("header length ", header_len, " exceeds the 100 MiB limit"));
   if (header_len > size_ - 8)
     bad(origin, cat("header length ", header_len, " runs past the end of the file (", size_, " bytes)"));
   data_start_ = 8 + header_len;
+}
+
+void SafetensorsFile::validate(std::string_view header_text) {
+  const std::string& origin = path_;
   const uint64_t data_len = size_ - data_start_;
 
   // Parse, rejecting duplicate top-level names (nlohmann would keep the last silently).
@@ -131,9 +139,8 @@ void SafetensorsFile::validate() {
     return true;
   };
   json header;
-  const char* text = reinterpret_cast<const char*>(bytes_ + 8);
   try {
-    header = json::parse(text, text + header_len, on_event);
+    header = json::parse(header_text.begin(), header_text.end(), on_event);
   } catch (const json::exception& e) {
     bad(origin, cat("header is not valid JSON (", e.what(), ")"));
   }
@@ -220,11 +227,56 @@ const TensorInfo* SafetensorsFile::find(std::string_view name) const {
   return it == by_name_.end() ? nullptr : &tensors_[it->second];
 }
 
+std::string SafetensorsFile::try_read(const TensorInfo& info, uint64_t offset, void* dst, uint64_t n) const noexcept {
+  try {
+    if (offset > info.bytes() || n > info.bytes() - offset)
+      return cat("bytes [", offset, ", +", n, ") lie outside the tensor's ", info.bytes());
+    if (!file_) {
+      std::memcpy(dst, bytes_ + file_offset(info) + offset, n);
+      return {};
+    }
+    std::string why = pread_exact(file_->fd(), static_cast<uint8_t*>(dst), n, file_offset(info) + offset);
+    if (!why.empty() && why.starts_with("the file ends"))
+      why += cat(" (it held ", size_, " bytes when it was validated: truncated since)");
+    return why;
+  } catch (...) {  // composing the message ran out of memory; reader threads must not throw
+    return "out of memory";  // short enough to need no allocation
+  }
+}
+
+void SafetensorsFile::read(const TensorInfo& info, void* dst) const {
+  const std::string why = try_read(info, 0, dst, info.bytes());
+  if (!why.empty()) {
+    check_identity();  // a truncation is named as the change it is
+    bad(path_, cat("reading tensor '", info.name, "': ", why));
+  }
+  check_unchanged();
+}
+
+void SafetensorsFile::check_unchanged() const {
+  check_identity();
+  testing::change_after_checks(path_, data_start_, checks_.fetch_add(1) + 1);
+}
+
+void SafetensorsFile::check_identity() const {
+  if (!file_) return;
+  FileIdentity now;
+  std::string why;
+  if (!file_->current_identity(now, why)) bad(path_, "cannot check whether it changed while it was read: " + why);
+  if (now != identity_) {
+    std::string how;
+    if (now.size != identity_.size)
+      how = cat("its size went from ", identity_.size, " to ", now.size, " bytes");
+    else
+      how = cat("it was modified after it was validated (mtime ", identity_.mtime_ns, " -> ", now.mtime_ns, " ns)");
+    bad(path_, cat("changed while it was read: ", how, "; write a new file and rename it over the old one instead"));
+  }
+}
+
 void SafetensorsFile::will_need() const {
-  // Only meaningful for mappings; harmless on other memory (advice is ignored).
-  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-  uintptr_t start = reinterpret_cast<uintptr_t>(bytes_) & ~(page - 1);
-  madvise(reinterpret_cast<void*>(start), size_ + (reinterpret_cast<uintptr_t>(bytes_) - start), MADV_WILLNEED);
+  if (!file_) return;
+  ::posix_fadvise(file_->fd(), 0, 0, POSIX_FADV_SEQUENTIAL);
+  ::posix_fadvise(file_->fd(), 0, 0, POSIX_FADV_WILLNEED);
 }
 
 }  // namespace loadkit::safetensors

@@ -34,6 +34,8 @@ class Journal {
   /// Lets go of the copies (the host memory), keeping nothing to undo.
   void clear();
 
+  /// Whether this session keeps copies (Rollback::Journal).
+  bool keeps() const { return mode_ == Rollback::Journal; }
   uint64_t bytes() const { return bytes_; }     ///< host memory the session's copies took
   int modules() const { return modules_; }      ///< modules whose kernel tensors were kept
 

@@ -32,7 +32,9 @@ KernelCopyTargets parameter_targets(const Module& root) {
 }
 
 ReloadStats copy_kernel_format(Module& root, const KernelCopyTargets& targets, const safetensors::CheckpointFiles& files,
-                               const c10::Device& device, bool complete) {
+                               const c10::Device& device, bool complete, Rollback rollback,
+                               std::vector<std::string>* written) {
+  if (written) written->clear();
   const StorageSnapshot before(root);
   std::unordered_map<std::string, at::Tensor> by_name(targets.tensors.begin(), targets.tensors.end());
   auto check = [&](const NamedWeight& w) -> const at::Tensor& {
@@ -57,7 +59,7 @@ ReloadStats copy_kernel_format(Module& root, const KernelCopyTargets& targets, c
   // Every header first: nothing is written unless all of it fits.
   std::unordered_set<std::string> seen;
   {
-    auto headers = safetensors_stream(files);
+    auto headers = safetensors_header_stream(files);
     NamedWeight w;
     while (headers->next(w)) {
       check(w);
@@ -75,20 +77,37 @@ ReloadStats copy_kernel_format(Module& root, const KernelCopyTargets& targets, c
   std::unordered_map<const c10::TensorImpl*, std::string> owner;
   for (const auto& [name, p] : root.named_parameters()) owner.emplace(p->data.unsafeGetTensorImpl(), layer_of(name));
   std::unordered_set<std::string> layers;
-  auto data = open_weight_stream(files, device);
-  NamedWeight w;
-  while (data->next(w)) {
-    at::Tensor dst = check(w);
-    auto it = owner.find(dst.unsafeGetTensorImpl());
-    layers.insert(it != owner.end() ? it->second : layer_of(w.name));
-    if (w.tensor.sizes() != dst.sizes()) {
-      log::warn(cat("loading tensor of shape ", shape_str(w.tensor.sizes()), " into parameter '", w.name,
-                    "' of shape ", shape_str(dst.sizes())));
-      for (int64_t d = 0; d < dst.dim(); ++d) dst = dst.narrow(d, 0, w.tensor.size(d));
+  std::vector<std::string> in_order;  // layers as first written
+  std::vector<std::pair<at::Tensor, at::Tensor>> journal;  // (target, its host copy) with Rollback::Journal
+  uint64_t journal_bytes = 0;
+  try {
+    auto data = open_weight_stream(files, device);
+    NamedWeight w;
+    while (data->next(w)) {
+      at::Tensor dst = check(w);
+      auto it = owner.find(dst.unsafeGetTensorImpl());
+      const std::string layer = it != owner.end() ? it->second : layer_of(w.name);
+      if (layers.insert(layer).second) in_order.push_back(layer);
+      if (w.tensor.sizes() != dst.sizes()) {
+        log::warn(cat("loading tensor of shape ", shape_str(w.tensor.sizes()), " into parameter '", w.name,
+                      "' of shape ", shape_str(dst.sizes())));
+        for (int64_t d = 0; d < dst.dim(); ++d) dst = dst.narrow(d, 0, w.tensor.size(d));
+      }
+      if (rollback == Rollback::Journal) {
+        journal.emplace_back(dst, dst.to(at::kCPU, /*non_blocking=*/false, /*copy=*/true));
+        journal_bytes += dst.nbytes();
+      }
+      dst.copy_(w.tensor);
     }
-    dst.copy_(w.tensor);
+  } catch (...) {
+    for (auto it = journal.rbegin(); it != journal.rend(); ++it) it->first.copy_(it->second);
+    if (!journal.empty()) log::info(cat("rolled back ", journal.size(), " kernel tensors"));
+    if (written && rollback != Rollback::Journal) *written = in_order;
+    throw;
   }
   ReloadStats stats;
+  stats.journal_bytes = journal_bytes;
+  stats.journaled_modules = rollback == Rollback::Journal ? static_cast<int>(layers.size()) : 0;
   stats.layers_processed = static_cast<int>(layers.size());
   stats.pointers_stable = before.unchanged(root);
   return stats;

@@ -43,7 +43,13 @@ KernelCopyTargets parameter_targets(const Module& root);
 /// the staged path). Input errors name the file and the tensor; with `complete`, a target no
 /// file holds fails listing every missing name. Counts, as ReloadStats says, the layers whose
 /// tensors it wrote, and whether every kernel tensor of `root` kept its storage.
+///
+/// A failure while copying (a file that changed while it was read) leaves the tensors copied so
+/// far in place: `written`, if given, lists their layers. With Rollback::Journal each target is
+/// first copied to host memory (the kernel bytes the checkpoint covers) and a failure puts every
+/// one back bit-identically; `written` is then empty.
 ReloadStats copy_kernel_format(Module& root, const KernelCopyTargets& targets, const safetensors::CheckpointFiles& files,
-                               const c10::Device& device, bool complete);
+                               const c10::Device& device, bool complete, Rollback rollback = Rollback::None,
+                               std::vector<std::string>* written = nullptr);
 
 }  // namespace loadkit::reload

@@ -10,21 +10,26 @@ namespace loadkit {
 
 using reload::Phase;
 
-ReloadStats ReloadEngine::reload(const safetensors::CheckpointFiles& files, const Loader& load_weights) {
+ReloadStats ReloadEngine::reload(const safetensors::CheckpointFiles& files, const Loader& load_weights,
+                                 Rollback rollback, std::vector<std::string>* written) {
   reload::Session& session = *session_;
-  session.begin(Phase::Reloading, Rollback::None);
+  if (written) written->clear();
+  session.begin(Phase::Reloading, rollback);
   try {
     // 1. The whole checkpoint through the loaders on meta stand-ins: nothing read or written yet.
     reload::ValidationRecord seen;
-    session.validate(*safetensors_stream(files), load_weights, &seen);
+    session.validate(*safetensors_header_stream(files), load_weights, &seen);
     fail_if_missing(session.incomplete_after_validation());
     // 2. Its data, each transformed module's weights together, within the largest layer's size.
     const StreamPlan plan = reload::plan_apply(session.modules(), seen, ctx_);
     session.apply(*open_weight_stream(files, ctx_.device, plan), load_weights);
     // 3. Attention-like modules, and every module back to its own loaders.
-    return session.finish();
+    ReloadStats stats = session.finish();
+    session.journal().clear();  // a reload is not undone later: its copies go at once
+    return stats;
   } catch (...) {
     if (session.open()) session.abort();
+    if (written) *written = session.written_modules();
     throw;
   }
 }

@@ -64,7 +64,13 @@ class ReloadEngine {
   /// written by their loaders at once (no call is kept), and the applying
   /// stream delivers each such module's weights together (staging_plan.h), so
   /// one module is materialised at a time whatever the files' order.
-  ReloadStats reload(const safetensors::CheckpointFiles& files, const Loader& load_weights);
+  ///
+  /// A failure while applying (a file that changed while it was read, a processing error) ends
+  /// the session with every module not yet written put back. With Rollback::Journal the written
+  /// ones are put back too (journal.h: the rank's kernel bytes in host memory); without, they keep
+  /// the new weights and `written`, if given, lists them (empty when the model is as before).
+  ReloadStats reload(const safetensors::CheckpointFiles& files, const Loader& load_weights,
+                     Rollback rollback = Rollback::None, std::vector<std::string>* written = nullptr);
 
   /// Streaming form for trainers: chunks are validated one by one and
   /// applied; a module may be completed by a later chunk. A partial update is

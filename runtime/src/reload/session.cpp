@@ -48,6 +48,7 @@ void Session::begin(Phase apply, Rollback rollback) {
   if (open()) fail(ErrorKind::Usage, "a weight update is already in progress");
   journal_.begin(rollback);  // the previous session's journal, if it was kept, is let go
   stats_ = {};
+  written_.clear();
   before_.emplace(root_);
   for (size_t m = 0; m < modules_.size(); ++m) {
     ModuleRecord& mod = modules_[m];
@@ -147,7 +148,10 @@ int64_t Session::apply_one(ModuleRecord& mod, size_t i, Parameter& param, const 
   // them together); updating keeps the calls, since their order is unknown and the caller's
   // tensors cost no device memory while kept. Attention-like modules wait for the end either way.
   const bool write_now = mod.transforms && phase_ == Phase::Reloading && !mod.attention_like;
-  if (!mod.transforms) journal_.keep(mod);  // the loader writes straight into kernel storage
+  if (!mod.transforms) {  // the loader writes straight into kernel storage
+    journal_.keep(mod);
+    written_.insert(&mod);
+  }
   if (write_now && !mod.materialized) materialize(mod, ctx_.device);
   // Kernel storage; for transformed modules the materialised load format, or meta (calls kept).
   const int64_t n = rec.loader(param, loaded, shard);
@@ -171,6 +175,7 @@ int64_t Session::apply_one(ModuleRecord& mod, size_t i, Parameter& param, const 
 
 void Session::process(ModuleRecord& mod) {
   journal_.keep(mod);  // processing writes into the kernel tensors
+  written_.insert(&mod);
   process_into_kernel(mod, ctx_.device);
 }
 
@@ -210,7 +215,15 @@ void Session::abort() {
   for (auto& mod : modules_)
     if (!mod.done) put_back_kernel(mod);
   close();
+  if (journal_.keeps()) written_.clear();  // every written module is put back below
   journal_.restore();
+}
+
+std::vector<std::string> Session::written_modules() const {
+  std::vector<std::string> names;
+  for (const auto& mod : modules_)
+    if (written_.count(&mod)) names.push_back(mod.name);
+  return names;
 }
 
 void Session::close() {

@@ -25,6 +25,7 @@
 #include <functional>
 #include <optional>
 #include <string>
+#include <unordered_set>
 #include <vector>
 
 #include "loadkit/runtime/reload_types.h"
@@ -76,6 +77,9 @@ class Session {
   void own_borrowed(const std::vector<NamedWeight>& chunk);
   /// The journal of the session in progress or of the last finished one (until the next begin).
   Journal& journal() { return journal_; }
+  /// Layers whose kernel tensors this session (the one in progress, or the last) began to write,
+  /// in model order, and that still hold what it wrote: after abort() with a journal, none.
+  std::vector<std::string> written_modules() const;
 
  private:
   /// The loader put in place of parameter `i` of module `m` for the session.
@@ -96,6 +100,7 @@ class Session {
   Journal journal_;
   std::optional<StorageSnapshot> before_;
   ReloadStats stats_;
+  std::unordered_set<const ModuleRecord*> written_;  ///< see written_modules()
 };
 
 }  // namespace loadkit::reload

@@ -75,7 +75,7 @@ std::string StagingProfile::summary() const {
   o.setf(std::ios::fixed);
   o.precision(1);
   o << "staging profile: " << tensors << " tensors, " << (staged_bytes >> 20) << " MiB staged, " << bypassed_tensors
-    << " read from the mapping (" << (bypassed_bytes >> 20) << " MiB); window " << (window_bytes >> 20) << " MiB (bound "
+    << " read whole on the host (" << (bypassed_bytes >> 20) << " MiB); window " << (window_bytes >> 20) << " MiB (bound "
     << (limit_bytes >> 20) << " MiB), " << readers << " readers; open " << open_ms << " ms, first tensor after "
     << first_tensor_ms << " ms; consumer waited " << consumer_wait_ms << " ms (" << consumer_waits
     << " waits), worked " << consumer_work_ms << " ms (" << consumer_work_after_reserved_ms
@@ -106,7 +106,6 @@ void check_cuda(cudaError_t status, const char* what) {
 struct Item {
   size_t file = 0;  ///< index into the stream's files
   const safetensors::TensorInfo* info = nullptr;
-  int fd = -1;
   uint64_t offset = 0;  ///< in the file
   uint64_t bytes = 0;
   uint64_t reserve = 0;  ///< device bytes the consumer holds beside the stream while applying it
@@ -139,15 +138,11 @@ class StagedStream final : public WeightStream {
     std::vector<Item> in_file_order;
     for (size_t f = 0; f < files_.size(); ++f) {
       const auto& file = files_[f];
-      const int fd = ::open(file->path().c_str(), O_RDONLY | O_CLOEXEC);
-      if (fd < 0) fail(ErrorKind::Input, file->path(), ": cannot open: ", std::strerror(errno));
-      fds_.push_back(fd);
-      ::posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
+      file->will_need();  // read through the descriptor that was validated (formats/safetensors_file.h)
       for (const auto& info : file->tensors()) {
         Item item;
         item.file = f;
         item.info = &info;
-        item.fd = fd;
         item.offset = file->file_offset(info);
         item.bytes = info.bytes();
         item.pieces = static_cast<int>((item.bytes + piece_bytes_ - 1) / piece_bytes_);
@@ -191,7 +186,6 @@ class StagedStream final : public WeightStream {
       if (item.allocated) cudaEventDestroy(item.allocated);
     }
     for (cudaEvent_t e : spare_events_) cudaEventDestroy(e);
-    for (int fd : fds_) ::close(fd);
   }
 
   bool next(NamedWeight& out) override {
@@ -209,8 +203,12 @@ class StagedStream final : public WeightStream {
       profile_.consumer_wait_ms += ms_between(called, Clock::now());
       ++profile_.consumer_waits;
     }
-    if (!item.error.empty())
+    if (!item.error.empty()) {
+      files_[item.file]->check_unchanged();  // a truncation is named as the change it is
       fail(ErrorKind::Input, files_[item.file]->path(), ": reading tensor '", item.info->name, "': ", item.error);
+    }
+    // Every piece of it was read: the file must still be the version that was validated.
+    if (!item.bypassed) files_[item.file]->check_unchanged();
     out.name = item.info->name;
     out.origin = files_[item.file]->path();
     ++next_;
@@ -219,7 +217,9 @@ class StagedStream final : public WeightStream {
     if (item.bypassed) {
       profile_.bypassed_bytes += item.bytes;
       ++profile_.bypassed_tensors;
-      out.tensor = view_tensor(files_[item.file], *item.info);
+      lock.unlock();  // a host read of a whole tensor: the readers go on meanwhile
+      out.tensor = read_tensor(*files_[item.file], *item.info);
+      lock.lock();
     } else {
       profile_.staged_bytes += item.bytes;
       if (item.pieces == 0) item.device = allocate(item);
@@ -396,7 +396,7 @@ class StagedStream final : public WeightStream {
         ring_wait_ms += ms_between(t, now);
         t = now;
       }
-      if (error.empty()) error = read_fully(item.fd, static_cast<uint8_t*>(buf.host.data()), n, item.offset + begin);
+      if (error.empty()) error = files_[item.file]->try_read(*item.info, begin, buf.host.data(), n);
       read_ms += ms_between(t, Clock::now());
       cudaError_t st = cudaSuccess;
       if (error.empty()) {
@@ -435,27 +435,11 @@ class StagedStream final : public WeightStream {
     ready_cv_.notify_all();
   }
 
-  static std::string read_fully(int fd, uint8_t* dst, uint64_t n, uint64_t offset) {
-    while (n > 0) {
-      const ssize_t got = ::pread(fd, dst, n, static_cast<off_t>(offset));
-      if (got < 0) {
-        if (errno == EINTR) continue;
-        return std::strerror(errno);
-      }
-      if (got == 0) return "the file ends before the tensor does (truncated after it was opened?)";
-      dst += got;
-      n -= static_cast<uint64_t>(got);
-      offset += static_cast<uint64_t>(got);
-    }
-    return {};
-  }
-
   c10::Device device_;
   cudaStream_t consumer_ = nullptr;
   uint64_t piece_bytes_ = 0, window_bytes_ = 0, limit_bytes_ = 0;
   int depth_ = 3;
   std::vector<std::shared_ptr<const safetensors::SafetensorsFile>> files_;
-  std::vector<int> fds_;
   std::deque<Item> items_;
   std::vector<std::thread> workers_;
 

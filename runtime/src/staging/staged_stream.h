@@ -11,8 +11,8 @@
 /// that carried a piece, so nothing synchronises per tensor and the loaders'
 /// copies into the final parameters are device-to-device. Device memory read
 /// ahead is bounded by a window, which is what a reload's peak extra memory is;
-/// a tensor that cannot fit is never staged: it comes as a read-only host view
-/// of the mapping and its loader copies it from there (a pageable copy that
+/// a tensor that cannot fit is never staged: it is read whole into a host
+/// tensor (pread) and its loader copies it from there (a pageable copy that
 /// blocks the consumer's stream: the slow path, counted in the profile).
 ///
 /// The memory bound, and what it is made of. The caller's window W is the
@@ -30,12 +30,12 @@
 /// top is deliberate: it is the read-ahead that the largest module itself gets.
 /// Without it a module as large as the window (a MoE layer's experts, the
 /// largest layer of such a model) would reserve the whole window and every one
-/// of its tensors would be read from the mapping (a blocking pageable copy each:
+/// of its tensors would be read on the host (a blocking pageable copy each:
 /// a MoE model's fp8 reload ran at 0.15 of its bf16 rate that way); with it,
 /// its tensors are staged one after another, ~W/20 ahead of the consumer, while
 /// the module is materialised, and a smaller module's processing overlaps the
 /// transfer of the next ones. A tensor whose own bytes and reserve exceed
-/// W + W/20 is read from the mapping.
+/// W + W/20 is read on the host.
 ///
 /// Why small pieces: a piece that stays in the CPU caches between the read
 /// and the DMA is cheaper than one that goes through DRAM twice; on the GPU
@@ -82,7 +82,7 @@ struct StagingOptions {
 /// readers' are summed over reader threads.
 struct StagingProfile {
   uint64_t tensors = 0, staged_bytes = 0;
-  uint64_t bypassed_tensors = 0, bypassed_bytes = 0;  ///< read from the mapping: too large beside their reserve
+  uint64_t bypassed_tensors = 0, bypassed_bytes = 0;  ///< read whole on the host: too large beside their reserve
   uint64_t window_bytes = 0, limit_bytes = 0;           ///< W and W + W/20
   int readers = 0;
   double open_ms = 0;           ///< construction to close
@@ -107,7 +107,7 @@ std::optional<StagingProfile> last_staging_profile();
 uint64_t default_window_bytes();
 
 /// Whether loads onto `device` take the staged path: a CUDA device in a CUDA
-/// build, unless LOADKIT_STAGING=0 (the plain mmap path, for comparison).
+/// build, unless LOADKIT_STAGING=0 (the plain host path, for comparison).
 bool staging_enabled(const c10::Device& device);
 
 /// Every tensor of `files` (file by file in data order, or `options.order`),

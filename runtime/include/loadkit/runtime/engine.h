@@ -53,8 +53,14 @@ struct LoadReport {
   int layers_delayed = 0;    ///< see ReloadStats
   /// Reloads and updates: modules that received no weight (kept as they were).
   std::vector<std::string> untouched_modules;
-  /// Updates with Rollback::Journal: host bytes the journal kept.
+  /// Updates and reloads with Rollback::Journal: host bytes the journal kept.
   uint64_t journal_bytes = 0;
+  /// A reload that failed while writing (its error is `error`): the layers it had already written,
+  /// which now hold the new checkpoint's weights while every other layer holds its previous ones.
+  /// Empty when the model is as it was before the reload (nothing written, or rolled back).
+  std::vector<std::string> written_modules;
+  /// A reload that failed: its error message ("" after every success).
+  std::string error;
 
   double gb_per_s() const { return seconds > 0 ? static_cast<double>(bytes) / seconds / 1e9 : 0.0; }
   std::string to_json() const;
@@ -72,7 +78,17 @@ class LoadedModel {
   /// fails. With `process` false the checkpoint is already in kernel format
   /// (the model's parameter names and shapes) and is copied straight in; a
   /// directory holding this rank's sharded-state files is read through those.
-  const LoadReport& reload(const std::string& source_dir = "", bool process = true);
+  ///
+  /// Data is read through the descriptors opened when the headers were validated, and each file
+  /// is checked unchanged after it is read (formats/safetensors_file.h): a file truncated or
+  /// rewritten meanwhile is an Input error naming it; one renamed over is not a change (the
+  /// opened version is read, consistently). A failure once writing has begun (such a change, a
+  /// processing error): with Rollback::Journal every layer written is put back bit-identically
+  /// (host memory: this rank's kernel bytes the checkpoint covers, and a device-to-host copy of
+  /// them); without, the error says the weights are now mixed and report().written_modules
+  /// lists the layers already written (report().error holds the message).
+  const LoadReport& reload(const std::string& source_dir = "", bool process = true,
+                           Rollback rollback = Rollback::None);
 
   /// Streaming reload for trainers: weights arrive in chunks of (name, tensor)
   /// in checkpoint naming, on any device. Each chunk is validated whole before
