@@ -4,7 +4,7 @@ loaders measured in the same run.
 
     load_bench.py --build BUILD --work DIR --out DIR [--shapes moe,dense32,many,dense8]
                   [--rows probe,load,reload,update,peers] [--peers LIST] [--repeats 3]
-                  [--budget-s 500] [--mmap-path] [--cold] [--sweep] [--smoke]
+                  [--budget-s 500] [--plain-path] [--cold] [--sweep] [--smoke]
     load_bench.py --report-only bench.json --out DIR      (the tables and plot again)
 
 Shapes (bench/gen_checkpoint.py, bf16 random values; checkpoints A and B of the same shapes):
@@ -28,7 +28,7 @@ time budget cuts the peers of the last shapes rather than loadkit's own rows):
   peers    InstantTensor, fastsafetensors, the Run:ai streamer, safetensors and transformers
            (bench/peers.py, a fresh process each: first load and best of the rest); a peer that
            cannot be imported is reported as missing, never left out
---mmap-path adds the plain mmap path (LOADKIT_STAGING=0) for load and reload; --cold (root)
+--plain-path adds the plain path (LOADKIT_STAGING=0: pread into host tensors, then a copy) for load and reload; --cold (root)
 cold-cache loads; --sweep the staged load over reader threads, piece size and ring depth.
 --budget-s: past this many seconds, rows not yet run are skipped (and listed as skipped).
 --smoke: toy sizes on the CPU, no ceilings or peers: checks the bench itself where there is no GPU.
@@ -200,9 +200,9 @@ def loadkit_rows(a, shape, A, B, nbytes, budget, results, profile):
                            peak_extra_device_bytes=max(r["peak_extra_device_bytes"] or 0 for r in reps)))
         _, stderr = cli_load(build, A, level="debug")
         profile["fresh_load"] = fresh_load_stages(stderr)
-        if a.mmap_path:
+        if a.plain_path:
             reps = [cli_load(build, A, {"LOADKIT_STAGING": "0"})[0] for _ in range(a.repeats)]
-            results.append(row("loadkit_load_fresh_process_mmap_path", reps[0]["bytes"], [r["seconds"] for r in reps]))
+            results.append(row("loadkit_load_fresh_process_plain_path", reps[0]["bytes"], [r["seconds"] for r in reps]))
         r = bench_tool(build, ["load", "--model", A, "--repeats", str(a.repeats + 1)])["load"]
         results.append(row("loadkit_load_in_process", r["bytes"], r["seconds"][1:], first_s=r["seconds"][0]))
         profile["in_process_load_staging"] = r.get("staging")
@@ -243,7 +243,7 @@ def loadkit_rows(a, shape, A, B, nbytes, budget, results, profile):
         guarded(results, "loadkit_load", loads)
         log(shape, "loads done")
     if "reload" in a.rows and shape != "many":
-        variants = [("", {})] + ([("_mmap_path", {"LOADKIT_STAGING": "0"})] if a.mmap_path else [])
+        variants = [("", {})] + ([("_plain_path", {"LOADKIT_STAGING": "0"})] if a.plain_path else [])
         for quant in ("none", "fp8"):
             for suffix, env in variants:
                 label = f"loadkit_reload_{'bf16' if quant == 'none' else quant}{suffix}"
@@ -291,7 +291,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--budget-s", type=float, default=1e9)
     ap.add_argument("--skip-transformers", action="store_true")
-    ap.add_argument("--mmap-path", action="store_true")
+    ap.add_argument("--plain-path", action="store_true")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--cold", action="store_true")
     ap.add_argument("--report-only", metavar="BENCH_JSON", help="write bench.txt and bench.png again from a bench.json")
