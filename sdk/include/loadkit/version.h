@@ -6,7 +6,9 @@
 /// that breaks plugins built against an earlier one; the host refuses a
 /// plugin whose SDK major differs from its own. 1.0: the decoder skeleton, the
 /// processing-scratch hooks of LinearMethod/FusedMoEMethod and loadkit::Error exported
-/// from libloadkit_sdk changed what a plugin compiles against.
+/// from libloadkit_sdk changed what a plugin compiles against. Added within 1.0
+/// (unreleased): block-scaled loaders (LinearBase/FusedMoE::block_loader) and
+/// QuantConfig's quantize-on-arrival flag.
 
 #define LOADKIT_VERSION_MAJOR 1
 #define LOADKIT_VERSION_MINOR 0
