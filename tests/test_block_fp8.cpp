@@ -40,12 +40,28 @@ std::map<std::string, const void*> data_ptrs(LoadedModel& m) {
 /// The 16-bit checkpoint the fixture `f` was quantized from.
 const Fixture& bf16_source(const Fixture& f) { return fixture(f.name + "_bf16src"); }
 
-class BlockFp8 : public ::testing::TestWithParam<Param> {};
+/// A model loaded from fixture a (block fp8) on the parameter's device, its reload target b, and
+/// the addresses of its parameters (a reload or update must keep them).
+class BlockFp8 : public ::testing::TestWithParam<Param> {
+ protected:
+  void SetUp() override {
+    device = std::get<1>(GetParam());
+    SKIP_WITHOUT(device);
+    a = &fixture(std::get<0>(GetParam()));
+    b = &fixture(a->reload_target);
+    model = load_model(a->dir, device);
+    ptrs = data_ptrs(*model);
+  }
+  void expect_same_storage() { EXPECT_EQ(data_ptrs(*model), ptrs); }
+
+  std::string device;
+  const Fixture* a = nullptr;
+  const Fixture* b = nullptr;
+  std::unique_ptr<LoadedModel> model;
+  std::map<std::string, const void*> ptrs;
+};
 
 TEST_P(BlockFp8, LoadsInVllmLayout) {
-  const auto& [name, device] = GetParam();
-  SKIP_WITHOUT(device);
-  auto model = load_model(fixture(name).dir, device);
   EXPECT_EQ(model->report().quantization, "fp8");
   auto state = kernel_state(*model);
   // q (256) + k (64, half a block) + v (64): each part its own blocks -> 2 + 1 + 1 scale rows.
@@ -54,7 +70,7 @@ TEST_P(BlockFp8, LoadsInVllmLayout) {
   EXPECT_EQ(qkv.sizes(), at::IntArrayRef({384, 256}));
   EXPECT_EQ(state.at("model.layers.0.self_attn.qkv_proj.weight_scale_inv").sizes(), at::IntArrayRef({4, 2}));
   EXPECT_EQ(state.at("model.layers.0.self_attn.qkv_proj.weight_scale_inv").scalar_type(), at::kFloat);
-  if (name.starts_with("qwen3_moe")) {
+  if (a->name.starts_with("qwen3_moe")) {
     // Experts of 192: gate and up each 2 blocks of rows (one partial), down 2 blocks of columns.
     EXPECT_EQ(state.at("model.layers.1.mlp.experts.w13_weight").scalar_type(), at::kFloat8_e4m3fn);
     EXPECT_EQ(state.at("model.layers.1.mlp.experts.w13_weight_scale_inv").sizes(), at::IntArrayRef({4, 4, 2}));
@@ -68,44 +84,25 @@ TEST_P(BlockFp8, LoadsInVllmLayout) {
 }
 
 TEST_P(BlockFp8, ReloadFp8EqualsFreshLoadInPlace) {
-  const auto& [name, device] = GetParam();
-  SKIP_WITHOUT(device);
-  const auto& a = fixture(name);
-  const auto& b = fixture(a.reload_target);
-  auto model = load_model(a.dir, device);
   const auto fresh_a = kernel_state(*model);
-  const auto ptrs = data_ptrs(*model);
-  const auto& report = model->reload(b.dir);
-  EXPECT_TRUE(report.pointers_stable);
-  EXPECT_EQ(data_ptrs(*model), ptrs);
-  auto fresh_b = load_model(b.dir, device);
+  EXPECT_TRUE(model->reload(b->dir).pointers_stable);
+  expect_same_storage();
+  auto fresh_b = load_model(b->dir, device);
   expect_identical(kernel_state(*model), kernel_state(*fresh_b));
-  EXPECT_TRUE(at::equal(model->logits(b.tokens), fresh_b->logits(b.tokens)));
-  model->reload(a.dir);
+  EXPECT_TRUE(at::equal(model->logits(b->tokens), fresh_b->logits(b->tokens)));
+  model->reload(a->dir);
   expect_identical(kernel_state(*model), fresh_a);
 }
 
 TEST_P(BlockFp8, ReloadFromBf16QuantizesAsTheReference) {
-  const auto& [name, device] = GetParam();
-  SKIP_WITHOUT(device);
-  const auto& a = fixture(name);
-  const auto& b = fixture(a.reload_target);
-  auto model = load_model(a.dir, device);
-  const auto ptrs = data_ptrs(*model);
-  EXPECT_TRUE(model->reload(bf16_source(b).dir).pointers_stable);
-  EXPECT_EQ(data_ptrs(*model), ptrs);
+  EXPECT_TRUE(model->reload(bf16_source(*b).dir).pointers_stable);
+  expect_same_storage();
   // b is bf16_source(b) quantized offline by tests/fixtures/fp8_quant.py.
-  expect_identical(kernel_state(*model), kernel_state(*load_model(b.dir, device)));
+  expect_identical(kernel_state(*model), kernel_state(*load_model(b->dir, device)));
 }
 
 TEST_P(BlockFp8, UpdateFromBf16TensorsQuantizesAsTheReference) {
-  const auto& [name, device] = GetParam();
-  SKIP_WITHOUT(device);
-  const auto& a = fixture(name);
-  const auto& b = fixture(a.reload_target);
-  auto model = load_model(a.dir, device);
-  const auto ptrs = data_ptrs(*model);
-  std::vector<NamedWeight> weights = loadkit::read_checkpoint(bf16_source(b).dir);
+  std::vector<NamedWeight> weights = loadkit::read_checkpoint(bf16_source(*b).dir);
   for (auto& w : weights) w.tensor = w.tensor.to(device);
   model->begin_update();
   model->validate_update(weights, /*complete=*/true);
@@ -114,8 +111,8 @@ TEST_P(BlockFp8, UpdateFromBf16TensorsQuantizesAsTheReference) {
   model->update({weights.begin(), weights.begin() + half});
   model->update({weights.begin() + half, weights.end()});
   EXPECT_TRUE(model->finish_update().pointers_stable);
-  EXPECT_EQ(data_ptrs(*model), ptrs);
-  expect_identical(kernel_state(*model), kernel_state(*load_model(b.dir, device)));
+  expect_same_storage();
+  expect_identical(kernel_state(*model), kernel_state(*load_model(b->dir, device)));
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, BlockFp8,
@@ -182,6 +179,26 @@ TEST_F(BlockFp8Cli, WeightBlockSizeMustBeTwoPositiveIntegers) {
   }
   auto dir = with_quant_config([](nlohmann::json& q) { q["weight_block_size"] = "128x128"; });
   expect_failure(logits(dir), 3, {(dir / "config.json").string(), "quantization_config.weight_block_size"});
+}
+
+// A job without a quantization key loads an fp8 checkpoint with its own method (auto), and its reload
+// from a bf16 directory quantizes on arrival: the logits are a fresh load's of the offline quantization.
+TEST_F(BlockFp8Cli, JobDefaultsToAutoAndSyncsFromBf16) {
+  const Fixture& a = fixture("llama_blockfp8");
+  const Fixture& b = fixture(a.reload_target);
+  const fs::path job = tmp / "job.yaml";
+  write_bytes(job, "name: fp8-sync\n"
+                   "model:\n  path: " + a.dir + "\n  device: cpu\n"
+                   "steps:\n  - load\n"
+                   "  - reload:\n      from: " + bf16_source(b).dir + "\n"
+                   "  - logits:\n      tokens_from: " + b.reference + "\n      out: " + (tmp / "l.safetensors").string() + "\n");
+  auto r = run_cli({"run", job.string(), "--log-level", "warn"}, {{"LOADKIT_PLUGINS", plugin_dir()}});
+  ASSERT_EQ(r.code, 0) << r.err;
+  at::Tensor job_logits;
+  for (auto& [name, t] : load_tensors((tmp / "l.safetensors").string()))
+    if (name == "logits") job_logits = t;
+  ASSERT_TRUE(job_logits.defined());
+  EXPECT_TRUE(at::equal(job_logits, load_model(b.dir)->logits(b.tokens)));
 }
 
 // ------------------------------------------------------------ bad checkpoints

@@ -30,7 +30,7 @@
 // (every part but the last whole blocks); elsewhere (the CPU, other shapes) and for MoE experts
 // the weight is dequantized to the activations' dtype and multiplied.
 
-#include "block_fp8.h"
+#include "prequantized.h"
 
 #include <ATen/ATen.h>
 
@@ -231,7 +231,7 @@ class BlockFp8LinearMethod final : public LinearMethod {
   bool scaled_mm_fits(const at::Tensor& x, const at::Tensor& q, const std::vector<int64_t>& parts) const {
     if (!x.is_cuda() || block_.rows != 128 || block_.cols != 128) return false;
     const auto dtype = x.scalar_type();
-    if (dtype != at::kBFloat16 && dtype != at::kHalf && dtype != at::kFloat) return false;
+    if (dtype != at::kBFloat16 && dtype != at::kHalf) return false;  // the output types measured
     if (q.size(1) % 128 != 0 || q.size(0) % 16 != 0) return false;
     for (size_t i = 0; i + 1 < parts.size(); ++i)
       if (parts[i] % 128 != 0) return false;  // a part starting mid-grid: the scales are not one grid

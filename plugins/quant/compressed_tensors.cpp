@@ -16,7 +16,7 @@
 // names a layer the architectures quantize is refused the same way (per-layer exclusions are not
 // supported yet; lm_head and MoE routers are never quantized, so naming them changes nothing).
 
-#include "compressed_tensors.h"
+#include "prequantized.h"
 
 #include <ATen/ATen.h>
 

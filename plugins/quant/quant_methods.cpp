@@ -40,8 +40,7 @@
 #include <loadkit/layers/linear.h>
 #include <loadkit/plugin.h>
 
-#include "block_fp8.h"
-#include "compressed_tensors.h"
+#include "prequantized.h"
 
 namespace {
 
