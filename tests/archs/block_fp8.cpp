@@ -1,7 +1,7 @@
 // Pre-quantized fp8 checkpoints (tests/fixtures/archs/fp8.py: 128x128 block fp8, and
 // compressed-tensors per channel / per tensor), loaded with quantization auto: logits against
 // transformers' on the *dequantized* weights. On the CPU the forward
-// dequantizes too: DESIGN's 16-bit tolerance (cosine >= 0.999 per row, same argmax). On CUDA the
+// dequantizes too: the 16-bit tolerance of expect_close (cosine >= 0.999 per row, same argmax). On CUDA the
 // linear layers whose shapes cuBLAS takes run the block-scaled fp8 GEMM, activations quantized
 // too: cosine >= 0.99 per row. Llama: k and v of 64 rows, partial blocks in fused QKV; Qwen3-MoE:
 // experts of 192 (gate and up each a block and a half). Their 16-bit sources are plain bf16

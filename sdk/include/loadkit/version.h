@@ -7,8 +7,11 @@
 /// plugin whose SDK major differs from its own. 1.0: the decoder skeleton, the
 /// processing-scratch hooks of LinearMethod/FusedMoEMethod and loadkit::Error exported
 /// from libloadkit_sdk changed what a plugin compiles against. Added within 1.0
-/// (unreleased): block-scaled loaders (LinearBase/FusedMoE::block_loader) and
-/// QuantConfig's quantize-on-arrival flag.
+/// (unreleased, so plugins built against an earlier 1.0 tree must be rebuilt):
+/// blocked-parameter loaders and fused-part queries of the linear layers
+/// (LinearBase::block_loader, output_parts, part_of, output_row_loader;
+/// FusedMoE::block_loader), QuantConfig's quantize-on-arrival flag (a data
+/// member: QuantConfig's layout changed) and ModelConfig::keys.
 
 #define LOADKIT_VERSION_MAJOR 1
 #define LOADKIT_VERSION_MINOR 0
