@@ -344,19 +344,23 @@ at::Tensor cli_logits(const Fixture& f, const fs::path& out, std::vector<std::st
   return {};
 }
 
-class BlockFp8Tp : public ::testing::TestWithParam<std::string> {};
-
-// Scales shard with their weights: column parallel (q split by heads, the one kv head replicated),
-// merged gate/up, row parallel (o, down: input columns in whole blocks), experts.
-TEST_P(BlockFp8Tp, TwoRanksMatchOneAndTransformers) {
-  SKIP_WITHOUT_TP_BACKEND("cpu");
-  const Fixture& f = fixture(GetParam());
+/// `f`'s logits on two ranks (Gloo, through the CLI) equal transformers' and one rank's.
+void expect_two_ranks_match_one_and_transformers(const Fixture& f) {
   TempDir tmp;
   at::Tensor one = cli_logits(f, tmp / "tp1.safetensors");
   at::Tensor two = cli_logits(f, tmp / "tp2.safetensors", {"--tp-size", "2"});
   ASSERT_TRUE(one.defined() && two.defined());
   expect_close(two, reference_logits(f), f.dtype);
   expect_close(two, one, f.dtype);
+}
+
+class BlockFp8Tp : public ::testing::TestWithParam<std::string> {};
+
+// Scales shard with their weights: column parallel (q split by heads, the one kv head replicated),
+// merged gate/up, row parallel (o, down: input columns in whole blocks), experts.
+TEST_P(BlockFp8Tp, TwoRanksMatchOneAndTransformers) {
+  SKIP_WITHOUT_TP_BACKEND("cpu");
+  expect_two_ranks_match_one_and_transformers(fixture(GetParam()));
 }
 
 // Each rank's scales are the rows/columns of the whole checkpoint's scales its weight slice covers.
@@ -391,12 +395,7 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, BlockFp8Tp, ::testing::Values("llama_blockfp8
 TEST(CompressedTensorsTp, TwoRanksMatchOneAndTransformers) {
   SKIP_WITHOUT_TP_BACKEND("cpu");
   const Fixture& f = fixture("llama_ct_fp8_channel_tp");
-  TempDir tmp;
-  at::Tensor one = cli_logits(f, tmp / "tp1.safetensors");
-  at::Tensor two = cli_logits(f, tmp / "tp2.safetensors", {"--tp-size", "2"});
-  ASSERT_TRUE(one.defined() && two.defined());
-  expect_close(two, reference_logits(f), f.dtype);
-  expect_close(two, one, f.dtype);
+  expect_two_ranks_match_one_and_transformers(f);
   auto whole = kernel_state(*load_model(f.dir));
   auto rank1 = kernel_state(*load_model(f.dir, "cpu", "auto", "auto", "auto", 2, 1));
   const at::Tensor& gate_up = whole.at("model.layers.0.mlp.gate_up_proj.weight_scale");  // [2 x 512, 1]
