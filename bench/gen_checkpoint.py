@@ -2,7 +2,7 @@
 """Writes a bf16 checkpoint of random values in a real model's shapes (no network needed).
 
     gen_checkpoint.py OUT_DIR [--shape dense|moe|many] [--layers N] [--seed 0] [--shard-gb 2]
-                      [size flags of the shape, below]
+                      [--block-fp8] [size flags of the shape, below]
 
 Shapes:
   dense  Llama-3-8B (LlamaForCausalLM): --hidden 4096 --intermediate 14336 --heads 32
@@ -16,6 +16,12 @@ Shapes:
          intermediate 64, 4 heads, vocab 32000, --layers 52 (the default): 20 158 tensors, 0.68 GB.
   --hidden, --intermediate, --moe-intermediate, --experts, --heads, --vocab override a shape's sizes.
 
+--block-fp8 writes the same values (same seed, same draws) quantized to 128x128 block fp8 by the
+tests' reference quantizer (tests/fixtures/fp8_quant.py): every linear weight as float8_e4m3fn plus
+its float32 `weight_scale_inv`, config.json's quantization_config saying so; embeddings, norms,
+lm_head, MoE routers and DeepSeek-V2's kv_b_proj (which loadkit keeps 16-bit) stay bf16. So a
+block-fp8 checkpoint of seed S is the bf16 checkpoint of seed S quantized offline.
+
 Random values are drawn on the GPU where there is one; files are written tensor by tensor
 (safetensors layout: 8-byte header length, JSON header, data), so memory stays one tensor.
 Skips the work when OUT_DIR already holds a checkpoint of the same settings.
@@ -24,8 +30,27 @@ import argparse
 import json
 import os
 import struct
+import sys
 
 import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures"))
+from fp8_quant import block_quantization_config, quantize_block_fp8  # noqa: E402
+
+BLOCK = (128, 128)
+KEEP_BF16 = ("embed_tokens", "lm_head", "norm", "mlp.gate.", "kv_b_proj")
+
+
+def block_fp8_entries(names_shapes):
+    """(name, shape, dtype) of the block-fp8 checkpoint: each quantizable weight followed by its scales."""
+    out = []
+    for name, shape in names_shapes:
+        if len(shape) == 2 and name.endswith(".weight") and not any(k in name for k in KEEP_BF16):
+            out.append((name, shape, "F8_E4M3"))
+            out.append((name + "_scale_inv", (-(-shape[0] // BLOCK[0]), -(-shape[1] // BLOCK[1])), "F32"))
+        else:
+            out.append((name, shape, "BF16"))
+    return out
 
 SHAPES = {
     "dense": dict(layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=128256),
@@ -108,23 +133,34 @@ def moe_model(s):
     return config, shapes
 
 
-def write_shard(path, names_shapes, draw):
+ELEMENT_BYTES = {"BF16": 2, "F8_E4M3": 1, "F32": 4}
+
+
+def write_shard(path, entries, draw):
     """One safetensors file, tensor by tensor: the header first (every offset is known from the
-    shapes), then each tensor's bytes as it is drawn."""
+    shapes), then each tensor's bytes as it is drawn. `entries`: (name, shape, dtype); an F8_E4M3
+    weight is a bf16 draw quantized in blocks, and its F32 scales (the next entry) come with it."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, shape in names_shapes:
-        n = 2
+    for name, shape, dtype in entries:
+        n = ELEMENT_BYTES[dtype]
         for d in shape:
             n *= d
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    scales = None
     with open(path + ".tmp", "wb") as f:
         f.write(struct.pack("<Q", len(text)))
         f.write(text)
-        for name, shape in names_shapes:
-            draw(shape).view(torch.uint8).numpy().tofile(f)
+        for name, shape, dtype in entries:
+            if dtype == "F32":
+                t, scales = scales, None
+            elif dtype == "F8_E4M3":
+                t, scales = quantize_block_fp8(draw(shape), BLOCK)
+            else:
+                t = draw(shape)
+            t.cpu().contiguous().view(torch.uint8).numpy().tofile(f)
     os.replace(path + ".tmp", path)
 
 
@@ -137,13 +173,14 @@ def main():
         ap.add_argument("--" + size, type=int)
     ap.add_argument("--shard-gb", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--block-fp8", action="store_true")
     a = ap.parse_args()
     sizes = dict(SHAPES[a.shape])
     for key in sizes:
         value = getattr(a, key, None)
         if value is not None:
             sizes[key] = value
-    settings = {"shape": a.shape, "sizes": sizes, "shard_gb": a.shard_gb, "seed": a.seed}
+    settings = {"shape": a.shape, "sizes": sizes, "shard_gb": a.shard_gb, "seed": a.seed, "block_fp8": a.block_fp8}
     stamp = os.path.join(a.out, "bench_settings.json")
     if os.path.exists(stamp) and json.load(open(stamp)) == settings:
         return
@@ -157,24 +194,27 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator(device=device).manual_seed(a.seed)
 
-    def draw(shape):
-        return (torch.randn(shape, generator=gen, device=device) * 0.02).to(torch.bfloat16).cpu()
+    def draw(shape):  # on the device: a block-fp8 checkpoint quantizes there
+        return (torch.randn(shape, generator=gen, device=device) * 0.02).to(torch.bfloat16)
 
+    entries = block_fp8_entries(shapes) if a.block_fp8 else [(n, shape, "BF16") for n, shape in shapes]
     limit = int(a.shard_gb * 2**30)
     shards, current, size = [], [], 0
-    for name, shape in shapes:
-        n = 2 * torch.Size(shape).numel()
-        if current and size + n > limit:
+    for name, shape, dtype in entries:
+        n = ELEMENT_BYTES[dtype] * torch.Size(shape).numel()
+        if current and size + n > limit and dtype != "F32":  # scales stay in their weight's file
             shards.append(current)
             current, size = [], 0
-        current.append((name, shape))
+        current.append((name, shape, dtype))
         size += n
     shards.append(current)
     weight_map = {}
     for i, shard in enumerate(shards):
         file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         write_shard(os.path.join(a.out, file), shard, draw)
-        weight_map.update({name: file for name, _ in shard})
+        weight_map.update({name: file for name, _, _ in shard})
+    if a.block_fp8:
+        config["quantization_config"] = block_quantization_config(BLOCK)
     json.dump({"metadata": {}, "weight_map": weight_map}, open(os.path.join(a.out, "model.safetensors.index.json"), "w"))
     json.dump(config, open(os.path.join(a.out, "config.json"), "w"), indent=2)
     json.dump(settings, open(stamp, "w"))

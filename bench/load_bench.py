@@ -3,7 +3,7 @@
 loaders measured in the same run.
 
     load_bench.py --build BUILD --work DIR --out DIR [--shapes moe,dense32,many,dense8]
-                  [--rows probe,load,reload,update,peers] [--peers LIST] [--repeats 3]
+                  [--rows probe,load,reload,update,blockfp8,peers] [--peers LIST] [--repeats 3]
                   [--budget-s 500] [--plain-path] [--cold] [--sweep] [--smoke]
     load_bench.py --report-only bench.json --out DIR      (the tables and plot again)
 
@@ -25,6 +25,10 @@ time budget cuts the peers of the last shapes rather than loadkit's own rows):
            extra device memory, the stream's profile and the time before and after the stream
   update   update from tensors already on the device (a colocated trainer's) against
            device-to-device copies of the same bytes; host time per tensor; validation alone
+  blockfp8 pre-quantized 128x128 block-fp8 checkpoints of A and B (gen_checkpoint.py --block-fp8:
+           the same values quantized): reload fp8 -> fp8 (rate against the bf16 reload's), and the
+           RL sync: bf16 B's tensors on the device into the model loaded from fp8 A, quantized
+           as they arrive (not for "many": DeepSeek-V2 at toy sizes has no whole 128-blocks)
   peers    InstantTensor, fastsafetensors, the Run:ai streamer, safetensors and transformers
            (bench/peers.py, a fresh process each: first load and best of the rest); a peer that
            cannot be imported is reported as missing, never left out
@@ -190,7 +194,7 @@ def measure_ceilings(repeats):
     return row("pinned_h2d_ceiling", n, h2d), row("d2d_ceiling", n, d2d)
 
 
-def loadkit_rows(a, shape, A, B, nbytes, budget, results, profile):
+def loadkit_rows(a, shape, A, B, nbytes, budget, results, profile, fp8_dirs=None):
     build = a.build
 
     def loads():
@@ -253,6 +257,25 @@ def loadkit_rows(a, shape, A, B, nbytes, budget, results, profile):
     if "update" in a.rows and budget.allows(f"{shape} update"):
         guarded(results, "loadkit_update_from_device_bf16", update)
         log(shape, "update done")
+    if "blockfp8" in a.rows and fp8_dirs and budget.allows(f"{shape} blockfp8"):
+        A8, B8 = fp8_dirs
+
+        def block_fp8_reload():
+            r = bench_tool(build, ["reload", "--model", A8, "--from", B8, "--quantization", "auto",
+                                   "--repeats", str(max(a.repeats, 3))])["reload"]
+            results.append(row("loadkit_reload_block_fp8", r["bytes"], r["seconds"],
+                               peak_extra_device_bytes=r["peak_extra_device_bytes"], pointers_stable=r["pointers_stable"]))
+
+        def block_fp8_sync():
+            u = bench_tool(build, ["update", "--model", A8, "--from", B, "--quantization", "auto",
+                                   "--repeats", str(max(a.repeats, 3))])["update"]
+            results.append(row("loadkit_sync_bf16_to_block_fp8", u["bytes"], u["seconds"],
+                               peak_extra_device_bytes=u["peak_extra_device_bytes"], pointers_stable=u["pointers_stable"],
+                               tensors=u["tensors"], host_us_per_tensor=u["host_us_per_tensor"]))
+
+        guarded(results, "loadkit_reload_block_fp8", block_fp8_reload)
+        guarded(results, "loadkit_sync_bf16_to_block_fp8", block_fp8_sync)
+        log(shape, "block fp8 done")
 
 
 def peer_rows(a, shape, A, budget, results):
@@ -286,7 +309,7 @@ def main():
     ap.add_argument("--work", help="where the checkpoints go (/dev/shm on the GPU machine)")
     ap.add_argument("--out", default=".")
     ap.add_argument("--shapes", default="moe,dense32,many,dense8")
-    ap.add_argument("--rows", default="probe,load,reload,update,peers")
+    ap.add_argument("--rows", default="probe,load,reload,update,blockfp8,peers")
     ap.add_argument("--peers", default=",".join(ALL_PEERS))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--budget-s", type=float, default=1e9)
@@ -320,7 +343,7 @@ def main():
     budget = Budget(a.budget_s)
 
     # Checkpoints first: everything after reads the same warm files.
-    dirs = {}
+    dirs, fp8_dirs = {}, {}
     for s in shapes:
         spec = SHAPES[s]
         A = os.path.join(a.work, s, "a")
@@ -334,6 +357,13 @@ def main():
             warm(d)
         dirs[s] = (A, B)
         log("checkpoint", s, f"{checkpoint_bytes(A) / 1e9:.2f} GB")
+        if "blockfp8" in a.rows and s != "many":
+            pairs = ((A + "_fp8", 0), (B + "_fp8", 1)) if spec["twin"] else ((A + "_fp8", 0),)
+            for d, seed in pairs:
+                subprocess.run([sys.executable, os.path.join(HERE, "gen_checkpoint.py"), d, "--seed", str(seed),
+                                "--block-fp8"] + spec["args"] + smoke, check=True)
+                warm(d)
+            fp8_dirs[s] = (A + "_fp8", (B if spec["twin"] else A) + "_fp8")
 
     out = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke)", "shapes": {},
            "skipped": budget.skipped}
@@ -359,7 +389,7 @@ def main():
         nbytes = checkpoint_bytes(A)
         tensors = len(json.load(open(os.path.join(A, "model.safetensors.index.json")))["weight_map"])
         results, profile = list(ceilings), {}
-        loadkit_rows(a, s, A, B, nbytes, budget, results, profile)
+        loadkit_rows(a, s, A, B, nbytes, budget, results, profile, fp8_dirs.get(s))
         if a.sweep and s == "dense8":
             for threads in (16, 24):
                 for piece_kb in (1024, 2048, 4096):
@@ -411,6 +441,7 @@ def ratios_of(results):
 
     bf16 = by.get("loadkit_reload_bf16", {}).get("gb_per_s")
     ratio("fp8_reload_vs_bf16_reload", "loadkit_reload_fp8", bf16)
+    ratio("block_fp8_reload_vs_bf16_reload", "loadkit_reload_block_fp8", bf16)
     ratio("bf16_reload_vs_pinned_h2d", "loadkit_reload_bf16", h2d)
     ratio("update_vs_d2d", "loadkit_update_from_device_bf16", d2d)
     ratio("in_process_load_vs_pinned_h2d", "loadkit_load_in_process", h2d)
@@ -429,6 +460,8 @@ TARGETS = [
     ("fp8 reload >= 0.9 x bf16 reload (dense 32 layers)", "dense32", "fp8_reload_vs_bf16_reload", 0.9),
     ("fp8 reload >= 0.9 x bf16 reload (dense 8 layers)", "dense8", "fp8_reload_vs_bf16_reload", 0.9),
     ("fp8 reload >= 0.9 x bf16 reload (MoE)", "moe", "fp8_reload_vs_bf16_reload", 0.9),
+    ("block-fp8 reload >= 0.9 x bf16 reload (dense 8 layers)", "dense8", "block_fp8_reload_vs_bf16_reload", 0.9),
+    ("block-fp8 reload >= 0.9 x bf16 reload (MoE)", "moe", "block_fp8_reload_vs_bf16_reload", 0.9),
     ("bf16 reload >= 0.9 x pinned H2D (dense 32 layers)", "dense32", "bf16_reload_vs_pinned_h2d", 0.9),
     ("bf16 reload >= 0.85 x pinned H2D (MoE)", "moe", "bf16_reload_vs_pinned_h2d", 0.85),
     ("update >= 0.8 x D2D (dense 32 layers)", "dense32", "update_vs_d2d", 0.8),

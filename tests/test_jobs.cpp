@@ -72,7 +72,7 @@ TEST(JobParser, DefaultsAndAJobFileWithoutFolder) {
   EXPECT_EQ(job.model.path, "m");  // relative to the current folder, where job.yaml is
   EXPECT_EQ(job.model.dtype, "auto");
   EXPECT_EQ(job.model.device, "cpu");
-  EXPECT_EQ(job.model.quantization, "none");
+  EXPECT_EQ(job.model.quantization, "auto");
   EXPECT_EQ(job.model.tp_size, 1);
   EXPECT_EQ(job.model.load_format, "auto");
 }

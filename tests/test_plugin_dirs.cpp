@@ -151,7 +151,8 @@ TEST(PluginDirs, ListingShowsNameVersionArchitecturesAndBuildVersions) {
   EXPECT_EQ(q["sdk_version"], "1.0.0");
   EXPECT_EQ(q["torch_version"], plugins[plugin_dir() + "/llama.so"]["torch_version"]);
   EXPECT_FALSE(q["torch_version"].get<std::string>().empty());
-  EXPECT_EQ(plugins[plugin_dir() + "/quant.so"]["quantization_methods"], nlohmann::json::array({"fp8", "int8"}));
+  EXPECT_EQ(plugins[plugin_dir() + "/quant.so"]["quantization_methods"],
+            nlohmann::json::array({"fp8", "compressed-tensors", "int8"}));
   // The text form carries the same facts.
   auto text = run_cli({"plugins", "list", "--plugin-dir", plugin_dir()});
   ASSERT_EQ(text.code, 0);

@@ -1,6 +1,9 @@
 // Online quantization of 16/32-bit checkpoints, provided to every architecture
 // through the registry: `fp8` (per-tensor dynamic e4m3 weights, at::_scaled_mm
-// on Hopper) and `int8` (weight-only, per output channel).
+// on Hopper) and `int8` (weight-only, per output channel). A checkpoint that is
+// already fp8 (config.json's quantization_config says quant_method "fp8") is
+// served under the same name by block_fp8.cpp, as vLLM's Fp8Config serves both;
+// llm-compressor's fp8 checkpoints by compressed_tensors.cpp.
 //
 // Both write straight into a reload's kernel tensors when given them. The
 // arithmetic is fixed, whatever the device, so that a GPU and a CPU quantize to
@@ -36,6 +39,8 @@
 #include <loadkit/layers/fused_moe.h>
 #include <loadkit/layers/linear.h>
 #include <loadkit/plugin.h>
+
+#include "prequantized.h"
 
 namespace {
 
@@ -385,9 +390,11 @@ class SingleMethodConfig final : public QuantConfig {
 };
 
 void register_quant(Registrar& registrar) {
-  registrar.add_quant_method("fp8", [](const ModelContext&) {
+  registrar.add_quant_method("fp8", [](const ModelContext& ctx) -> std::shared_ptr<QuantConfig> {
+    if (ctx.config.is_object("quantization_config")) return quant::make_block_fp8_config(ctx);
     return std::make_shared<SingleMethodConfig<Fp8LinearMethod, Fp8MoEMethod>>("fp8");
   });
+  registrar.add_quant_method("compressed-tensors", quant::make_compressed_tensors_config);
   registrar.add_quant_method("int8", [](const ModelContext&) {
     return std::make_shared<SingleMethodConfig<Int8LinearMethod, Int8MoEMethod>>("int8");
   });

@@ -169,7 +169,8 @@ class Model:
             os.listdir returns them, included).
         device: "cpu", "cuda", "cuda:N" or a torch.device.
         dtype: "auto" (the checkpoint's), "float32", "bfloat16", "float16" or a torch.dtype.
-        quantization: "none", "fp8", "int8" or a method a plugin provides.
+        quantization: "auto" (the checkpoint's own quantization_config, "none" for a 16-bit
+            checkpoint), "none", "fp8", "int8" or a method a plugin provides.
         load_format: "auto", "safetensors", "sharded" or "dummy" (random weights).
         plugin_dirs: directories searched for plugins first; then LOADKIT_PLUGIN_PATH
             (colon-separated), then the plugins installed with loadkit (lib/loadkit/plugins next to
@@ -186,7 +187,7 @@ class Model:
     """
 
     def __init__(self, path: PathLike, device: Union[str, torch.device] = "cpu",
-                 dtype: Union[str, torch.dtype] = "auto", quantization: str = "none", load_format: str = "auto",
+                 dtype: Union[str, torch.dtype] = "auto", quantization: str = "auto", load_format: str = "auto",
                  plugin_dirs: Optional[Sequence[PathLike]] = None, tp_rank: int = 0, tp_size: int = 1) -> None:
         self._engine = _loadkit.Engine(_path(path), str(device), _dtype_name(dtype), quantization, load_format,
                                        _paths(plugin_dirs), tp_rank, tp_size)

@@ -23,7 +23,7 @@ constexpr const char* kUsage =
     "  run            JOB.yaml   (steps: load, logits, reload, verify, save_sharded, report; see configs/)\n"
     "  save-sharded   --model DIR --out DIR2 [--max-part-size BYTES] [common]\n"
     "common: --plugin-dir D --device cpu|cuda|cuda:N --dtype float32|bfloat16|float16\n"
-    "        --quantization none|fp8|int8 --tp-size N --load-format auto|safetensors|sharded|dummy\n"
+    "        --quantization auto|none|fp8|int8 --tp-size N --load-format auto|safetensors|sharded|dummy\n"
     "        --log-level trace|debug|info|warn|error --sharded-pattern P (default model-rank-{rank}-part-{part}.safetensors)\n";
 
 int report(const loadkit::Failure& failure) {

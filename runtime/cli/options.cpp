@@ -20,7 +20,7 @@ void add_common(po::options_description& desc, CommonOptions& common) {
   desc.add_options()
       ("device", po::value(&load.device)->default_value("cpu"), "cpu|cuda|cuda:N")
       ("dtype", po::value(&load.dtype)->default_value("auto"), "auto|float32|bfloat16|float16")
-      ("quantization", po::value(&load.quantization)->default_value("none"), "none|fp8|int8")
+      ("quantization", po::value(&load.quantization)->default_value("auto"), "auto|none|fp8|int8")
       ("tp-size", po::value(&load.tp_size)->default_value(1), "tensor parallel ranks")
       ("load-format", po::value(&load.load_format)->default_value("auto"), "auto|safetensors|sharded|dummy")
       ("sharded-pattern", po::value(&load.sharded_pattern)->default_value(load.sharded_pattern),

@@ -123,6 +123,29 @@ void read_context(const LoadOptions& options, ModelContext& ctx, LoadReport& rep
   report.quantization = options.quantization;
 }
 
+/// Stage 3: the quantization method. `auto` is the checkpoint's own: config.json's
+/// quantization_config.quant_method, or none for a 16-bit checkpoint. An explicit method must
+/// agree with a pre-quantized checkpoint (its weights are in that method's format): Usage error.
+std::string quantization_method(const std::string& asked, const ModelConfig& config) {
+  std::string declared;
+  if (config.has("quantization_config")) declared = config.get_object("quantization_config").get_string("quant_method");
+  if (asked == "auto") return declared.empty() ? "none" : declared;
+  if (!declared.empty() && asked != declared)
+    fail(ErrorKind::Usage, "quantization '", asked, "' was asked for, but ", config.origin(),
+         " is already quantized (quantization_config.quant_method '", declared, "'): load it with quantization auto or ",
+         declared);
+  return asked;
+}
+
+/// Whether a reload source declares a quantization (its config.json has quantization_config):
+/// its weights must then be quantized already; otherwise 16-bit weights are quantized as they arrive.
+bool declares_quantization(const std::string& dir) {
+  const fs::path config = fs::path(dir) / "config.json";
+  std::error_code ec;
+  if (!fs::is_regular_file(config, ec)) return false;
+  return ModelConfig::from_file(config.string()).has("quantization_config");
+}
+
 /// Where a load's weights come from.
 struct LoadSource {
   bool sharded = false;  ///< this rank's kernel-format state (copied over the processed model)
@@ -220,7 +243,8 @@ std::unique_ptr<LoadedModel> LoadedModel::load(const LoadOptions& options, const
   // 3. The plugin, the quantization and room on the device, before any tensor exists: a failure
   //    leaves nothing partial behind.
   report.plugin = registry.provider(report.architecture).path;
-  if (options.quantization != "none") s.ctx.quant = registry.create_quant(options.quantization, s.ctx);
+  report.quantization = quantization_method(options.quantization, s.ctx.config);
+  if (report.quantization != "none") s.ctx.quant = registry.create_quant(report.quantization, s.ctx);
   if (source.files) check_fits(*source.files, s.ctx);
   clock.lap("open and validate");
   auto stream = start_stream(source, s.ctx.device);  // 4. readers start while the model is built
@@ -315,6 +339,7 @@ const LoadReport& LoadedModel::reload(const std::string& source_dir, bool proces
   if (!files.ignored_files.empty()) log::info(safetensors::ignored_files_note(files));
   start_measuring(s.ctx.device, s.allocated_at_start);
   ReloadStats stats;
+  if (s.ctx.quant) s.ctx.quant->set_quantize_on_arrival(!declares_quantization(dir));
   std::vector<std::string> written;
   report_.written_modules.clear();
   report_.error.clear();
@@ -348,6 +373,7 @@ const LoadReport& LoadedModel::reload(const std::string& source_dir, bool proces
 void LoadedModel::begin_update(Rollback rollback) {
   State& s = *state_;
   s.reload->begin_update(rollback);
+  if (s.ctx.quant) s.ctx.quant->set_quantize_on_arrival(true);  // a trainer's weights, whatever their dtype
   s.update_start = Clock::now();
   s.update_bytes = 0;
   report_.tensors = 0;
@@ -365,6 +391,7 @@ void LoadedModel::update(const std::vector<NamedWeight>& chunk, Borrowed borrowe
 void LoadedModel::validate_update(const std::vector<NamedWeight>& planned, bool complete) {
   c10::AutoGradMode no_grad(false);
   State& s = *state_;
+  if (s.ctx.quant) s.ctx.quant->set_quantize_on_arrival(true);
   s.reload->validate_update(planned, s.loader(), complete);
 }
 

@@ -138,7 +138,9 @@ void initialize_dummy_weights(Module& root, uint64_t seed) {
   at::manual_seed(seed);
   for (auto& [name, p] : root.named_parameters()) {
     at::Tensor& data = p->data;
-    if (at::isFloatingType(data.scalar_type())) {
+    if (data.scalar_type() == at::kFloat8_e4m3fn || data.scalar_type() == at::kFloat8_e5m2) {
+      data.copy_(at::empty(data.sizes(), data.options().dtype(at::kFloat)).uniform_(-1e-3, 1e-3));  // no fp8 uniform_
+    } else if (at::isFloatingType(data.scalar_type())) {
       data.uniform_(-1e-3, 1e-3);
     } else {
       data.zero_();

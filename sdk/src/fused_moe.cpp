@@ -75,18 +75,37 @@ FusedMoE::FusedMoE(const FusedMoEOptions& options, const ModelContext& ctx)
                           ShardingInfo{.input_dim = 2, .tp_rank = ctx.tp_rank, .tp_size = ctx.tp_size}, ctx);
 }
 
-int64_t FusedMoE::load(Parameter& param, const at::Tensor& loaded, const ShardId& shard) const {
+WeightLoader FusedMoE::block_loader(int64_t block_rows, int64_t block_cols) const {
+  // Checked when a tensor arrives: the loader's error then names the parameter.
+  return [this, block_rows, block_cols](Parameter& param, const at::Tensor& loaded, const ShardId& shard) {
+    if (ctx_.tp_size > 1 && (shape_.intermediate_size % block_rows != 0 || shape_.intermediate_size % block_cols != 0))
+      fail(ErrorKind::Usage, "tensor parallel size ", ctx_.tp_size, " cuts a ", block_rows, "x", block_cols,
+           " quantization block of FusedMoE's expert intermediate size (", shape_.intermediate_size,
+           " per rank); block-quantized experts need every rank's slice to be whole blocks");
+    return load(param, loaded, shard, block_rows, block_cols);
+  };
+}
+
+int64_t FusedMoE::load(Parameter& param, const at::Tensor& loaded, const ShardId& shard, int64_t unit_rows,
+                       int64_t unit_cols) const {
   if (shard.empty()) {  // the stacked tensor itself (a per-rank checkpoint in this layout)
     check_shape(loaded, param.data.sizes(), "the stacked expert weight");
     param.data.copy_(loaded);
     return param.data.numel();
   }
-  const int64_t e = shard.expert, inter = shape_.intermediate_size, hidden = shape_.hidden_size;
-  const int64_t total = options_.intermediate_size, begin = ctx_.tp_rank * inter, experts = shape_.num_experts;
+  // Sizes in the parameter's units (1 x 1: the weight's elements; a block: see block_loader). A rank's
+  // slice of I is whole units whenever it is a slice (block_loader checked), so it starts at rank * size.
+  auto units = [](int64_t size, int64_t unit) { return (size + unit - 1) / unit; };
+  const int64_t e = shard.expert, experts = shape_.num_experts;
+  const int64_t inter = units(shape_.intermediate_size, unit_rows), hidden = units(shape_.hidden_size, unit_cols);
+  const int64_t total = units(options_.intermediate_size, unit_rows), begin = ctx_.tp_rank * inter;
+  // w2 [E, H, I]: H in rows, I in columns.
+  const int64_t w2_hidden = units(shape_.hidden_size, unit_rows), w2_inter = units(shape_.intermediate_size, unit_cols);
+  const int64_t w2_total = units(options_.intermediate_size, unit_cols), w2_begin = ctx_.tp_rank * w2_inter;
   if (e < 0 && (shard.name == "w13" || shard.name == "w2")) {
     // All experts in one tensor, as transformers 5 keeps them: gate_up_proj [E, 2I, H] (gate rows
     // first), down_proj [E, H, I].
-    if (param.data.dim() != 3 || param.data.size(1) != (shard.name == "w13" ? 2 * inter : hidden))
+    if (param.data.dim() != 3 || param.data.size(1) != (shard.name == "w13" ? 2 * inter : w2_hidden))
       fail(ErrorKind::Input, "stacked experts '", shard.name, "' do not belong to a parameter of shape ",
            shape_str(param.data.sizes()));
     if (shard.name == "w13") {
@@ -94,8 +113,8 @@ int64_t FusedMoE::load(Parameter& param, const at::Tensor& loaded, const ShardId
       param.data.narrow(1, 0, inter).copy_(loaded.narrow(1, begin, inter));
       param.data.narrow(1, inter, inter).copy_(loaded.narrow(1, total + begin, inter));
     } else {
-      check_shape(loaded, {experts, hidden, total}, "the stacked expert down projections");
-      param.data.copy_(loaded.narrow(2, begin, inter));
+      check_shape(loaded, {experts, w2_hidden, w2_total}, "the stacked expert down projections");
+      param.data.copy_(loaded.narrow(2, w2_begin, w2_inter));
     }
     return param.data.numel();
   }

@@ -31,6 +31,15 @@ int64_t split_size(int64_t total, int tp_size, const char* what) {
   return total / tp_size;
 }
 
+int64_t blocks(int64_t size, int64_t unit) { return (size + unit - 1) / unit; }
+
+/// Fails (Usage) unless a rank's slice of `size` elements, split over ranks, falls on block boundaries.
+void check_block_split(int64_t size, int64_t unit, const ModelContext& ctx, const std::string& what) {
+  if (size % unit != 0)
+    fail(ErrorKind::Usage, "tensor parallel size ", ctx.tp_size, " cuts a ", unit, "-element quantization block of ",
+         what, " (", size, " per rank); block-quantized weights need every rank's slice to be whole blocks");
+}
+
 /// The shape a checkpoint tensor must have: `param_shape` with dim `dim` replaced by `full`.
 std::vector<int64_t> full_shape(at::IntArrayRef param_shape, int64_t dim, int64_t full) {
   std::vector<int64_t> shape(param_shape.begin(), param_shape.end());
@@ -54,6 +63,7 @@ LinearBase::LinearBase(std::string type_name, const ModelContext& ctx, LinearSha
 
 void LinearBase::create(WeightLoader weight_loader, ShardingInfo weight_sharding, WeightLoader bias_loader,
                         ShardingInfo bias_sharding, bool bias) {
+  output_row_loader_ = bias_loader;
   method_->create_weights(*this, shape_, std::move(weight_loader), weight_sharding, ctx_);
   if (bias) add_parameter("bias", at::empty({shape_.output_size}, ctx_.options()), std::move(bias_loader), bias_sharding);
 }
@@ -68,6 +78,13 @@ at::Tensor LinearBase::forward(const at::Tensor& x) {
 
 void LinearBase::process_weights_after_loading(const KernelTargets& targets) {
   method_->process_weights_after_loading(*this, targets);
+}
+
+WeightLoader LinearBase::block_loader(int64_t, int64_t) { return default_weight_loader(); }
+
+size_t LinearBase::part_of(const ShardId& shard) const {
+  if (!shard.empty()) fail(ErrorKind::Input, "parameter takes no shard id, got '", shard.str(), "'");
+  return 0;
 }
 
 // ------------------------------------------------------ ColumnParallelLinear
@@ -95,36 +112,57 @@ ColumnParallelLinear::ColumnParallelLinear(std::string type_name, int64_t input_
       layout_(std::move(layout)) {
   ShardingInfo sharding{.output_dim = 0, .input_dim = 1, .tp_rank = ctx.tp_rank, .tp_size = ctx.tp_size};
   ShardingInfo bias_sharding{.output_dim = 0, .tp_rank = ctx.tp_rank, .tp_size = ctx.tp_size};
-  // Dispatches to the most derived load() at call time (after construction).
-  auto loader = [this](Parameter& p, const at::Tensor& loaded, const ShardId& shard) { return load(p, loaded, shard); };
+  // Dispatches to the most derived part_of() at call time (after construction).
+  auto loader = [this](Parameter& p, const at::Tensor& loaded, const ShardId& shard) { return load(p, loaded, shard, 1); };
   create(loader, sharding, loader, bias_sharding, options.bias);
 }
 
-int64_t ColumnParallelLinear::load_part(Parameter& param, const at::Tensor& loaded, size_t index) {
-  const int64_t size = layout_.rank_sizes[index];
-  const int64_t offset =
-      std::accumulate(layout_.rank_sizes.begin(), layout_.rank_sizes.begin() + index, int64_t{0});
-  check_shape(loaded, full_shape(param.data.sizes(), 0, layout_.total_sizes[index]), "parameter (all ranks)");
+WeightLoader ColumnParallelLinear::block_loader(int64_t block_rows, int64_t) {
+  // Checked when a tensor arrives, not here: the loader's error then names the parameter.
+  return [this, block_rows](Parameter& p, const at::Tensor& loaded, const ShardId& shard) {
+    for (size_t i = 0; i < layout_.total_sizes.size(); ++i)
+      if (layout_.rank_sizes[i] != layout_.total_sizes[i])
+        check_block_split(layout_.rank_sizes[i], block_rows, ctx_, cat(type_name(), " output part ", i));
+    return load(p, loaded, shard, block_rows);
+  };
+}
+
+int64_t ColumnParallelLinear::load(Parameter& param, const at::Tensor& loaded, const ShardId& shard, int64_t unit) {
+  const size_t part = part_of(shard);
+  return part == kFused ? load_fused(param, loaded, unit) : load_part(param, loaded, part, unit);
+}
+
+int64_t ColumnParallelLinear::load_part(Parameter& param, const at::Tensor& loaded, size_t index, int64_t unit) {
+  // In units: a part's rows round up to whole units, and a split part is whole units per rank
+  // (block_loader checked it), so this rank's slice starts at shard_index * its size.
+  const int64_t size = blocks(layout_.rank_sizes[index], unit);
+  int64_t offset = 0;
+  for (size_t i = 0; i < index; ++i) offset += blocks(layout_.rank_sizes[i], unit);
+  check_shape(loaded, full_shape(param.data.sizes(), 0, blocks(layout_.total_sizes[index], unit)),
+              "parameter (all ranks)");
   at::Tensor dst = param.data.narrow(0, offset, size);
   dst.copy_(loaded.narrow(0, layout_.shard_index[index] * size, size));
   return dst.numel();
 }
 
-int64_t ColumnParallelLinear::load_fused(Parameter& param, const at::Tensor& loaded) {
+int64_t ColumnParallelLinear::load_fused(Parameter& param, const at::Tensor& loaded, int64_t unit) {
   const auto& totals = layout_.total_sizes;
-  const int64_t total = std::accumulate(totals.begin(), totals.end(), int64_t{0});
+  int64_t total = 0;
+  for (size_t i = 0; i < totals.size(); ++i) {
+    // One tensor holds every part: its blocks run across part boundaries unless each part but the
+    // last fills whole blocks, and then it cannot be cut into the parts' own blocks.
+    if (unit > 1 && i + 1 < totals.size() && totals[i] % unit != 0)
+      fail(ErrorKind::Input, "a fused tensor's block scales cannot be split into its parts: part ", i, " has ",
+           totals[i], " rows, not a multiple of the ", unit, "-row block");
+    total += blocks(totals[i], unit);
+  }
   check_shape(loaded, full_shape(param.data.sizes(), 0, total), "fused parameter (all ranks)");
   int64_t written = 0, start = 0;
   for (size_t i = 0; i < totals.size(); ++i) {
-    written += load_part(param, loaded.narrow(0, start, totals[i]), i);
-    start += totals[i];
+    written += load_part(param, loaded.narrow(0, start, blocks(totals[i], unit)), i, unit);
+    start += blocks(totals[i], unit);
   }
   return written;
-}
-
-int64_t ColumnParallelLinear::load(Parameter& param, const at::Tensor& loaded, const ShardId& shard) {
-  if (!shard.empty()) fail(ErrorKind::Input, "parameter takes no shard id, got '", shard.str(), "'");
-  return load_part(param, loaded, 0);
 }
 
 MergedColumnParallelLinear::MergedColumnParallelLinear(int64_t input_size, std::vector<int64_t> output_sizes,
@@ -132,10 +170,10 @@ MergedColumnParallelLinear::MergedColumnParallelLinear(int64_t input_size, std::
     : ColumnParallelLinear("MergedColumnParallelLinear", input_size, even_layout(std::move(output_sizes), ctx), ctx,
                            options) {}
 
-int64_t MergedColumnParallelLinear::load(Parameter& param, const at::Tensor& loaded, const ShardId& shard) {
-  if (shard.empty()) return load_fused(param, loaded);
+size_t MergedColumnParallelLinear::part_of(const ShardId& shard) const {
+  if (shard.empty()) return kFused;
   for (size_t i = 0; i < layout_.total_sizes.size(); ++i)
-    if (shard.expert < 0 && shard.name == std::to_string(i)) return load_part(param, loaded, i);
+    if (shard.expert < 0 && shard.name == std::to_string(i)) return i;
   fail(ErrorKind::Input, "unknown shard id '", shard.str(), "' for a merged linear of ", layout_.total_sizes.size(),
        " parts");
 }
@@ -169,11 +207,11 @@ QKVParallelLinear::QKVParallelLinear(int64_t hidden_size, int64_t head_size, int
                            qkv_layout(head_size, total_num_heads, total_num_kv_heads, ctx), ctx, options),
       head_size_(head_size) {}
 
-int64_t QKVParallelLinear::load(Parameter& param, const at::Tensor& loaded, const ShardId& shard) {
-  if (shard.empty()) return load_fused(param, loaded);
+size_t QKVParallelLinear::part_of(const ShardId& shard) const {
+  if (shard.empty()) return kFused;
   static const char* names[] = {"q", "k", "v"};
   for (size_t i = 0; i < 3; ++i)
-    if (shard.expert < 0 && shard.name == names[i]) return load_part(param, loaded, i);
+    if (shard.expert < 0 && shard.name == names[i]) return i;
   fail(ErrorKind::Input, "unknown shard id '", shard.str(), "' for a qkv linear (want q, k or v)");
 }
 
@@ -184,16 +222,27 @@ RowParallelLinear::RowParallelLinear(int64_t input_size, int64_t output_size, co
     : LinearBase("RowParallelLinear", ctx,
                  {split_size(input_size, ctx.tp_size, "a row-parallel input size"), output_size}, options) {
   bias_after_reduce_ = true;
-  const int64_t full_input = input_size;
-  auto weight_loader = [this, full_input](Parameter& p, const at::Tensor& loaded, const ShardId& shard) -> int64_t {
-    if (!shard.empty()) fail(ErrorKind::Input, "parameter takes no shard id, got '", shard.str(), "'");
-    check_shape(loaded, full_shape(p.data.sizes(), 1, full_input), "parameter (all ranks)");
-    const int64_t size = shape_.input_size;
-    p.data.copy_(loaded.narrow(1, ctx_.tp_rank * size, size));
-    return p.data.numel();
+  full_input_ = input_size;
+  auto weight_loader = [this](Parameter& p, const at::Tensor& loaded, const ShardId& shard) {
+    return load(p, loaded, shard, 1);
   };
   ShardingInfo sharding{.output_dim = 0, .input_dim = 1, .tp_rank = ctx.tp_rank, .tp_size = ctx.tp_size};
   create(weight_loader, sharding, default_weight_loader(), {}, options.bias);
+}
+
+int64_t RowParallelLinear::load(Parameter& p, const at::Tensor& loaded, const ShardId& shard, int64_t unit_cols) const {
+  if (!shard.empty()) fail(ErrorKind::Input, "parameter takes no shard id, got '", shard.str(), "'");
+  check_shape(loaded, full_shape(p.data.sizes(), 1, blocks(full_input_, unit_cols)), "parameter (all ranks)");
+  const int64_t size = blocks(shape_.input_size, unit_cols);
+  p.data.copy_(loaded.narrow(1, ctx_.tp_rank * size, size));
+  return p.data.numel();
+}
+
+WeightLoader RowParallelLinear::block_loader(int64_t, int64_t block_cols) {
+  return [this, block_cols](Parameter& p, const at::Tensor& loaded, const ShardId& shard) {
+    if (ctx_.tp_size > 1) check_block_split(shape_.input_size, block_cols, ctx_, "RowParallelLinear's input");
+    return load(p, loaded, shard, block_cols);
+  };
 }
 
 at::Tensor RowParallelLinear::finish(at::Tensor y) {

@@ -207,4 +207,10 @@ std::string ModelConfig::qualified(std::string_view key) const { return qualifie
 
 std::string ModelConfig::dump() const { return impl_->value.dump(); }
 
+std::vector<std::string> ModelConfig::keys() const {
+  std::vector<std::string> out;
+  for (auto it = impl_->value.begin(); it != impl_->value.end(); ++it) out.push_back(it.key());
+  return out;
+}
+
 }  // namespace loadkit

@@ -26,7 +26,7 @@ Registry& build_registry();
 /// Loads `dir` through the C++ API (as tensor-parallel rank `tp_rank` of `tp_size`: its shard,
 /// no process group).
 std::unique_ptr<LoadedModel> load_model(const std::string& dir, const std::string& device = "cpu",
-                                        const std::string& quant = "none", const std::string& dtype = "auto",
+                                        const std::string& quant = "auto", const std::string& dtype = "auto",
                                         const std::string& format = "auto", int tp_size = 1, int tp_rank = 0);
 
 /// transformers' float32 logits stored with the fixture.

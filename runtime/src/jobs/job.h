@@ -12,7 +12,7 @@
 ///   path: ${LOADKIT_FIXTURES}/llama_fp32_gqa_sharded   # relative paths: against the job file's folder
 ///   dtype: float32          # auto|float32|bfloat16|float16
 ///   device: cpu             # cpu|cuda|cuda:N
-///   quantization: none      # none or a method a plugin provides (fp8, int8)
+///   quantization: auto      # auto (the checkpoint's own), none, or a method a plugin provides (fp8, int8)
 ///   tp_size: 1
 ///   load_format: auto       # auto|safetensors|sharded|dummy
 /// plugin_dirs: [plugins]    # searched before LOADKIT_PLUGIN_PATH and the default
@@ -42,7 +42,7 @@ struct ModelSpec {
   std::string path;
   std::string dtype = "auto";
   std::string device = "cpu";
-  std::string quantization = "none";
+  std::string quantization = "auto";
   int tp_size = 1;
   std::string load_format = "auto";
 };

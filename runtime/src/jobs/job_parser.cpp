@@ -165,7 +165,7 @@ class Parser {
     }
     if (YAML::Node n = node["quantization"]; n.IsDefined()) {
       spec.quantization = string_value(n, at, "quantization");
-      if (spec.quantization.empty()) error(mark_of(n, at), "'quantization' must not be empty (use none)");
+      if (spec.quantization.empty()) error(mark_of(n, at), "'quantization' must not be empty (use auto or none)");
     }
     if (YAML::Node n = node["tp_size"]; n.IsDefined()) {
       const int64_t tp = int_value(n, at, "tp_size");

@@ -40,6 +40,8 @@ class ModelConfig {
   std::vector<std::string> get_strings(std::string_view key) const;
   std::vector<int64_t> get_ints(std::string_view key) const;
   std::vector<double> get_doubles(std::string_view key) const;
+  /// The keys of this object, sorted (e.g. a quantization config's named groups).
+  std::vector<std::string> keys() const;
   /// A nested object (e.g. `rope_scaling`); its errors name `parent.key`.
   ModelConfig get_object(std::string_view key) const;
 

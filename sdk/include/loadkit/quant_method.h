@@ -92,6 +92,19 @@ class QuantConfig {
   /// The method for the routed experts of a FusedMoE layer the plugin marked
   /// quantizable (see layers/fused_moe.h); null: the experts stay unquantized.
   virtual std::shared_ptr<FusedMoEMethod> moe_method() { return nullptr; }
+
+  /// Quantize-on-arrival, for methods that load pre-quantized weights (block
+  /// fp8): whether their loaders take a 16/32-bit weight and quantize it as it
+  /// arrives (a trainer's bf16 weights synced into an fp8 model), or refuse it
+  /// (Input: a checkpoint whose config declares the quantization must hold
+  /// quantized weights). The host sets it before every load (off), reload (on
+  /// when the source declares no quantization) and update (on); methods read it
+  /// in their loaders. Methods that quantize online ignore it.
+  void set_quantize_on_arrival(bool on) { quantize_on_arrival_ = on; }
+  bool quantize_on_arrival() const { return quantize_on_arrival_; }
+
+ private:
+  bool quantize_on_arrival_ = false;
 };
 
 /// Plain weights in the model dtype; processing does nothing.

@@ -6,7 +6,12 @@
 /// that breaks plugins built against an earlier one; the host refuses a
 /// plugin whose SDK major differs from its own. 1.0: the decoder skeleton, the
 /// processing-scratch hooks of LinearMethod/FusedMoEMethod and loadkit::Error exported
-/// from libloadkit_sdk changed what a plugin compiles against.
+/// from libloadkit_sdk changed what a plugin compiles against. Added within 1.0
+/// (unreleased, so plugins built against an earlier 1.0 tree must be rebuilt):
+/// blocked-parameter loaders and fused-part queries of the linear layers
+/// (LinearBase::block_loader, output_parts, part_of, output_row_loader;
+/// FusedMoE::block_loader), QuantConfig's quantize-on-arrival flag (a data
+/// member: QuantConfig's layout changed) and ModelConfig::keys.
 
 #define LOADKIT_VERSION_MAJOR 1
 #define LOADKIT_VERSION_MINOR 0

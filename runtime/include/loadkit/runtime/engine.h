@@ -24,7 +24,10 @@ struct LoadOptions {
   std::string model_dir;
   std::string device = "cpu";        ///< cpu, cuda, cuda:N
   std::string dtype = "auto";        ///< auto (config's), float32, bfloat16, float16
-  std::string quantization = "none";
+  /// auto (the checkpoint's quantization_config, none for a 16-bit one), none, or a method a
+  /// plugin provides (fp8, int8); an explicit method that differs from a pre-quantized
+  /// checkpoint's is a Usage error.
+  std::string quantization = "auto";
   std::string load_format = "auto";  ///< auto, safetensors, sharded, dummy
   int tp_size = 1;
   int tp_rank = 0;

@@ -10,6 +10,12 @@
 /// [rank * I/tp, (rank + 1) * I/tp) of the intermediate dimension, as vLLM does
 /// without expert parallelism; the partial outputs are summed across ranks.
 ///
+/// Block-quantized experts (block fp8) come with blocked parameters whose entries
+/// each stand for a block of an expert's weight, as linear.h describes for linear
+/// layers: `block_loader` loads them, gate and up each starting a fresh block
+/// ([E, 2 * ceil(I / bn), ceil(H / bk)] for w13, [E, ceil(H / bn), ceil(I / bk)]
+/// for w2, per rank), and its loader refuses (Usage) a tensor-parallel split of I that cuts a block.
+///
 /// How the experts are stored (plain or quantized per expert) is a
 /// `FusedMoEMethod`'s business, chosen like a linear layer's method: through
 /// `QuantConfig::moe_method()` when the layer is quantizable.
@@ -102,12 +108,18 @@ class FusedMoE : public Module {
   const FusedMoEOptions& options() const { return options_; }
   const MoEShape& shape() const { return shape_; }
   FusedMoEMethod& method() { return *method_; }
+  const ModelContext& context() const { return ctx_; }
+  /// The loader of a blocked parameter of the experts (see the file comment), for
+  /// `FusedMoEMethod::create_weights`. Its loader fails (Usage) when a tensor-parallel split cuts a block.
+  WeightLoader block_loader(int64_t block_rows, int64_t block_cols) const;
 
  private:
   /// Expert shards "w1"/"w3" (into w13) and "w2"; "w13"/"w2" without an expert: all
   /// experts stacked (transformers 5: gate_up_proj, down_proj); without a shard id the
   /// whole per-rank stacked tensor.
-  int64_t load(Parameter& param, const at::Tensor& loaded, const ShardId& shard) const;
+  /// `unit_rows` x `unit_cols`: the parameter's entries in elements of the weight (1 x 1 for the weight itself).
+  int64_t load(Parameter& param, const at::Tensor& loaded, const ShardId& shard, int64_t unit_rows = 1,
+               int64_t unit_cols = 1) const;
 
   FusedMoEOptions options_;
   ModelContext ctx_;

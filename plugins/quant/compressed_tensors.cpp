@@ -1,0 +1,211 @@
+// compressed-tensors fp8 (llm-compressor's FP8 / FP8_DYNAMIC): `quant_method: "compressed-tensors"`
+// whose config_groups quantize Linear weights to 8-bit floats, per tensor or per output channel,
+// with dynamic per-token activations (or none: weight-only).
+//
+// Parameters, as vLLM's CompressedTensorsW8A8Fp8 names them:
+//   weight        float8_e4m3fn [N, K]
+//   weight_scale  float32, per channel [N, 1] (sharded with the weight's rows), or per tensor
+//                 [number of fused parts] (one per q/k/v or gate/up checkpoint tensor, the same
+//                 on every rank)
+// w = float32(weight) × its row's (or its part's) scale. Load format is kernel format: a reload
+// writes straight into the tensors the forward reads. The forward dequantizes to the activations'
+// dtype (every device).
+//
+// Anything else — other bit widths or types, group/block strategies, static activation scales,
+// packed formats — is a Plugin error naming the group and the scheme; an `ignore` entry that
+// names a layer the architectures quantize is refused the same way (per-layer exclusions are not
+// supported yet; lm_head and MoE routers are never quantized, so naming them changes nothing).
+
+#include "prequantized.h"
+
+#include <ATen/ATen.h>
+
+#include <regex>
+#include <string>
+#include <vector>
+
+#include <loadkit/error.h>
+#include <loadkit/layers/linear.h>
+#include <loadkit/model_context.h>
+#include <loadkit/quant_method.h>
+
+namespace loadkit::quant {
+
+namespace {
+
+/// The loader of an fp8 weight: e4m3 only (a checkpoint that declares fp8 holds fp8).
+WeightLoader fp8_only(WeightLoader inner) {
+  return [inner = std::move(inner)](Parameter& p, const at::Tensor& loaded, const ShardId& shard) -> int64_t {
+    if (loaded.scalar_type() != at::kFloat8_e4m3fn)
+      fail(ErrorKind::Input, "the weight is ", c10::toString(loaded.scalar_type()),
+           ", but the checkpoint's quantization_config (compressed-tensors fp8) says float8_e4m3fn");
+    return inner(p, loaded, shard);
+  };
+}
+
+void check_float32(const at::Tensor& loaded) {
+  if (loaded.scalar_type() != at::kFloat)
+    fail(ErrorKind::Input, "weight_scale must be float32, got ", c10::toString(loaded.scalar_type()));
+}
+
+class Fp8LinearMethod final : public LinearMethod {
+ public:
+  explicit Fp8LinearMethod(bool per_channel) : per_channel_(per_channel) {}
+  std::string name() const override { return "compressed-tensors"; }
+  bool transforms_weights() const override { return false; }
+
+  void create_weights(LinearBase& layer, const LinearShape& shape, WeightLoader loader, ShardingInfo sharding,
+                      const ModelContext& ctx) override {
+    layer.add_parameter("weight", at::empty({shape.output_size, shape.input_size}, ctx.options().dtype(at::kFloat8_e4m3fn)),
+                        fp8_only(std::move(loader)), sharding);
+    if (per_channel_) {
+      // One scale per output row: the rows shard as the weight's (block_loader in units of 1 x K).
+      WeightLoader rows = layer.block_loader(1, shape.input_size);
+      const bool row_parallel = sharding.input_dim >= 0 && shape.input_size * ctx.tp_size != shape.input_size &&
+                                layer.output_parts().size() == 1 && layer.type_name() == "RowParallelLinear";
+      WeightLoader scale_loader = [rows, row_parallel](Parameter& p, const at::Tensor& loaded, const ShardId& shard) -> int64_t {
+        check_float32(loaded);
+        if (row_parallel) {  // every rank holds every output row
+          check_shape(loaded, p.data.sizes(), "per-channel weight_scale");
+          p.data.copy_(loaded);
+          return p.data.numel();
+        }
+        return rows(p, loaded, shard);
+      };
+      layer.add_parameter("weight_scale", at::empty({shape.output_size, 1}, ctx.options().dtype(at::kFloat)),
+                          std::move(scale_loader), sharding);
+      return;
+    }
+    // One scale per fused part: shard id -> its entry; a fused tensor's scales all at once.
+    const int64_t parts = static_cast<int64_t>(layer.output_parts().size());
+    WeightLoader scale_loader = [&layer, parts](Parameter& p, const at::Tensor& loaded, const ShardId& shard) -> int64_t {
+      check_float32(loaded);
+      const size_t part = layer.part_of(shard);
+      if (part == LinearBase::kFused) {
+        if (loaded.numel() != parts)
+          fail(ErrorKind::Input, "a fused per-tensor weight_scale needs ", parts, " entries, got shape ",
+               shape_str(loaded.sizes()));
+        p.data.copy_(loaded.reshape({parts}));
+        return parts;
+      }
+      if (loaded.numel() != 1)
+        fail(ErrorKind::Input, "a per-tensor weight_scale has one entry, got shape ", shape_str(loaded.sizes()));
+      p.data.narrow(0, static_cast<int64_t>(part), 1).copy_(loaded.reshape({1}));
+      return 1;
+    };
+    layer.add_parameter("weight_scale", at::empty({parts}, ctx.options().dtype(at::kFloat)), std::move(scale_loader));
+  }
+
+  void process_weights_after_loading(LinearBase&, const KernelTargets&) override {}
+
+  at::Tensor apply(LinearBase& layer, const at::Tensor& x, const at::Tensor& bias) override {
+    const at::Tensor& q = layer.param("weight").data;
+    const at::Tensor& s = layer.param("weight_scale").data;
+    at::Tensor rows = s;
+    if (!per_channel_) {
+      const auto parts = layer.output_parts();
+      rows = s.repeat_interleave(at::tensor(parts, at::kLong).to(s.device()), 0, q.size(0)).unsqueeze(1);
+    }
+    return at::linear(x, (q.to(at::kFloat) * rows).to(x.scalar_type()), bias);
+  }
+
+ private:
+  bool per_channel_;
+};
+
+class CompressedTensorsConfig final : public QuantConfig {
+ public:
+  explicit CompressedTensorsConfig(bool per_channel) : linear_(std::make_shared<Fp8LinearMethod>(per_channel)) {}
+  std::string name() const override { return "compressed-tensors"; }
+  std::shared_ptr<LinearMethod> linear_method() override { return linear_; }
+  /// Experts stay as the checkpoint... is not served: MoE checkpoints are refused at config time.
+
+ private:
+  std::shared_ptr<LinearMethod> linear_;
+};
+
+/// "8-bit float, strategy S" and the rest of a weights/input_activations object, for messages.
+std::string scheme_of(const ModelConfig& q) {
+  return cat(q.get_int("num_bits", 0), "-bit ", q.get_string("type", "?"), ", strategy ", q.get_string("strategy", "?"),
+             q.get_bool("dynamic", false) ? ", dynamic" : ", static");
+}
+
+/// Layer names (without a model's numbering) that the architectures quantize: an ignore entry
+/// matching one of these asks for a per-layer exclusion.
+const char* const kQuantizedLayers[] = {
+    "model.layers.0.self_attn.q_proj",  "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj",
+    "model.layers.0.self_attn.o_proj",  "model.layers.0.mlp.gate_proj",    "model.layers.0.mlp.up_proj",
+    "model.layers.0.mlp.down_proj",     "model.layers.0.self_attn.qkv_proj", "model.layers.0.mlp.gate_up_proj",
+};
+
+bool excludes_a_quantized_layer(const std::string& entry) {
+  if (entry.rfind("re:", 0) == 0) {
+    std::regex pattern;
+    try {
+      pattern = std::regex(entry.substr(3));
+    } catch (const std::regex_error&) {
+      return true;  // a pattern we cannot read: refuse rather than guess
+    }
+    for (const char* layer : kQuantizedLayers)
+      if (std::regex_match(layer, pattern)) return true;
+    return false;
+  }
+  for (const char* layer : kQuantizedLayers) {
+    const std::string name = layer;
+    const std::string tail = name.substr(name.rfind('.') + 1);
+    if (entry == tail || entry.ends_with("." + tail)) return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+std::shared_ptr<QuantConfig> make_compressed_tensors_config(const ModelContext& ctx) {
+  if (!ctx.config.is_object("quantization_config"))
+    fail(ErrorKind::Usage, "compressed-tensors loads checkpoints quantized by llm-compressor: ",
+         ctx.config.origin(), " has no quantization_config");
+  const ModelConfig qc = ctx.config.get_object("quantization_config");
+  const std::string& file = qc.origin();
+  if (const std::string format = qc.get_string("format", "float-quantized");
+      format != "float-quantized" && format != "naive-quantized")
+    fail(ErrorKind::Plugin, file, ": key '", qc.qualified("format"), "' is '", format,
+         "': only float-quantized fp8 compressed-tensors checkpoints are supported");
+  if (!qc.is_object("config_groups"))
+    fail(ErrorKind::Input, file, ": key '", qc.qualified("config_groups"), "' must be an object of quantization groups");
+  const ModelConfig groups = qc.get_object("config_groups");
+  std::optional<bool> per_channel;
+  for (const std::string& name : groups.keys()) {
+    const ModelConfig g = groups.get_object(name);
+    const ModelConfig w = g.get_object("weights");
+    const std::string strategy = w.get_string("strategy", "tensor");
+    const bool fp8 = w.get_int("num_bits", 0) == 8 && w.get_string("type", "") == "float" &&
+                     (strategy == "tensor" || strategy == "channel") && !w.get_bool("dynamic", false) &&
+                     w.get_bool("symmetric", true);
+    if (!fp8)
+      fail(ErrorKind::Plugin, file, ": ", g.qualified("weights"), " is ", scheme_of(w),
+           ": this plugin serves fp8 weights (8-bit float, strategy tensor or channel, static, symmetric)");
+    if (g.has("input_activations")) {
+      const ModelConfig a = g.get_object("input_activations");
+      if (!(a.get_int("num_bits", 0) == 8 && a.get_string("type", "") == "float" &&
+            a.get_string("strategy", "") == "token" && a.get_bool("dynamic", false)))
+        fail(ErrorKind::Plugin, file, ": ", g.qualified("input_activations"), " is ", scheme_of(a),
+             ": this plugin serves dynamic per-token fp8 activations (or none)");
+    }
+    for (const std::string& target : g.get_strings("targets"))
+      if (target != "Linear")
+        fail(ErrorKind::Plugin, file, ": ", g.qualified("targets"), " names '", target, "': only Linear is supported");
+    if (per_channel && *per_channel != (strategy == "channel"))
+      fail(ErrorKind::Plugin, file, ": ", qc.qualified("config_groups"),
+           " mixes per-tensor and per-channel weights: one strategy for every layer is supported");
+    per_channel = strategy == "channel";
+  }
+  if (!per_channel) fail(ErrorKind::Input, file, ": key '", qc.qualified("config_groups"), "' has no group");
+  if (qc.has("ignore"))
+    for (const std::string& entry : qc.get_strings("ignore"))
+      if (excludes_a_quantized_layer(entry))
+        fail(ErrorKind::Plugin, file, ": key '", qc.qualified("ignore"), "' names '", entry,
+             "': leaving quantizable layers unquantized is not supported yet");
+  return std::make_shared<CompressedTensorsConfig>(*per_channel);
+}
+
+}  // namespace loadkit::quant

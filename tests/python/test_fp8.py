@@ -1,0 +1,67 @@
+#!/usr/bin/env python3
+"""Pre-quantized fp8 checkpoints from Python (ctest python.fp8 on the CPU, python.fp8_cuda on CUDA):
+quantization="auto" is the default and takes the checkpoint's own method; another method on an fp8
+checkpoint is a UsageError; a trainer's bf16 tensors synced into a block-fp8 model are quantized as
+they arrive, giving exactly a fresh load of those weights quantized offline by the fixture script's
+reference quantizer (tests/fixtures/fp8_quant.py).
+
+    test_fp8.py --device cpu|cuda [name patterns]
+"""
+import glob
+import os
+import unittest
+
+import harness
+
+harness.skip_without_module()
+
+import loadkit  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+FIXTURES = harness.fixtures()
+loadkit.set_log_level("warn")
+
+
+def tensors_of(directory, device):
+    out = {}
+    for f in sorted(glob.glob(os.path.join(directory, "*.safetensors"))):
+        out.update({k: v.to(device) for k, v in load_file(f).items()})
+    return out
+
+
+class BlockFp8(unittest.TestCase):
+    device = "cpu"
+
+    def load(self, name, **kw):
+        return loadkit.Model(FIXTURES[name]["dir"], device=self.device, **kw)
+
+    def test_auto_is_the_default_and_reads_the_checkpoint(self):
+        with self.load("llama_blockfp8") as fp8, self.load("llama_blockfp8_bf16src") as bf16:
+            self.assertEqual(fp8.report["quantization"], "fp8")
+            self.assertEqual(bf16.report["quantization"], "none")
+
+    def test_another_method_on_an_fp8_checkpoint_is_a_usage_error(self):
+        with self.assertRaises(loadkit.UsageError) as caught:
+            self.load("llama_blockfp8", quantization="int8")
+        self.assertIn("already quantized", str(caught.exception))
+
+    def test_bf16_update_equals_a_fresh_load_of_the_offline_quantization(self):
+        for name in ("llama_blockfp8", "qwen3_moe_blockfp8"):
+            with self.subTest(name):
+                target = FIXTURES[name]["reload_target"]
+                weights = tensors_of(FIXTURES[target]["dir"] + "_bf16src", self.device)
+                tokens = FIXTURES[target]["tokens"]
+                with self.load(name) as model, self.load(target) as fresh:
+                    report = model.update(weights)
+                    self.assertTrue(report["pointers_stable"])
+                    self.assertTrue(torch.equal(model.logits(tokens), fresh.logits(tokens)))
+
+
+@unittest.skipUnless(torch.cuda.is_available(), harness.CUDA_SKIP)
+class BlockFp8Cuda(BlockFp8):
+    device = "cuda"
+
+
+if __name__ == "__main__":
+    harness.main({"cpu": [BlockFp8], "cuda": [BlockFp8Cuda]})
