@@ -33,7 +33,7 @@ struct ParamRecord {
   // Per session.
   int64_t applied = 0;    ///< elements written
   int64_t validated = 0;  ///< elements the current validation counted
-  std::vector<std::string> shards;  ///< shards (ShardId::str()) validations saw, to name what is missing
+  std::vector<std::string> shards = {};  ///< shards (ShardId::str()) validations saw, to name what is missing
 };
 
 /// A loader call a transformed module keeps until all its weights are there (streamed updates).
