@@ -30,6 +30,8 @@ configure_package_config_file(${CMAKE_CURRENT_LIST_DIR}/loadkitConfig.cmake.in $
                               INSTALL_DESTINATION ${PROJECT_BINARY_DIR} INSTALL_PREFIX ${PROJECT_BINARY_DIR}
                               PATH_VARS LOADKIT_INSTALL_PLUGINDIR)
 configure_file(${CMAKE_CURRENT_LIST_DIR}/loadkitPlugin.cmake ${PROJECT_BINARY_DIR}/loadkitPlugin.cmake COPYONLY)
+configure_file(${CMAKE_CURRENT_LIST_DIR}/loadkitSharedLibstdcxx.cmake ${PROJECT_BINARY_DIR}/loadkitSharedLibstdcxx.cmake
+               COPYONLY)
 
 if(NOT LOADKIT_INSTALL)
   return()
@@ -64,5 +66,5 @@ configure_package_config_file(${CMAKE_CURRENT_LIST_DIR}/loadkitConfig.cmake.in
                               INSTALL_DESTINATION ${LOADKIT_INSTALL_CMAKEDIR}
                               PATH_VARS LOADKIT_INSTALL_PLUGINDIR)
 install(FILES ${PROJECT_BINARY_DIR}/install-package/loadkitConfig.cmake ${PROJECT_BINARY_DIR}/loadkitConfigVersion.cmake
-              ${CMAKE_CURRENT_LIST_DIR}/loadkitPlugin.cmake
+              ${CMAKE_CURRENT_LIST_DIR}/loadkitPlugin.cmake ${CMAKE_CURRENT_LIST_DIR}/loadkitSharedLibstdcxx.cmake
         DESTINATION ${LOADKIT_INSTALL_CMAKEDIR})

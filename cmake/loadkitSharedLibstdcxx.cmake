@@ -17,10 +17,16 @@
 # torch runs on) is linked by path. It must be at least as new as the
 # compiler's headers; an older one fails the link with the missing
 # GLIBCXX_ version named, not at run time.
+#
+# Installed with the SDK: loadkit_add_plugin (loadkitPlugin.cmake) links a
+# third party's plugin the same way, with loadkit_link_shared_libstdcxx.
 
 set(LOADKIT_LIBSTDCXX "" CACHE INTERNAL "what the link names for libstdc++")
 
 function(_loadkit_shared_libstdcxx)
+  if(NOT CMAKE_CXX_COMPILER)  # a project without C++ (it links nothing)
+    return()
+  endif()
   execute_process(COMMAND ${CMAKE_CXX_COMPILER} -print-file-name=libstdc++.so
                   OUTPUT_VARIABLE _so OUTPUT_STRIP_TRAILING_WHITESPACE)
   if(IS_ABSOLUTE "${_so}" AND EXISTS "${_so}")
@@ -38,4 +44,9 @@ function(_loadkit_shared_libstdcxx)
 endfunction()
 
 _loadkit_shared_libstdcxx()
-add_link_options("LINKER:--push-state,--no-as-needed" "${LOADKIT_LIBSTDCXX}" "LINKER:--pop-state")
+set(LOADKIT_LIBSTDCXX_LINK_OPTIONS "LINKER:--push-state,--no-as-needed" "${LOADKIT_LIBSTDCXX}" "LINKER:--pop-state")
+
+# loadkit_link_shared_libstdcxx(<target>): the link options above, for one target.
+function(loadkit_link_shared_libstdcxx target)
+  target_link_options(${target} PRIVATE ${LOADKIT_LIBSTDCXX_LINK_OPTIONS})
+endfunction()

@@ -26,7 +26,7 @@
 // Forward of a linear layer: on CUDA, where cuBLAS takes the shapes, one block-scaled fp8 GEMM
 // (at::_scaled_mm, as torch 2.11 offers it on Hopper): activations quantized per token and
 // 128-column group (dynamic), the weight's blocks scaled by weight_scale_inv. It wants 128x128
-// blocks, K a multiple of 128, N a multiple of 16 and a uniform block grid over the fused rows
+// blocks, K a multiple of 512, N a multiple of 16 and a uniform block grid over the fused rows
 // (every part but the last whole blocks); elsewhere (the CPU, other shapes) and for MoE experts
 // the weight is dequantized to the activations' dtype and multiplied.
 
@@ -225,14 +225,17 @@ class BlockFp8LinearMethod final : public LinearMethod {
   }
 
  private:
-  /// Measured on an H200 with torch 2.11 (block-scaled _scaled_mm): other block sizes and scale
-  /// layouts are "Invalid scaling configuration", N not a multiple of 16 is refused, and the
-  /// activation groups are 128 columns, so K must be whole groups.
+  /// Measured on an H200 with torch 2.11 (block-scaled _scaled_mm against the dequantized
+  /// product): other block sizes and scale layouts are "Invalid scaling configuration", N not a
+  /// multiple of 16 is refused, and the activation groups are 128 columns, so K must be whole
+  /// groups. K/128 not a multiple of 4 (K = 256, 384, 640) is accepted but wrong: cuBLAS reads the
+  /// weight's scales with a leading dimension rounded up to 4, so the product is garbage (relative
+  /// error 0.05 to 10^5, different on each call); every K that is a multiple of 512 matched.
   bool scaled_mm_fits(const at::Tensor& x, const at::Tensor& q, const std::vector<int64_t>& parts) const {
     if (!x.is_cuda() || block_.rows != 128 || block_.cols != 128) return false;
     const auto dtype = x.scalar_type();
     if (dtype != at::kBFloat16 && dtype != at::kHalf) return false;  // the output types measured
-    if (q.size(1) % 128 != 0 || q.size(0) % 16 != 0) return false;
+    if (q.size(1) % 512 != 0 || q.size(0) % 16 != 0) return false;
     for (size_t i = 0; i + 1 < parts.size(); ++i)
       if (parts[i] % 128 != 0) return false;  // a part starting mid-grid: the scales are not one grid
     return true;

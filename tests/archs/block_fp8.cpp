@@ -3,8 +3,9 @@
 // transformers' on the *dequantized* weights. On the CPU the forward
 // dequantizes too: the 16-bit tolerance of expect_close (cosine >= 0.999 per row, same argmax). On CUDA the
 // linear layers whose shapes cuBLAS takes run the block-scaled fp8 GEMM, activations quantized
-// too: cosine >= 0.99 per row. Llama: k and v of 64 rows, partial blocks in fused QKV; Qwen3-MoE:
-// experts of 192 (gate and up each a block and a half). Their 16-bit sources are plain bf16
+// too: cosine >= 0.99 per row (llama_blockfp8_gemm: every layer; the others' K of 256 and 384
+// dequantize). Llama: k and v of 64 rows, partial blocks in fused QKV; Qwen3-MoE: experts of 192
+// (gate and up each a block and a half). Their 16-bit sources are plain bf16
 // fixtures. Reloads, bad inputs, quantize-on-sync, tensor parallel: test_block_fp8.cpp.
 #include <ATen/ATen.h>
 
@@ -20,7 +21,7 @@ namespace {
 
 [[maybe_unused]] const bool covered = cover({"llama_blockfp8", "qwen3_moe_blockfp8", "llama_blockfp8_tp",
                                             "qwen3_moe_blockfp8_tp", "llama_ct_fp8_channel", "llama_ct_fp8_tensor",
-                                            "llama_ct_fp8_channel_tp"});
+                                            "llama_ct_fp8_channel_tp", "llama_blockfp8_gemm"});
 
 class BlockFp8Logits : public ::testing::TestWithParam<ArchParam> {};
 
@@ -54,7 +55,8 @@ INSTANTIATE_TEST_SUITE_P(BlockFp8, BlockFp8Logits,
                          ::testing::Combine(::testing::Values("llama_blockfp8", "qwen3_moe_blockfp8", "llama_blockfp8_b",
                                                               "qwen3_moe_blockfp8_b", "llama_blockfp8_tp",
                                                               "qwen3_moe_blockfp8_tp", "llama_ct_fp8_channel",
-                                                              "llama_ct_fp8_tensor", "llama_ct_fp8_channel_tp"),
+                                                              "llama_ct_fp8_tensor", "llama_ct_fp8_channel_tp",
+                                                              "llama_blockfp8_gemm"),
                                             ::testing::Values("cpu", "cuda")),
                          arch_param_name);
 
@@ -62,6 +64,6 @@ INSTANTIATE_TEST_SUITE_P(BlockFp8, BlockFp8Logits,
 
 LOADKIT_ARCH_LOGITS_FIXTURES(BlockFp8Source, "llama_blockfp8_bf16src", "qwen3_moe_blockfp8_bf16src",
                              "llama_blockfp8_b_bf16src", "qwen3_moe_blockfp8_b_bf16src", "llama_blockfp8_tp_bf16src",
-                             "qwen3_moe_blockfp8_tp_bf16src");
+                             "qwen3_moe_blockfp8_tp_bf16src", "llama_blockfp8_gemm_bf16src");
 
 }  // namespace loadkit::test

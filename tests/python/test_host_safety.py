@@ -108,16 +108,20 @@ model = loadkit.Model(PATH, device=DEVICE)
 holds, polls, done = [], [], threading.Event()
 
 def worker():
-    tokens = [1] * 64
-    while sum(h >= LONG_HOLD_S for h in holds) < 2:
-        for call in (model.reload, lambda: model.logits(tokens)):
-            start = time.perf_counter()
-            call()
-            holds.append(time.perf_counter() - start)
-        if holds[-1] < LONG_HOLD_S:
-            assert len(tokens) < 8192, f"logits of 8192 tokens took {holds[-1]} s"
-            tokens = tokens * 2
-    done.set()
+    tokens, longest_calls = [1] * 64, 0
+    try:
+        while sum(h >= LONG_HOLD_S for h in holds) < 2 and longest_calls < 10:
+            for call in (model.reload, lambda: model.logits(tokens)):
+                start = time.perf_counter()
+                call()
+                holds.append(time.perf_counter() - start)
+            if holds[-1] < LONG_HOLD_S:
+                if len(tokens) < 8192:
+                    tokens = tokens * 2
+                else:
+                    longest_calls += 1
+    finally:
+        done.set()  # the poller stops whatever happened here
 
 def poller():
     while not done.is_set():
@@ -130,8 +134,15 @@ run_with_heartbeat(worker, poller)
 print(json.dumps({"worst_gap": worst_gap[0], "holds": holds, "polls": len(polls), "slowest_poll": max(polls)}))
 """, LONG_HOLD_S=LONG_HOLD_S)
         m = result.last_json()
+        # A device can run the checkpoint's longest sequence faster than LONG_HOLD_S (the H200
+        # does). A hold is still long enough to tell the poller's wait with the GIL from one
+        # without it when it is well beyond the heartbeat's limit.
+        hold = min(max(m["holds"]), LONG_HOLD_S)
+        if hold < 4 * HEARTBEAT_LIMIT_S:
+            self.skipTest(f"on {self.device} the longest call this checkpoint allows holds the lock "
+                          f"{max(m['holds']):.3f} s, too short to tell a poller waiting with the GIL")
         # The poller did wait for a long hold of the lock...
-        self.assertGreater(m["slowest_poll"], 0.5 * LONG_HOLD_S, m)
+        self.assertGreater(m["slowest_poll"], 0.5 * hold, m)
         # ...and did so without the GIL: the heartbeat never stalled for anything like it.
         self.assertLess(m["worst_gap"], HEARTBEAT_LIMIT_S, m)
 

@@ -3,8 +3,10 @@
 
   1. `cmake --install` loadkit's build tree into a temporary prefix;
   2. build examples/plugin_template as its own CMake project against that
-     prefix (find_package(loadkit), which forwards find_dependency(Torch));
-  3. check the plugin exports only its entry symbol (of its own code);
+     prefix (find_package(loadkit), which forwards find_dependency(Torch)),
+     with a compiler that has libstdc++.a only, as the GPU machine's has;
+  3. check the plugin runs on the shared libstdc++ and exports only its entry
+     symbol (of its own code);
   4. drop the .so into a fresh plugin directory and run the *installed*
      `loadkit logits` on a Granite fixture: equal to transformers' logits;
   5. the installed CLI alone (no plugin directory) does not serve Granite (exit 4), and
@@ -13,9 +15,11 @@
 
     installed_plugin.py BUILD_DIR SOURCE_DIR FIXTURES_DIR CXX GENERATOR [LAUNCHER]
 """
+import dataclasses
 import json
 import os
 import shutil
+import stat
 import subprocess
 
 import torch
@@ -23,15 +27,38 @@ import torch
 from installed_package import installed_package, run
 
 FIXTURE = "granite_fp32_gqa"
+# Symbols only libstdc++ itself defines: a plugin that exports them carries its own copy.
+LIBSTDCXX_OWN = ("__gxx_personality_v0", "_ZNSt8ios_base4InitC1Ev", "_ZNSt6locale7classicEv")
+
+
+def static_only_compiler(cxx, folder):
+    """A wrapper of `cxx` that behaves like a toolchain shipping libstdc++.a alone: it links
+    libstdc++ statically and has no libstdc++.so to name (cmake/loadkitSharedLibstdcxx.cmake)."""
+    wrapper = os.path.join(folder, "cxx-static-libstdcxx")
+    with open(wrapper, "w") as f:
+        f.write(f"""#!/bin/sh
+for arg in "$@"; do
+  [ "$arg" = "-print-file-name=libstdc++.so" ] && {{ echo libstdc++.so; exit 0; }}
+done
+exec {cxx} -static-libstdc++ "$@"
+""")
+    os.chmod(wrapper, os.stat(wrapper).st_mode | stat.S_IXUSR)
+    return wrapper
 
 
 def main():
     with installed_package("sdk") as package:
         tmp, prefix = package.tmp, package.prefix
         project = os.path.join(tmp, "plugin-build")
-        package.build_example("plugin_template", project)
+        static_only = dataclasses.replace(package, cxx=static_only_compiler(shutil.which(package.cxx) or package.cxx, tmp))
+        static_only.build_example("plugin_template", project)
         built = os.path.join(project, "granite.so")
         assert os.path.isfile(built), "the example built no granite.so"
+
+        # One libstdc++ per process: the plugin needs the shared one, whatever its toolchain ships.
+        assert "[libstdc++.so.6]" in run(["readelf", "-d", "-W", built]), "libstdc++.so.6 is not among granite.so's NEEDED"
+        exported = run(["nm", "-D", "--defined-only", built]).split()
+        assert not [s for s in LIBSTDCXX_OWN if s in exported], "granite.so exports its own copy of libstdc++"
 
         # Hidden visibility: of the plugin's own (strong) symbols only the entry is exported.
         # Weak symbols are libtorch's inline templates, which keep the visibility torch gives them.
