@@ -202,5 +202,22 @@ TEST(NonUtf8Names, PluginsListJsonStaysValid) {
   EXPECT_EQ(status[shown_dir + "/notes-\xef\xbf\xbd.so"].rfind("broken: cannot open: ", 0), 0u);
 }
 
+TEST(NonUtf8Names, ReportJsonStaysValid) {
+  TempDir tmp;
+  const fs::path dir = tmp / "plugins-\xfd";
+  fs::create_directories(dir);
+  fs::copy_file(plugin_dir() + "/llama.so", dir / "llama.so");
+  const fs::path m = copy_fixture(fixture("llama_bf16_mqa"), tmp / "model-\xff");
+  const fs::path report = tmp / "report.json";
+  auto r = run_cli({"reload", "--model", m.string(), "--from", m.string(), "--report", report.string(), "--plugin-dir",
+                    dir.string()},
+                   {}, with_deadline(kDeadlineSeconds));
+  ASSERT_EQ(r.code, 0) << r.err;
+  nlohmann::json j;
+  ASSERT_NO_THROW(j = nlohmann::json::parse(read_bytes(report))) << read_bytes(report);
+  EXPECT_EQ(j["plugin"], (tmp / "plugins-\xef\xbf\xbd" / "llama.so").string());
+  EXPECT_EQ(j["architecture"], "LlamaForCausalLM");
+}
+
 }  // namespace
 }  // namespace loadkit::test

@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "device.h"
+#include "output.h"
 #include "loadkit/error.h"
 #include "loadkit/runtime/distributed.h"
 #include "loadkit/runtime/engine.h"
@@ -134,7 +135,7 @@ std::string report_json(const LoadReport& report, const std::vector<std::string>
                      {"gb_per_s", seconds > 0 ? static_cast<double>(bytes) / seconds / 1e9 : 0.0}});
   }
   j["ranks"] = ranks;
-  return j.dump(2);
+  return json_text(j);
 }
 
 }  // namespace loadkit::cli

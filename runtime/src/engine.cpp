@@ -448,7 +448,9 @@ std::string LoadReport::to_json() const {
   j["journal_bytes"] = journal_bytes;
   j["written_modules"] = written_modules;
   if (!error.empty()) j["error"] = error;
-  return j.dump(2);
+  // Paths and messages are bytes (a plugin directory or a checkpoint whose name is not UTF-8):
+  // shown with U+FFFD rather than thrown at the host as nlohmann's type_error.
+  return j.dump(2, ' ', /*ensure_ascii=*/false, nlohmann::ordered_json::error_handler_t::replace);
 }
 
 std::vector<int64_t> parse_tokens(const std::string& text) {
