@@ -19,7 +19,7 @@ Shapes:
 --block-fp8 writes the same values (same seed, same draws) quantized to 128x128 block fp8 by the
 tests' reference quantizer (tests/fixtures/fp8_quant.py): every linear weight as float8_e4m3fn plus
 its float32 `weight_scale_inv`, config.json's quantization_config saying so; embeddings, norms,
-lm_head, MoE routers and DeepSeek-V2's kv_b_proj (which loadkit keeps 16-bit) stay bf16. So a
+lm_head and MoE routers stay bf16 (DeepSeek's kv_b_proj is quantized, as DeepSeek-V3 ships it). So a
 block-fp8 checkpoint of seed S is the bf16 checkpoint of seed S quantized offline.
 
 Random values are drawn on the GPU where there is one; files are written tensor by tensor
@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from fp8_quant import block_quantization_config, quantize_block_fp8  # noqa: E402
 
 BLOCK = (128, 128)
-KEEP_BF16 = ("embed_tokens", "lm_head", "norm", "mlp.gate.", "kv_b_proj")
+KEEP_BF16 = ("embed_tokens", "lm_head", "norm", "mlp.gate.")
 
 
 def block_fp8_entries(names_shapes):
