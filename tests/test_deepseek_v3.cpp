@@ -227,6 +227,8 @@ struct BadConfig {
   std::vector<std::string> fragments;  ///< what the one error line names
 };
 
+void PrintTo(const BadConfig& bad, std::ostream* os) { *os << bad.name << " " << bad.edit.dump(); }
+
 class DeepseekV3Config : public ::testing::TestWithParam<BadConfig> {};
 
 TEST_P(DeepseekV3Config, IsExit3NamingTheKey) {
