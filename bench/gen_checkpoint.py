@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes a bf16 checkpoint of random values in a real model's shapes (no network needed).
 
-    gen_checkpoint.py OUT_DIR [--shape dense|moe|many] [--layers N] [--seed 0] [--shard-gb 2]
+    gen_checkpoint.py OUT_DIR [--shape dense|moe|v3|many] [--layers N] [--seed 0] [--shard-gb 2]
                       [--block-fp8] [size flags of the shape, below]
 
 Shapes:
@@ -12,6 +12,11 @@ Shapes:
          dense (intermediate 10944), then 64 routed experts of intermediate 1408 stored one tensor
          per projection (mlp.experts.{e}.gate_proj/up_proj/down_proj) and 2 shared experts.
          --layers 6 (the default for this shape): 1028 tensors, 6.85 GB.
+  v3     DeepSeek-V3's layout (DeepseekV3ForCausalLM) at DeepSeek-V2-Lite's sizes: the moe shape
+         plus q_lora_rank 768 (q_a_proj, q_a_layernorm, q_b_proj), noaux_tc routing (8 groups, 4
+         chosen, each router with its e_score_correction_bias) and one multi-token-prediction layer
+         (model.layers.<layers>.*: a decoder layer plus enorm/hnorm/eh_proj/shared_head) that a
+         loader skips. With --block-fp8 every linear layer is fp8, as DeepSeek-V3 ships.
   many   the moe layout at small sizes for a 20 000-tensor update: hidden 256, 128 experts of
          intermediate 64, 4 heads, vocab 32000, --layers 52 (the default): 20 158 tensors, 0.68 GB.
   --hidden, --intermediate, --moe-intermediate, --experts, --heads, --vocab override a shape's sizes.
@@ -19,7 +24,7 @@ Shapes:
 --block-fp8 writes the same values (same seed, same draws) quantized to 128x128 block fp8 by the
 tests' reference quantizer (tests/fixtures/fp8_quant.py): every linear weight as float8_e4m3fn plus
 its float32 `weight_scale_inv`, config.json's quantization_config saying so; embeddings, norms,
-lm_head, MoE routers and DeepSeek-V2's kv_b_proj (which loadkit keeps 16-bit) stay bf16. So a
+lm_head and MoE routers stay bf16 (DeepSeek's kv_b_proj is quantized, as DeepSeek-V3 ships it). So a
 block-fp8 checkpoint of seed S is the bf16 checkpoint of seed S quantized offline.
 
 Random values are drawn on the GPU where there is one; files are written tensor by tensor
@@ -38,7 +43,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from fp8_quant import block_quantization_config, quantize_block_fp8  # noqa: E402
 
 BLOCK = (128, 128)
-KEEP_BF16 = ("embed_tokens", "lm_head", "norm", "mlp.gate.", "kv_b_proj")
+KEEP_BF16 = ("embed_tokens", "lm_head", "norm", "mlp.gate.")
 
 
 def block_fp8_entries(names_shapes):
@@ -56,6 +61,9 @@ SHAPES = {
     "dense": dict(layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=128256),
     "moe": dict(layers=6, hidden=2048, intermediate=10944, moe_intermediate=1408, experts=64, shared_experts=2,
                 experts_per_token=6, heads=16, kv_lora_rank=512, qk_nope=128, qk_rope=64, v_head=128, vocab=102400),
+    "v3": dict(layers=6, hidden=2048, intermediate=10944, moe_intermediate=1408, experts=64, shared_experts=1,
+               experts_per_token=6, heads=16, q_lora_rank=768, kv_lora_rank=512, qk_nope=128, qk_rope=64, v_head=128,
+               vocab=102400, n_group=8, topk_group=4, mtp_layers=1),
     "many": dict(layers=52, hidden=256, intermediate=512, moe_intermediate=64, experts=128, shared_experts=1,
                  experts_per_token=6, heads=4, kv_lora_rank=64, qk_nope=32, qk_rope=16, v_head=32, vocab=32000),
 }
@@ -90,7 +98,9 @@ def dense_model(s):
 
 
 def moe_model(s):
-    """DeepSeek-V2's layout (vLLM's and transformers' names), as DeepSeek-V2-Lite ships it."""
+    """DeepSeek-V2's layout (vLLM's and transformers' names), as DeepSeek-V2-Lite ships it; DeepSeek-V3's
+    when the sizes name q_lora_rank and n_group (the v3 shape)."""
+    v3 = "n_group" in s
     h, heads, rope = s["hidden"], s["heads"], s["qk_rope"]
     config = {
         "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "hidden_size": h,
@@ -105,17 +115,32 @@ def moe_model(s):
         "max_position_embeddings": 4096, "tie_word_embeddings": False, "attention_bias": False,
         "hidden_act": "silu", "torch_dtype": "bfloat16",
     }
+    if v3:
+        config.update({"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+                       "q_lora_rank": s["q_lora_rank"], "topk_method": "noaux_tc", "scoring_func": "sigmoid",
+                       "n_group": s["n_group"], "topk_group": s["topk_group"], "norm_topk_prob": True,
+                       "routed_scaling_factor": 2.5, "rope_interleave": True,
+                       "num_nextn_predict_layers": s["mtp_layers"]})
 
     def mlp(prefix, width):
         return [(prefix + "gate_proj.weight", (width, h)), (prefix + "up_proj.weight", (width, h)),
                 (prefix + "down_proj.weight", (h, width))]
 
+    def query(p):
+        if not v3:
+            return [(p + "self_attn.q_proj.weight", (heads * (s["qk_nope"] + rope), h))]
+        return [(p + "self_attn.q_a_proj.weight", (s["q_lora_rank"], h)), (p + "self_attn.q_a_layernorm.weight", (s["q_lora_rank"],)),
+                (p + "self_attn.q_b_proj.weight", (heads * (s["qk_nope"] + rope), s["q_lora_rank"]))]
+
     shapes = [("model.embed_tokens.weight", (s["vocab"], h))]
-    for n in range(s["layers"]):
+    mtp = s.get("mtp_layers", 0)
+    for n in range(s["layers"] + mtp):
         p = f"model.layers.{n}."
-        shapes += [
-            (p + "input_layernorm.weight", (h,)),
-            (p + "self_attn.q_proj.weight", (heads * (s["qk_nope"] + rope), h)),
+        if n >= s["layers"]:  # a multi-token-prediction module: its own embedding, norms and head around a decoder layer
+            shapes += [(p + "embed_tokens.weight", (s["vocab"], h)), (p + "enorm.weight", (h,)), (p + "hnorm.weight", (h,)),
+                       (p + "eh_proj.weight", (h, 2 * h)), (p + "shared_head.norm.weight", (h,)),
+                       (p + "shared_head.head.weight", (s["vocab"], h))]
+        shapes += [(p + "input_layernorm.weight", (h,))] + query(p) + [
             (p + "self_attn.kv_a_proj_with_mqa.weight", (s["kv_lora_rank"] + rope, h)),
             (p + "self_attn.kv_a_layernorm.weight", (s["kv_lora_rank"],)),
             (p + "self_attn.kv_b_proj.weight", (heads * (s["qk_nope"] + s["v_head"]), s["kv_lora_rank"])),
@@ -128,6 +153,8 @@ def moe_model(s):
         for e in range(s["experts"]):
             shapes += mlp(p + f"mlp.experts.{e}.", s["moe_intermediate"])
         shapes += [(p + "mlp.gate.weight", (s["experts"], h))]
+        if v3:  # float32 in DeepSeek's files; bf16 here (every entry is), which a loader widens
+            shapes += [(p + "mlp.gate.e_score_correction_bias", (s["experts"],))]
         shapes += mlp(p + "mlp.shared_experts.", s["moe_intermediate"] * s["shared_experts"])
     shapes += [("model.norm.weight", (h,)), ("lm_head.weight", (s["vocab"], h))]
     return config, shapes
@@ -169,7 +196,8 @@ def main():
     ap.add_argument("out")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="dense")
     ap.add_argument("--layers", type=int)
-    for size in ("hidden", "intermediate", "moe-intermediate", "experts", "heads", "kv-heads", "vocab"):
+    for size in ("hidden", "intermediate", "moe-intermediate", "experts", "heads", "kv-heads", "vocab", "q-lora-rank",
+                 "kv-lora-rank", "n-group", "topk-group"):
         ap.add_argument("--" + size, type=int)
     ap.add_argument("--shard-gb", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=0)

@@ -100,6 +100,8 @@ const TpCase kTpCases[] = {
     {"qwen3_moe_fp32_tp2", 2},                    // experts' intermediate dim split, router replicated
     {"qwen3_moe_fp32_norm_topk", 2},              // a dense layer among sparse ones
     {"granite_fp32_gqa", 2},                      // the example plugin: multipliers on every rank
+    {"deepseek_v3_fp32_qlora", 2},                // noaux_tc routing: the router and its bias replicated
+    {"deepseek_v3_blockfp8_tp", 2},               // block fp8 incl. kv_b_proj: scales split with their weights
 };
 
 std::string case_name(const ::testing::TestParamInfo<TpCase>& info) {

@@ -2,6 +2,8 @@
 
 #include <ATen/ATen.h>
 
+#include <limits>
+
 #include "loadkit/error.h"
 #include "loadkit/layers/linear.h"
 #include "loadkit/quant_method.h"
@@ -35,18 +37,29 @@ std::shared_ptr<FusedMoEMethod> unquantized_moe_method() {
   return method;
 }
 
-std::pair<at::Tensor, at::Tensor> select_experts(const at::Tensor& router_logits, const FusedMoEOptions& o) {
-  at::Tensor scores = at::softmax(router_logits.to(at::kFloat), -1);
+std::pair<at::Tensor, at::Tensor> select_experts(const at::Tensor& router_logits, const FusedMoEOptions& o,
+                                                 const at::Tensor& correction_bias) {
+  if (o.score_correction_bias != correction_bias.defined())
+    fail(ErrorKind::Other, "select_experts: a score correction bias ",
+         o.score_correction_bias ? "is required and was not given" : "was given to routing that takes none");
+  const at::Tensor logits = router_logits.to(at::kFloat);
+  const at::Tensor scores = o.scoring == MoEScoring::Sigmoid ? at::sigmoid(logits) : at::softmax(logits, -1);
+  at::Tensor choice = o.score_correction_bias ? scores + correction_bias.to(at::kFloat) : scores;
   if (o.num_expert_group > 0) {
-    // A group scores its best expert; experts outside the best `topk_group` groups are out of the race.
-    const int64_t n = scores.size(0), groups = o.num_expert_group;
-    at::Tensor group_scores = scores.view({n, groups, -1}).amax(-1);
+    // Experts outside the best `topk_group` groups are out of the race: masked to -inf, below any
+    // score, so that a biased score below zero still never loses to a masked expert.
+    const int64_t n = choice.size(0), groups = o.num_expert_group;
+    at::Tensor grouped = choice.view({n, groups, -1});
+    at::Tensor group_scores =
+        o.score_correction_bias ? std::get<0>(at::topk(grouped, 2, -1)).sum(-1) : grouped.amax(-1);
     at::Tensor best_groups = std::get<1>(at::topk(group_scores, o.topk_group, -1));
     at::Tensor group_mask = at::zeros_like(group_scores, at::kBool).scatter_(1, best_groups, true);
     at::Tensor expert_mask = group_mask.unsqueeze(-1).expand({n, groups, o.num_experts / groups}).reshape({n, -1});
-    scores = scores.masked_fill(expert_mask.logical_not(), 0.0);
+    choice = choice.masked_fill(expert_mask.logical_not(), -std::numeric_limits<float>::infinity());
   }
-  auto [weights, ids] = at::topk(scores, o.top_k, -1);
+  at::Tensor ids = std::get<1>(at::topk(choice, o.top_k, -1));
+  // The weights are the chosen experts' scores, whatever chose them.
+  at::Tensor weights = scores.gather(1, ids);
   if (o.renormalize) weights = weights / weights.sum(-1, /*keepdim=*/true);
   if (o.routed_scaling_factor != 1.0) weights = weights * o.routed_scaling_factor;
   return {weights, ids};
@@ -59,9 +72,10 @@ FusedMoE::FusedMoE(const FusedMoEOptions& options, const ModelContext& ctx)
     fail(ErrorKind::Input, "FusedMoE: ", o.top_k, " experts per token out of ", o.num_experts);
   if (o.num_expert_group > 0 &&
       (o.num_experts % o.num_expert_group != 0 || o.topk_group <= 0 || o.topk_group > o.num_expert_group ||
-       o.top_k > o.topk_group * (o.num_experts / o.num_expert_group)))
+       o.top_k > o.topk_group * (o.num_experts / o.num_expert_group) ||
+       (o.score_correction_bias && o.num_experts / o.num_expert_group < 2)))
     fail(ErrorKind::Input, "FusedMoE: ", o.num_experts, " experts cannot route ", o.top_k, " per token through ",
-         o.topk_group, " of ", o.num_expert_group, " groups");
+         o.topk_group, " of ", o.num_expert_group, " groups", o.score_correction_bias ? " (of at least 2 experts)" : "");
   if (o.intermediate_size % ctx.tp_size != 0)
     fail(ErrorKind::Usage, "tensor parallel size ", ctx.tp_size, " does not divide the expert intermediate size (",
          o.intermediate_size, ")");
@@ -140,8 +154,8 @@ void FusedMoE::process_weights_after_loading(const KernelTargets& targets) {
   method_->process_weights_after_loading(*this, targets);
 }
 
-at::Tensor FusedMoE::forward(const at::Tensor& x, const at::Tensor& router_logits) {
-  auto [weights, ids] = select_experts(router_logits, options_);
+at::Tensor FusedMoE::forward(const at::Tensor& x, const at::Tensor& router_logits, const at::Tensor& correction_bias) {
+  auto [weights, ids] = select_experts(router_logits, options_, correction_bias);
   at::Tensor out = at::zeros_like(x);
   // Experts in ascending order, each over the tokens routed to it (transformers' loop).
   at::Tensor hit = std::get<0>(at::_unique(ids.flatten().cpu(), /*sorted=*/true));

@@ -20,11 +20,17 @@ ModelContext router_context(const ModelContext& ctx, bool float32) {
 }  // namespace
 
 SparseMoEBlock::SparseMoEBlock(const SparseMoESpec& spec, const ModelContext& ctx)
-    : FeedForwardBlock(spec.type_name), router_in_float32_(spec.router_in_float32) {
+    : FeedForwardBlock(spec.type_name),
+      router_in_float32_(spec.router_in_float32),
+      corrected_(spec.experts.score_correction_bias) {
   const FusedMoEOptions& o = spec.experts;
   gate_ = &add_module("gate", std::make_shared<ReplicatedLinear>(o.hidden_size, o.num_experts,
                                                                  router_context(ctx, router_in_float32_),
                                                                  LinearOptions{.quantize = false}));
+  // vLLM's name and dtype: the router's float32 `e_score_correction_bias` [experts]
+  // (checkpoint "mlp.gate.e_score_correction_bias"), read by the experts' routing only.
+  if (o.score_correction_bias)
+    gate_->add_parameter("e_score_correction_bias", at::empty({o.num_experts}, ctx.options().dtype(at::kFloat)));
   experts_ = &add_module("experts", std::make_shared<FusedMoE>(o, ctx));
   if (spec.shared_intermediate_size > 0)
     shared_ = &add_module("shared_experts", std::make_shared<GatedMLP>(spec.shared_type_name, o.hidden_size,
@@ -34,7 +40,8 @@ SparseMoEBlock::SparseMoEBlock(const SparseMoESpec& spec, const ModelContext& ct
 at::Tensor SparseMoEBlock::forward(const at::Tensor& x) {
   at::Tensor router_logits =
       router_in_float32_ ? at::linear(x.to(at::kFloat), gate_->param("weight").data) : gate_->forward(x);
-  at::Tensor out = experts_->forward(x, router_logits);
+  at::Tensor out = experts_->forward(
+      x, router_logits, corrected_ ? gate_->param("e_score_correction_bias").data : at::Tensor());
   return shared_ ? out + shared_->forward(x) : out;
 }
 

@@ -34,18 +34,38 @@ namespace loadkit {
 
 class FusedMoE;
 
+/// How router logits become expert scores.
+enum class MoEScoring {
+  Softmax,  ///< softmax over the experts (Qwen-MoE, DeepSeek-V2)
+  Sigmoid,  ///< each expert's sigmoid on its own (DeepSeek-V3)
+};
+
 /// Routing and sizes of a FusedMoE layer (vLLM's FusedMoE arguments).
+///
+/// Routing, in order (select_experts):
+///   1. scores = `scoring`(router logits), float32;
+///   2. choice = scores + the correction bias when `score_correction_bias` (else scores);
+///   3. with groups: a group's score is its best choice, or the sum of its two best under the
+///      correction bias; experts outside the `topk_group` best groups drop out;
+///   4. the `top_k` best choices are the experts; their weights are their *scores* (the bias
+///      chooses, it never weighs), renormalized to sum to 1 when `renormalize`, then times
+///      `routed_scaling_factor`.
 struct FusedMoEOptions {
   int64_t num_experts = 0;
   int64_t top_k = 0;
   int64_t hidden_size = 0;
   int64_t intermediate_size = 0;  ///< per expert, before the tensor-parallel split
-  /// Softmax scores; top-k weights rescaled to sum to 1 (config `norm_topk_prob`).
+  MoEScoring scoring = MoEScoring::Softmax;
+  /// Top-k weights rescaled to sum to 1 (config `norm_topk_prob`).
   bool renormalize = false;
   /// > 0: group-limited routing: experts form this many groups, a token only
-  /// goes to experts of its `topk_group` best groups (a group scores its best expert).
+  /// goes to experts of its `topk_group` best groups.
   int64_t num_expert_group = 0;
   int64_t topk_group = 0;
+  /// DeepSeek-V3's noaux_tc: a float32 bias per expert (the router's
+  /// `e_score_correction_bias`, passed to forward) is added to the scores to choose experts,
+  /// and a group scores the sum of its two best biased scores (so groups hold >= 2 experts).
+  bool score_correction_bias = false;
   /// Multiplies the routing weights (after renormalization).
   double routed_scaling_factor = 1.0;
   /// Whether the model's quantization (if any) applies to the experts.
@@ -90,17 +110,19 @@ class FusedMoEMethod {
 /// Plain stacked weights in the model dtype; processing does nothing.
 std::shared_ptr<FusedMoEMethod> unquantized_moe_method();
 
-/// Top-k expert selection from router logits [n, E] (softmax scores in
-/// float32): {weights [n, top_k] float32, expert ids [n, top_k] int64}.
-std::pair<at::Tensor, at::Tensor> select_experts(const at::Tensor& router_logits, const FusedMoEOptions& options);
+/// Top-k expert selection from router logits [n, E], as FusedMoEOptions describes it:
+/// {weights [n, top_k] float32, expert ids [n, top_k] int64}. `correction_bias` [E] is
+/// required exactly when `options.score_correction_bias`.
+std::pair<at::Tensor, at::Tensor> select_experts(const at::Tensor& router_logits, const FusedMoEOptions& options,
+                                                 const at::Tensor& correction_bias = {});
 
 class FusedMoE : public Module {
  public:
   FusedMoE(const FusedMoEOptions& options, const ModelContext& ctx);
 
   /// x [n, H], router logits [n, E] → Σ over the chosen experts of weight · expert(x),
-  /// in x's dtype, summed over the tensor-parallel ranks.
-  at::Tensor forward(const at::Tensor& x, const at::Tensor& router_logits);
+  /// in x's dtype, summed over the tensor-parallel ranks. `correction_bias`: see select_experts.
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& router_logits, const at::Tensor& correction_bias = {});
 
   bool transforms_weights() const override { return method_->transforms_weights(); }
   void process_weights_after_loading(const KernelTargets& targets = {}) override;

@@ -2,7 +2,9 @@
 /// \file
 /// The sparse mixture-of-experts feed-forward block of Qwen-MoE and DeepSeek
 /// decoders, with vLLM's child names:
-///   gate            the router, ReplicatedLinear [experts, hidden], never quantized;
+///   gate            the router, ReplicatedLinear [experts, hidden], never quantized; with
+///                   `experts.score_correction_bias` also its float32 `e_score_correction_bias`
+///                   [experts] (DeepSeek-V3), which chooses experts without weighting them;
 ///   experts         FusedMoE (w13_weight, w2_weight);
 ///   shared_experts  optional: a GatedMLP every token passes through as well.
 /// Its checkpoint names are `moe_expert_params` (per expert, or all experts
@@ -42,6 +44,7 @@ class SparseMoEBlock : public FeedForwardBlock {
  private:
   bool router_in_float32_;
   ReplicatedLinear* gate_;
+  bool corrected_;  ///< the gate holds e_score_correction_bias
   FusedMoE* experts_;
   GatedMLP* shared_ = nullptr;
 };
