@@ -32,12 +32,6 @@ std::string param_name(const ::testing::TestParamInfo<Param>& info) {
   return std::get<0>(info.param) + "_" + std::get<1>(info.param);
 }
 
-std::map<std::string, const void*> data_ptrs(LoadedModel& m) {
-  std::map<std::string, const void*> out;
-  for (auto& [name, p] : m.model().named_parameters()) out[name] = p->data.data_ptr();
-  return out;
-}
-
 /// The 16-bit checkpoint the fixture `f` was quantized from.
 const Fixture& bf16_source(const Fixture& f) { return fixture(f.name + "_bf16src"); }
 
@@ -51,9 +45,9 @@ class BlockFp8 : public ::testing::TestWithParam<Param> {
     a = &fixture(std::get<0>(GetParam()));
     b = &fixture(a->reload_target);
     model = load_model(a->dir, device);
-    ptrs = data_ptrs(*model);
+    ptrs = parameter_addresses(*model);
   }
-  void expect_same_storage() { EXPECT_EQ(data_ptrs(*model), ptrs); }
+  void expect_same_storage() { EXPECT_EQ(parameter_addresses(*model), ptrs); }
 
   std::string device;
   const Fixture* a = nullptr;
@@ -220,23 +214,10 @@ TEST_F(BlockFp8Cli, JobDefaultsToAutoAndSyncsFromBf16) {
 constexpr const char* kQ = "model.layers.1.self_attn.q_proj.weight";
 constexpr const char* kQScale = "model.layers.1.self_attn.q_proj.weight_scale_inv";
 
-/// A copy of llama_blockfp8 with the file holding `tensor` rewritten by `edit` (its tensors by name;
-/// erase one to drop it).
+/// A copy of llama_blockfp8 with the file holding `tensor` rewritten by `edit`.
 fs::path edited_checkpoint(const fs::path& dest, const std::string& tensor,
                            const std::function<void(std::map<std::string, at::Tensor>&)>& edit) {
-  fs::path dir = copy_fixture(fixture("llama_blockfp8"), dest);
-  const fs::path file = file_holding(dir, tensor);
-  std::map<std::string, at::Tensor> tensors;
-  for (auto& [name, t] : load_tensors(file.string())) tensors[name] = t.clone();
-  edit(tensors);
-  fs::remove(file);
-  save_tensors(file.string(), {tensors.begin(), tensors.end()});
-  if (!tensors.count(tensor)) {  // the index must not promise it
-    nlohmann::json index = nlohmann::json::parse(read_bytes(dir / "model.safetensors.index.json"));
-    index["weight_map"].erase(tensor);
-    write_bytes(dir / "model.safetensors.index.json", index.dump(2));
-  }
-  return dir;
+  return edited_fixture(fixture("llama_blockfp8"), dest, tensor, edit);
 }
 
 struct BadCheckpoint {

@@ -70,12 +70,6 @@ std::vector<std::string> fixture_names(bool with_target) {
   return out;
 }
 
-std::map<std::string, const void*> data_ptrs(LoadedModel& m) {
-  std::map<std::string, const void*> out;
-  for (auto& [name, p] : m.model().named_parameters()) out[name] = p->data.data_ptr();
-  return out;
-}
-
 bool is_fp8(const at::Tensor& t) { return t.scalar_type() == at::kFloat8_e4m3fn; }
 
 class Fp8Checkpoint : public ::testing::TestWithParam<Param> {
@@ -121,10 +115,10 @@ TEST_P(Fp8Checkpoint, IgnoredLayersAre16BitAsOnDiskTheRestFp8) {
 
 TEST_P(Fp8CheckpointReload, ReloadFp8EqualsFreshLoadInPlace) {
   const Fixture& b = fixture(f->reload_target);
-  const auto ptrs = data_ptrs(*model);
+  const auto ptrs = parameter_addresses(*model);
   const auto fresh_a = kernel_state(*model);
   EXPECT_TRUE(model->reload(b.dir).pointers_stable);
-  EXPECT_EQ(data_ptrs(*model), ptrs);
+  EXPECT_EQ(parameter_addresses(*model), ptrs);
   expect_identical(kernel_state(*model), kernel_state(*load_model(b.dir, device)));
   model->reload(f->dir);
   expect_identical(kernel_state(*model), fresh_a);
@@ -132,7 +126,7 @@ TEST_P(Fp8CheckpointReload, ReloadFp8EqualsFreshLoadInPlace) {
 
 TEST_P(Fp8CheckpointReload, UpdateFromBf16TensorsQuantizesAsTheReference) {
   const Fixture& b = fixture(f->reload_target);
-  const auto ptrs = data_ptrs(*model);
+  const auto ptrs = parameter_addresses(*model);
   std::vector<NamedWeight> weights = loadkit::read_checkpoint(fixture(c->target_source).dir);
   for (auto& w : weights) w.tensor = w.tensor.to(device);
   model->begin_update();
@@ -141,7 +135,7 @@ TEST_P(Fp8CheckpointReload, UpdateFromBf16TensorsQuantizesAsTheReference) {
   model->update({weights.begin(), weights.begin() + half});
   model->update({weights.begin() + half, weights.end()});
   EXPECT_TRUE(model->finish_update().pointers_stable);
-  EXPECT_EQ(data_ptrs(*model), ptrs);
+  EXPECT_EQ(parameter_addresses(*model), ptrs);
   const auto synced = kernel_state(*model);
   // b is the same bf16 weights quantized offline by tests/fixtures/fp8_quant.py.
   expect_identical(synced, kernel_state(*load_model(b.dir, device)));
@@ -198,24 +192,6 @@ TEST(PerTensorFp8, FusedPartsAreRequantizedToTheirLargestScale) {
 constexpr const char* kQ = "model.layers.1.self_attn.q_proj.weight";
 constexpr const char* kQScale = "model.layers.1.self_attn.q_proj.weight_scale";
 
-/// A copy of `fixture` with the file holding `tensor` rewritten by `edit` (erase it to drop it).
-fs::path edited(const std::string& fixture_name, const fs::path& dest, const std::string& tensor,
-                const std::function<void(std::map<std::string, at::Tensor>&)>& edit) {
-  fs::path dir = copy_fixture(fixture(fixture_name), dest);
-  const fs::path file = file_holding(dir, tensor);
-  std::map<std::string, at::Tensor> tensors;
-  for (auto& [name, t] : load_tensors(file.string())) tensors[name] = t.clone();
-  edit(tensors);
-  fs::remove(file);
-  save_tensors(file.string(), {tensors.begin(), tensors.end()});
-  if (!tensors.count(tensor)) {
-    nlohmann::json index = nlohmann::json::parse(read_bytes(dir / "model.safetensors.index.json"));
-    index["weight_map"].erase(tensor);
-    write_bytes(dir / "model.safetensors.index.json", index.dump(2));
-  }
-  return dir;
-}
-
 struct BadTensor {
   std::string name, tensor;
   std::function<void(std::map<std::string, at::Tensor>&)> edit;
@@ -227,7 +203,7 @@ class PerTensorFp8Bad : public ::testing::TestWithParam<BadTensor> {};
 TEST_P(PerTensorFp8Bad, LoadIsExit3NamingFileAndTensorReloadLeavesTheModelUntouched) {
   const BadTensor& bad = GetParam();
   TempDir tmp;
-  fs::path dir = edited("llama_fp8_tensor", tmp / "bad", bad.tensor, bad.edit);
+  fs::path dir = edited_fixture(fixture("llama_fp8_tensor"), tmp / "bad", bad.tensor, bad.edit);
   auto r = run_cli({"load", "--model", dir.string(), "--plugin-dir", plugin_dir()});
   std::vector<std::string> fragments = bad.fragments;
   if (bad.name != "MissingScale") fragments.push_back(dir.string());

@@ -126,15 +126,7 @@ std::pair<at::Tensor, at::Tensor> quantize_parts(const at::Tensor& w, const std:
     return {at::stack(qs), at::stack(ss)};
   }
   if (parts.size() == 1) return quantize_blocks(w, b);
-  std::vector<at::Tensor> qs, ss;
-  int64_t row = 0;
-  for (int64_t rows : parts) {
-    auto [q, s] = quantize_blocks(w.narrow(0, row, rows), b);
-    qs.push_back(q);
-    ss.push_back(s);
-    row += rows;
-  }
-  return {at::cat(qs), at::cat(ss)};
+  return quantize_each_part(w, parts, [&b](const at::Tensor& part) { return quantize_blocks(part, b); });
 }
 
 /// [n, k] float32 scales of a weight whose rows are `parts`, from its blocked [rows, cols] scales.
@@ -156,28 +148,16 @@ at::Tensor dequantize(const at::Tensor& q, const at::Tensor& s, const std::vecto
   return (q.to(at::kFloat) * expand_scales(s, parts, q.size(1), b)).to(dtype);
 }
 
-bool is_16_or_32_bit_float(const at::Tensor& t) {
-  const auto d = t.scalar_type();
-  return d == at::kBFloat16 || d == at::kHalf || d == at::kFloat;
-}
-
-/// The loader of an fp8 weight: an e4m3 tensor goes to `inner`; a 16/32-bit one, when the config
-/// quantizes on arrival, is quantized (its rows are `parts` for a shard that holds several of
-/// them) and its scales go through `scale_name`'s own loader with the same shard id.
+/// The loader of an fp8 weight (arriving_fp8_weight): a 16/32-bit tensor is quantized in blocks,
+/// its rows being `parts` for a shard that holds several of them.
 WeightLoader fp8_weight_loader(Module& layer, WeightLoader inner, const QuantConfig* config, Block block,
                                std::string scale_name, std::function<std::vector<int64_t>(const at::Tensor&, const ShardId&)> parts) {
-  return [&layer, inner = std::move(inner), config, block, scale_name = std::move(scale_name),
-          parts = std::move(parts)](Parameter& p, const at::Tensor& loaded, const ShardId& shard) -> int64_t {
-    if (loaded.scalar_type() == at::kFloat8_e4m3fn) return inner(p, loaded, shard);
-    if (!config->quantize_on_arrival() || !is_16_or_32_bit_float(loaded))
-      fail(ErrorKind::Input, "the weight is ", c10::toString(loaded.scalar_type()),
-           ", but the checkpoint's quantization_config (fp8) says float8_e4m3fn");
-    auto [q, s] = quantize_parts(loaded, parts(loaded, shard), block);
-    const int64_t written = inner(p, q, shard);
-    Parameter& scale = layer.param(scale_name);
-    scale.loader(scale, s, shard);
-    return written;
-  };
+  return arriving_fp8_weight(
+      layer, std::move(inner), config, ScaleRoute{.name = std::move(scale_name)},
+      [block, parts = std::move(parts)](const at::Tensor& loaded, const ShardId& shard) {
+        return quantize_parts(loaded, parts(loaded, shard), block);
+      },
+      "fp8");
 }
 
 /// The loader of a blocked scale: float32 only, then the layer's block loader.

@@ -71,24 +71,9 @@ class Fp8LinearMethod final : public LinearMethod {
                           std::move(scale_loader), sharding);
       return;
     }
-    // One scale per fused part: shard id -> its entry; a fused tensor's scales all at once.
+    // One scale per fused part (its shard id's entry).
     const int64_t parts = static_cast<int64_t>(layer.output_parts().size());
-    WeightLoader scale_loader = [&layer, parts](Parameter& p, const at::Tensor& loaded, const ShardId& shard) -> int64_t {
-      check_float32(loaded);
-      const size_t part = layer.part_of(shard);
-      if (part == LinearBase::kFused) {
-        if (loaded.numel() != parts)
-          fail(ErrorKind::Input, "a fused per-tensor weight_scale needs ", parts, " entries, got shape ",
-               shape_str(loaded.sizes()));
-        p.data.copy_(loaded.reshape({parts}));
-        return parts;
-      }
-      if (loaded.numel() != 1)
-        fail(ErrorKind::Input, "a per-tensor weight_scale has one entry, got shape ", shape_str(loaded.sizes()));
-      p.data.narrow(0, static_cast<int64_t>(part), 1).copy_(loaded.reshape({1}));
-      return 1;
-    };
-    layer.add_parameter("weight_scale", at::empty({parts}, ctx.options().dtype(at::kFloat)), std::move(scale_loader));
+    layer.add_parameter("weight_scale", at::empty({parts}, ctx.options().dtype(at::kFloat)), per_part_scale_loader(layer));
   }
 
   void process_weights_after_loading(LinearBase&, const KernelTargets&) override {}

@@ -7,8 +7,11 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <functional>
 #include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include <loadkit/module.h>
 
@@ -21,6 +24,33 @@ struct ModelContext;
 }  // namespace loadkit
 
 namespace loadkit::quant {
+
+/// {q float8_e4m3fn, scale float32}: a weight quantized as one checkpoint tensor.
+using Quantized = std::pair<at::Tensor, at::Tensor>;
+
+/// Quantizes the rows of `w` that are the checkpoint tensors `parts` (q/k/v, gate/up; their sum is
+/// w's rows) each with `quantize`: {the q rows, the scales} concatenated in order.
+Quantized quantize_each_part(const at::Tensor& w, const std::vector<int64_t>& parts,
+                             const std::function<Quantized(const at::Tensor&)>& quantize);
+
+/// Where a weight's scale goes when the weight is quantized on arrival: the scale parameter
+/// `name`; `own`, its loader as the method made it (set once the parameter exists); `transforms`,
+/// whether the method processes the layer. During an update the host keeps a processing layer's
+/// calls and replays them once the layer is complete: the scale reaches the host's loader when
+/// the call comes (counted and validated like a checkpoint tensor) and `own` on the replay.
+struct ScaleRoute {
+  std::string name;
+  std::shared_ptr<WeightLoader> own = std::make_shared<WeightLoader>();
+  bool transforms = false;
+};
+
+/// The loader of an fp8 weight (fp8_arrival.cpp): e4m3 goes to `inner`; a 16/32-bit tensor, when
+/// `config` quantizes on arrival, is quantized by `quantizer` (the whole checkpoint tensor, before
+/// tensor-parallel narrowing) and its scale written through `route` with the same shard id;
+/// anything else is an Input error naming the config (`what`).
+WeightLoader arriving_fp8_weight(Module& layer, WeightLoader inner, const QuantConfig* config, ScaleRoute route,
+                                 std::function<Quantized(const at::Tensor&, const ShardId&)> quantizer,
+                                 std::string what);
 
 /// The config of a model whose `ctx.config` has `quantization_config` with quant_method "fp8":
 /// block fp8 with `weight_block_size`, one scale per tensor without. Input error naming the key
@@ -37,6 +67,9 @@ std::shared_ptr<LinearMethod> make_per_tensor_fp8_linear_method(const QuantConfi
 /// through `weight_scale`'s loader; anything else is an Input error naming the config (`what`).
 WeightLoader scaled_fp8_weight_loader(LinearBase& layer, WeightLoader inner, const QuantConfig* config,
                                       bool per_channel, std::string what);
+/// The loader of a per-tensor `weight_scale` [number of parts] of `layer` (scaled_fp8.cpp): a
+/// part's shard id writes its one entry, a fused tensor (no shard id) every entry; float32 only.
+WeightLoader per_part_scale_loader(LinearBase& layer);
 /// fp8 experts with per-tensor or per-channel scales (scaled_fp8.cpp), named `name`.
 std::shared_ptr<FusedMoEMethod> make_scaled_fp8_moe_method(const QuantConfig* config, bool per_channel,
                                                            std::string name);

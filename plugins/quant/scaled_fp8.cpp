@@ -54,8 +54,6 @@ namespace {
 constexpr double kFp8Max = 448.0;
 constexpr double kMinAmax = 1e-4;
 
-using Quantized = std::pair<at::Tensor, at::Tensor>;  // {q e4m3, scale float32}
-
 /// The file comment's arithmetic, one scale per tensor ([1]) or per row of a 2-D weight ([rows, 1]).
 Quantized quantize(const at::Tensor& w, bool per_channel) {
   if (w.is_meta()) {  // a validation pass's stand-in: shapes and dtypes only
@@ -75,56 +73,7 @@ Quantized quantize(const at::Tensor& w, bool per_channel) {
 /// scales stacked ([parts] per tensor, [rows, 1] per channel).
 Quantized quantize_parts(const at::Tensor& w, const std::vector<int64_t>& parts, bool per_channel) {
   if (per_channel || parts.size() == 1) return quantize(w, per_channel);
-  std::vector<at::Tensor> qs, ss;
-  int64_t row = 0;
-  for (int64_t rows : parts) {
-    auto [q, s] = quantize(w.narrow(0, row, rows), false);
-    qs.push_back(q);
-    ss.push_back(s);
-    row += rows;
-  }
-  return {at::cat(qs), at::cat(ss)};
-}
-
-bool is_16_or_32_bit_float(const at::Tensor& t) {
-  const auto d = t.scalar_type();
-  return d == at::kBFloat16 || d == at::kHalf || d == at::kFloat;
-}
-
-/// Where a quantized-on-arrival weight's scale goes: `own` is the scale parameter's loader as the
-/// method made it (filled once the parameter exists), `transforms` whether the method processes.
-struct ScaleRoute {
-  std::string name;
-  std::shared_ptr<WeightLoader> own = std::make_shared<WeightLoader>();
-  bool transforms = false;
-};
-
-/// The loader of an fp8 weight: e4m3 goes to `inner`; a 16/32-bit tensor, when the config
-/// quantizes on arrival, is quantized by `quantizer` and its scale written with the same shard id.
-/// `what` names the config in the refusal of anything else.
-///
-/// The scale goes through the scale parameter's current loader — the host's, during a reload or
-/// an update, so it is counted and validated like a checkpoint tensor — except where a processing
-/// method's weight is being written for real: a reload of such a layer may keep this call and
-/// replay it later, when the host's loader must not see a second scale (`route.own` then).
-WeightLoader arriving_fp8_weight(Module& layer, WeightLoader inner, const QuantConfig* config, ScaleRoute route,
-                                 std::function<Quantized(const at::Tensor&, const ShardId&)> quantizer,
-                                 std::string what) {
-  return [&layer, inner = std::move(inner), config, route = std::move(route), quantizer = std::move(quantizer),
-          what = std::move(what)](Parameter& p, const at::Tensor& loaded, const ShardId& shard) -> int64_t {
-    if (loaded.scalar_type() == at::kFloat8_e4m3fn) return inner(p, loaded, shard);
-    if (!config->quantize_on_arrival() || !is_16_or_32_bit_float(loaded))
-      fail(ErrorKind::Input, "the weight is ", c10::toString(loaded.scalar_type()), ", but the checkpoint's ",
-           "quantization_config (", what, ") says float8_e4m3fn");
-    auto [q, s] = quantizer(loaded, shard);
-    const int64_t written = inner(p, q, shard);
-    Parameter& scale = layer.param(route.name);
-    if (route.transforms && !p.data.is_meta() && *route.own)
-      (*route.own)(scale, s, shard);
-    else
-      scale.loader(scale, s, shard);
-    return written;
-  };
+  return quantize_each_part(w, parts, [](const at::Tensor& part) { return quantize(part, false); });
 }
 
 void check_float32(const at::Tensor& loaded, const char* what) {
@@ -188,20 +137,7 @@ class PerTensorFp8LinearMethod final : public LinearMethod {
     layer.add_parameter("weight", at::empty({shape.output_size, shape.input_size}, ctx.options().dtype(at::kFloat8_e4m3fn)),
                         linear_weight_loader(layer, std::move(loader), config_, false, route, "fp8"), sharding);
     const int64_t count = static_cast<int64_t>(parts.size());
-    WeightLoader scale_loader = [&layer, count](Parameter& p, const at::Tensor& loaded, const ShardId& shard) -> int64_t {
-      check_float32(loaded, "weight_scale");
-      const size_t part = layer.part_of(shard);
-      if (part == LinearBase::kFused) {
-        if (loaded.numel() != count)
-          fail(ErrorKind::Input, "a fused per-tensor weight_scale needs ", count, " entries, got shape ",
-               shape_str(loaded.sizes()));
-        p.data.copy_(loaded.reshape({count}));
-        return count;
-      }
-      check_one_entry(loaded, "weight_scale");
-      p.data.narrow(0, static_cast<int64_t>(part), 1).copy_(loaded.reshape({1}));
-      return 1;
-    };
+    WeightLoader scale_loader = per_part_scale_loader(layer);
     *route.own = scale_loader;
     layer.add_parameter("weight_scale", at::empty({count}, ctx.options().dtype(at::kFloat)), std::move(scale_loader));
   }
@@ -388,6 +324,24 @@ class ScaledFp8MoEMethod final : public FusedMoEMethod {
 };
 
 }  // namespace
+
+WeightLoader per_part_scale_loader(LinearBase& layer) {
+  const int64_t count = static_cast<int64_t>(layer.output_parts().size());
+  return [&layer, count](Parameter& p, const at::Tensor& loaded, const ShardId& shard) -> int64_t {
+    check_float32(loaded, "weight_scale");
+    const size_t part = layer.part_of(shard);
+    if (part == LinearBase::kFused) {
+      if (loaded.numel() != count)
+        fail(ErrorKind::Input, "a fused per-tensor weight_scale needs ", count, " entries, got shape ",
+             shape_str(loaded.sizes()));
+      p.data.copy_(loaded.reshape({count}));
+      return count;
+    }
+    check_one_entry(loaded, "weight_scale");
+    p.data.narrow(0, static_cast<int64_t>(part), 1).copy_(loaded.reshape({1}));
+    return 1;
+  };
+}
 
 WeightLoader scaled_fp8_weight_loader(LinearBase& layer, WeightLoader inner, const QuantConfig* config,
                                       bool per_channel, std::string what) {

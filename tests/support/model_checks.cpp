@@ -151,4 +151,27 @@ fs::path write_next_step(const Fixture& f, const fs::path& dir, int seed) {
   return dir;
 }
 
+std::map<std::string, const void*> parameter_addresses(LoadedModel& m) {
+  std::map<std::string, const void*> out;
+  for (auto& [name, p] : m.model().named_parameters()) out[name] = p->data.data_ptr();
+  return out;
+}
+
+fs::path edited_fixture(const Fixture& f, const fs::path& dest, const std::string& tensor,
+                        const std::function<void(std::map<std::string, at::Tensor>&)>& edit) {
+  fs::path dir = copy_fixture(f, dest);
+  const fs::path file = file_holding(dir, tensor);
+  std::map<std::string, at::Tensor> tensors;
+  for (auto& [name, t] : load_tensors(file.string())) tensors[name] = t.clone();
+  edit(tensors);
+  fs::remove(file);
+  save_tensors(file.string(), {tensors.begin(), tensors.end()});
+  if (!tensors.count(tensor)) {  // the index must not promise it
+    nlohmann::json index = nlohmann::json::parse(read_bytes(dir / "model.safetensors.index.json"));
+    index["weight_map"].erase(tensor);
+    write_bytes(dir / "model.safetensors.index.json", index.dump(2));
+  }
+  return dir;
+}
+
 }  // namespace loadkit::test

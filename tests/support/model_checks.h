@@ -5,6 +5,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -58,5 +59,13 @@ void write_random_checkpoint(const fs::path& dir, std::vector<std::pair<std::str
 /// Another checkpoint of `f`'s shapes and config: every tensor t becomes t / 2 + noise (seeded),
 /// in one file. What a trainer's next step looks like.
 fs::path write_next_step(const Fixture& f, const fs::path& dir, int seed);
+
+/// Every parameter's storage address by name (a reload or update in place must keep them).
+std::map<std::string, const void*> parameter_addresses(LoadedModel& m);
+
+/// A copy of fixture `f` at `dest` whose file holding `tensor` is rewritten by `edit` (its tensors
+/// by name; erase one to drop it, and the index then drops it too).
+fs::path edited_fixture(const Fixture& f, const fs::path& dest, const std::string& tensor,
+                        const std::function<void(std::map<std::string, at::Tensor>&)>& edit);
 
 }  // namespace loadkit::test
