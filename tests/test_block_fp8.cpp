@@ -312,28 +312,6 @@ INSTANTIATE_TEST_SUITE_P(Edits, BlockFp8BadCheckpoint, ::testing::ValuesIn(bad_c
 
 // ------------------------------------------------------------ tensor parallel (Gloo) and sharded state
 
-at::Tensor cli_logits(const Fixture& f, const fs::path& out, std::vector<std::string> extra = {}) {
-  std::vector<std::string> args{"logits", "--model", f.dir, "--tokens", f.tokens_arg(), "--out", out.string(),
-                                "--plugin-dir", plugin_dir(), "--log-level", "warn"};
-  args.insert(args.end(), extra.begin(), extra.end());
-  const CliResult r = run_cli(args);
-  EXPECT_EQ(r.code, 0) << r.err;
-  if (r.code != 0) return {};
-  for (auto& [name, t] : load_tensors(out.string()))
-    if (name == "logits") return t;
-  return {};
-}
-
-/// `f`'s logits on two ranks (Gloo, through the CLI) equal transformers' and one rank's.
-void expect_two_ranks_match_one_and_transformers(const Fixture& f) {
-  TempDir tmp;
-  at::Tensor one = cli_logits(f, tmp / "tp1.safetensors");
-  at::Tensor two = cli_logits(f, tmp / "tp2.safetensors", {"--tp-size", "2"});
-  ASSERT_TRUE(one.defined() && two.defined());
-  expect_close(two, reference_logits(f), f.dtype);
-  expect_close(two, one, f.dtype);
-}
-
 class BlockFp8Tp : public ::testing::TestWithParam<std::string> {};
 
 // Scales shard with their weights: column parallel (q split by heads, the one kv head replicated),
@@ -409,10 +387,10 @@ TEST(BlockFp8ShardedState, SaveShardedRoundTripsWeightsAndScales) {
     EXPECT_EQ(sharded.at("model.layers.1.mlp.experts.w13_weight").scalar_type(), at::kFloat8_e4m3fn);
     expect_identical(sharded, fresh);
   }
-  at::Tensor hf = cli_logits(f, tmp / "hf.safetensors", {"--tp-size", "2"});
+  at::Tensor hf = fixture_cli_logits(f, tmp / "hf.safetensors", {"--tp-size", "2"});
   Fixture s = f;
   s.dir = (tmp / "s").string();
-  at::Tensor sh = cli_logits(s, tmp / "sh.safetensors", {"--tp-size", "2", "--load-format", "sharded"});
+  at::Tensor sh = fixture_cli_logits(s, tmp / "sh.safetensors", {"--tp-size", "2", "--load-format", "sharded"});
   ASSERT_TRUE(hf.defined() && sh.defined());
   EXPECT_TRUE(at::equal(hf, sh));
 }

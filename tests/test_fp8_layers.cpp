@@ -231,6 +231,41 @@ INSTANTIATE_TEST_SUITE_P(
                   {kQ, "float8_e4m3fn"}}),
     [](const ::testing::TestParamInfo<BadTensor>& info) { return info.param.name; });
 
+// ------------------------------------------------------------ tensor parallel (Gloo)
+
+class Fp8CheckpointTp : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(Fp8CheckpointTp, TwoRanksMatchOneAndTransformers) {
+  SKIP_WITHOUT_TP_BACKEND("cpu");
+  expect_two_ranks_match_one_and_transformers(fixture(GetParam()));
+}
+
+// Each rank holds its slice of every expert's intermediate rows, and of their per-channel scales;
+// per-tensor scales (and w2's per-channel ones, over the hidden rows) are the same on every rank.
+TEST_P(Fp8CheckpointTp, EachRanksExpertsAreItsSlice) {
+  const Fixture& f = fixture(GetParam());
+  if (!f.name.starts_with("qwen3_moe")) GTEST_SKIP() << f.name << " has no experts";
+  auto whole = kernel_state(*load_model(f.dir));
+  const std::string experts = "model.layers.1.mlp.experts.";
+  for (int rank = 0; rank < 2; ++rank) {
+    auto shard = kernel_state(*load_model(f.dir, "cpu", "auto", "auto", "auto", 2, rank));
+    const at::Tensor& w13 = whole.at(experts + "w13_weight");  // [E, 2I, H]
+    const int64_t inter = w13.size(1) / 2, half = inter / 2;
+    auto rows = [&](const at::Tensor& t) {
+      return at::cat({t.narrow(1, rank * half, half), t.narrow(1, inter + rank * half, half)}, 1);
+    };
+    EXPECT_TRUE(at::equal(shard.at(experts + "w13_weight").view(at::kByte), rows(w13).view(at::kByte)));
+    EXPECT_TRUE(at::equal(shard.at(experts + "w2_weight").view(at::kByte),
+                          whole.at(experts + "w2_weight").narrow(2, rank * half, half).view(at::kByte)));
+    const at::Tensor& s13 = whole.at(experts + "w13_weight_scale");
+    EXPECT_TRUE(at::equal(shard.at(experts + "w13_weight_scale"), s13.dim() == 3 ? rows(s13) : s13));
+    EXPECT_TRUE(at::equal(shard.at(experts + "w2_weight_scale"), whole.at(experts + "w2_weight_scale")));
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, Fp8CheckpointTp,
+                         ::testing::Values("llama_fp8_tensor", "qwen3_moe_ct_fp8_channel", "qwen3_moe_ct_fp8_tensor"));
+
 // ------------------------------------------------------------ configs naming layers
 
 /// A copy of `fixture_name` whose quantization_config gets `edit`; the CLI's load of it.

@@ -61,11 +61,13 @@ Quantized quantize(const at::Tensor& w, bool per_channel) {
     return {at::empty(w.sizes(), w.options().dtype(at::kFloat8_e4m3fn)),
             per_channel ? at::empty({w.size(0), 1}, f32) : at::empty({1}, f32)};
   }
-  at::Tensor amax = per_channel ? w.abs().amax(1, /*keepdim=*/true).to(at::kFloat)
-                                : w.abs().amax().to(at::kFloat).reshape({1});
+  // max |w| = max(|min w|, |max w|): exact, and no |w| temporary.
+  const auto [lo, hi] = per_channel ? at::aminmax(w, 1, /*keepdim=*/true) : at::aminmax(w);
+  at::Tensor amax = at::maximum(lo.abs(), hi.abs()).to(at::kFloat).reshape(per_channel ? lo.sizes() : at::IntArrayRef{1});
   at::Tensor scale = at::div(amax.clamp_min(kMinAmax), at::full({}, kFp8Max, amax.options()));
+  // The float32 scale (a dimension, never 0-dim) makes the division float32, stored as e4m3.
   at::Tensor q = at::empty(w.sizes(), w.options().dtype(at::kFloat8_e4m3fn));
-  at::div_out(q, w.to(at::kFloat), scale);
+  at::div_out(q, w, scale);
   return {q, scale};
 }
 

@@ -174,4 +174,25 @@ fs::path edited_fixture(const Fixture& f, const fs::path& dest, const std::strin
   return dir;
 }
 
+at::Tensor fixture_cli_logits(const Fixture& f, const fs::path& out, std::vector<std::string> extra) {
+  std::vector<std::string> args{"logits", "--model", f.dir, "--tokens", f.tokens_arg(), "--out", out.string(),
+                                "--plugin-dir", plugin_dir(), "--log-level", "warn"};
+  args.insert(args.end(), extra.begin(), extra.end());
+  const CliResult r = run_cli(args);
+  EXPECT_EQ(r.code, 0) << r.err;
+  if (r.code != 0) return {};
+  for (auto& [name, t] : load_tensors(out.string()))
+    if (name == "logits") return t;
+  return {};
+}
+
+void expect_two_ranks_match_one_and_transformers(const Fixture& f) {
+  TempDir tmp;
+  at::Tensor one = fixture_cli_logits(f, tmp / "tp1.safetensors");
+  at::Tensor two = fixture_cli_logits(f, tmp / "tp2.safetensors", {"--tp-size", "2"});
+  ASSERT_TRUE(one.defined() && two.defined());
+  expect_close(two, reference_logits(f), f.dtype);
+  expect_close(two, one, f.dtype);
+}
+
 }  // namespace loadkit::test
