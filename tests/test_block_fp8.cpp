@@ -32,12 +32,6 @@ std::string param_name(const ::testing::TestParamInfo<Param>& info) {
   return std::get<0>(info.param) + "_" + std::get<1>(info.param);
 }
 
-std::map<std::string, const void*> data_ptrs(LoadedModel& m) {
-  std::map<std::string, const void*> out;
-  for (auto& [name, p] : m.model().named_parameters()) out[name] = p->data.data_ptr();
-  return out;
-}
-
 /// The 16-bit checkpoint the fixture `f` was quantized from.
 const Fixture& bf16_source(const Fixture& f) { return fixture(f.name + "_bf16src"); }
 
@@ -51,9 +45,9 @@ class BlockFp8 : public ::testing::TestWithParam<Param> {
     a = &fixture(std::get<0>(GetParam()));
     b = &fixture(a->reload_target);
     model = load_model(a->dir, device);
-    ptrs = data_ptrs(*model);
+    ptrs = parameter_addresses(*model);
   }
-  void expect_same_storage() { EXPECT_EQ(data_ptrs(*model), ptrs); }
+  void expect_same_storage() { EXPECT_EQ(parameter_addresses(*model), ptrs); }
 
   std::string device;
   const Fixture* a = nullptr;
@@ -220,23 +214,10 @@ TEST_F(BlockFp8Cli, JobDefaultsToAutoAndSyncsFromBf16) {
 constexpr const char* kQ = "model.layers.1.self_attn.q_proj.weight";
 constexpr const char* kQScale = "model.layers.1.self_attn.q_proj.weight_scale_inv";
 
-/// A copy of llama_blockfp8 with the file holding `tensor` rewritten by `edit` (its tensors by name;
-/// erase one to drop it).
+/// A copy of llama_blockfp8 with the file holding `tensor` rewritten by `edit`.
 fs::path edited_checkpoint(const fs::path& dest, const std::string& tensor,
                            const std::function<void(std::map<std::string, at::Tensor>&)>& edit) {
-  fs::path dir = copy_fixture(fixture("llama_blockfp8"), dest);
-  const fs::path file = file_holding(dir, tensor);
-  std::map<std::string, at::Tensor> tensors;
-  for (auto& [name, t] : load_tensors(file.string())) tensors[name] = t.clone();
-  edit(tensors);
-  fs::remove(file);
-  save_tensors(file.string(), {tensors.begin(), tensors.end()});
-  if (!tensors.count(tensor)) {  // the index must not promise it
-    nlohmann::json index = nlohmann::json::parse(read_bytes(dir / "model.safetensors.index.json"));
-    index["weight_map"].erase(tensor);
-    write_bytes(dir / "model.safetensors.index.json", index.dump(2));
-  }
-  return dir;
+  return edited_fixture(fixture("llama_blockfp8"), dest, tensor, edit);
 }
 
 struct BadCheckpoint {
@@ -331,28 +312,6 @@ INSTANTIATE_TEST_SUITE_P(Edits, BlockFp8BadCheckpoint, ::testing::ValuesIn(bad_c
 
 // ------------------------------------------------------------ tensor parallel (Gloo) and sharded state
 
-at::Tensor cli_logits(const Fixture& f, const fs::path& out, std::vector<std::string> extra = {}) {
-  std::vector<std::string> args{"logits", "--model", f.dir, "--tokens", f.tokens_arg(), "--out", out.string(),
-                                "--plugin-dir", plugin_dir(), "--log-level", "warn"};
-  args.insert(args.end(), extra.begin(), extra.end());
-  const CliResult r = run_cli(args);
-  EXPECT_EQ(r.code, 0) << r.err;
-  if (r.code != 0) return {};
-  for (auto& [name, t] : load_tensors(out.string()))
-    if (name == "logits") return t;
-  return {};
-}
-
-/// `f`'s logits on two ranks (Gloo, through the CLI) equal transformers' and one rank's.
-void expect_two_ranks_match_one_and_transformers(const Fixture& f) {
-  TempDir tmp;
-  at::Tensor one = cli_logits(f, tmp / "tp1.safetensors");
-  at::Tensor two = cli_logits(f, tmp / "tp2.safetensors", {"--tp-size", "2"});
-  ASSERT_TRUE(one.defined() && two.defined());
-  expect_close(two, reference_logits(f), f.dtype);
-  expect_close(two, one, f.dtype);
-}
-
 class BlockFp8Tp : public ::testing::TestWithParam<std::string> {};
 
 // Scales shard with their weights: column parallel (q split by heads, the one kv head replicated),
@@ -428,10 +387,10 @@ TEST(BlockFp8ShardedState, SaveShardedRoundTripsWeightsAndScales) {
     EXPECT_EQ(sharded.at("model.layers.1.mlp.experts.w13_weight").scalar_type(), at::kFloat8_e4m3fn);
     expect_identical(sharded, fresh);
   }
-  at::Tensor hf = cli_logits(f, tmp / "hf.safetensors", {"--tp-size", "2"});
+  at::Tensor hf = fixture_cli_logits(f, tmp / "hf.safetensors", {"--tp-size", "2"});
   Fixture s = f;
   s.dir = (tmp / "s").string();
-  at::Tensor sh = cli_logits(s, tmp / "sh.safetensors", {"--tp-size", "2", "--load-format", "sharded"});
+  at::Tensor sh = fixture_cli_logits(s, tmp / "sh.safetensors", {"--tp-size", "2", "--load-format", "sharded"});
   ASSERT_TRUE(hf.defined() && sh.defined());
   EXPECT_TRUE(at::equal(hf, sh));
 }

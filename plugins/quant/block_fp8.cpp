@@ -32,6 +32,10 @@
 
 #include "prequantized.h"
 
+#include <optional>
+
+#include "ignored_layers.h"
+
 #include <ATen/ATen.h>
 
 #include <string>
@@ -122,15 +126,7 @@ std::pair<at::Tensor, at::Tensor> quantize_parts(const at::Tensor& w, const std:
     return {at::stack(qs), at::stack(ss)};
   }
   if (parts.size() == 1) return quantize_blocks(w, b);
-  std::vector<at::Tensor> qs, ss;
-  int64_t row = 0;
-  for (int64_t rows : parts) {
-    auto [q, s] = quantize_blocks(w.narrow(0, row, rows), b);
-    qs.push_back(q);
-    ss.push_back(s);
-    row += rows;
-  }
-  return {at::cat(qs), at::cat(ss)};
+  return quantize_each_part(w, parts, [&b](const at::Tensor& part) { return quantize_blocks(part, b); });
 }
 
 /// [n, k] float32 scales of a weight whose rows are `parts`, from its blocked [rows, cols] scales.
@@ -152,28 +148,16 @@ at::Tensor dequantize(const at::Tensor& q, const at::Tensor& s, const std::vecto
   return (q.to(at::kFloat) * expand_scales(s, parts, q.size(1), b)).to(dtype);
 }
 
-bool is_16_or_32_bit_float(const at::Tensor& t) {
-  const auto d = t.scalar_type();
-  return d == at::kBFloat16 || d == at::kHalf || d == at::kFloat;
-}
-
-/// The loader of an fp8 weight: an e4m3 tensor goes to `inner`; a 16/32-bit one, when the config
-/// quantizes on arrival, is quantized (its rows are `parts` for a shard that holds several of
-/// them) and its scales go through `scale_name`'s own loader with the same shard id.
+/// The loader of an fp8 weight (arriving_fp8_weight): a 16/32-bit tensor is quantized in blocks,
+/// its rows being `parts` for a shard that holds several of them.
 WeightLoader fp8_weight_loader(Module& layer, WeightLoader inner, const QuantConfig* config, Block block,
                                std::string scale_name, std::function<std::vector<int64_t>(const at::Tensor&, const ShardId&)> parts) {
-  return [&layer, inner = std::move(inner), config, block, scale_name = std::move(scale_name),
-          parts = std::move(parts)](Parameter& p, const at::Tensor& loaded, const ShardId& shard) -> int64_t {
-    if (loaded.scalar_type() == at::kFloat8_e4m3fn) return inner(p, loaded, shard);
-    if (!config->quantize_on_arrival() || !is_16_or_32_bit_float(loaded))
-      fail(ErrorKind::Input, "the weight is ", c10::toString(loaded.scalar_type()),
-           ", but the checkpoint's quantization_config (fp8) says float8_e4m3fn");
-    auto [q, s] = quantize_parts(loaded, parts(loaded, shard), block);
-    const int64_t written = inner(p, q, shard);
-    Parameter& scale = layer.param(scale_name);
-    scale.loader(scale, s, shard);
-    return written;
-  };
+  return arriving_fp8_weight(
+      layer, std::move(inner), config, ScaleRoute{.name = std::move(scale_name)},
+      [block, parts = std::move(parts)](const at::Tensor& loaded, const ShardId& shard) {
+        return quantize_parts(loaded, parts(loaded, shard), block);
+      },
+      "fp8");
 }
 
 /// The loader of a blocked scale: float32 only, then the layer's block loader.
@@ -319,56 +303,64 @@ class BlockFp8MoEMethod final : public FusedMoEMethod {
   Block block_;
 };
 
-class BlockFp8Config final : public QuantConfig {
+/// Block fp8, or one scale per tensor (scaled_fp8.cpp), for every layer the checkpoint does not
+/// leave 16-bit (ignored_layers.h).
+class Fp8CheckpointConfig final : public QuantConfig {
  public:
-  explicit BlockFp8Config(Block block)
-      : linear_(std::make_shared<BlockFp8LinearMethod>(this, block)),
-        moe_(std::make_shared<BlockFp8MoEMethod>(this, block)) {}
+  Fp8CheckpointConfig(std::optional<Block> block, IgnoredLayers ignored) : ignored_(std::move(ignored)) {
+    if (block) {
+      linear_ = std::make_shared<BlockFp8LinearMethod>(this, *block);
+      moe_ = std::make_shared<BlockFp8MoEMethod>(this, *block);
+    } else {
+      linear_ = make_per_tensor_fp8_linear_method(this);
+      moe_ = make_scaled_fp8_moe_method(this, /*per_channel=*/false, "fp8");
+    }
+  }
   std::string name() const override { return "fp8"; }
-  std::shared_ptr<LinearMethod> linear_method() override { return linear_; }
-  std::shared_ptr<FusedMoEMethod> moe_method() override { return moe_; }
+  std::shared_ptr<LinearMethod> linear_method(const LayerPrefix& layer) override {
+    return ignored_.skips_linear(layer) ? unquantized_linear_method() : linear_;
+  }
+  std::shared_ptr<FusedMoEMethod> moe_method(const LayerPrefix& layer) override {
+    return ignored_.skips_experts(layer) ? nullptr : moe_;
+  }
 
  private:
+  IgnoredLayers ignored_;
   std::shared_ptr<LinearMethod> linear_;
   std::shared_ptr<FusedMoEMethod> moe_;
 };
 
-/// Modules no architecture quantizes (embeddings, the output head, MoE routers): naming them in
-/// modules_to_not_convert / ignored_layers changes nothing.
-bool never_quantized(const std::string& module) {
-  for (const char* name : {"lm_head", "embed_tokens", "mlp.gate", "shared_expert_gate"})
-    if (module == name || module.ends_with(std::string(".") + name)) return true;
-  return false;
-}
-
 }  // namespace
 
-std::shared_ptr<QuantConfig> make_block_fp8_config(const ModelContext& ctx) {
+std::shared_ptr<QuantConfig> make_fp8_checkpoint_config(const ModelContext& ctx) {
   const ModelConfig qc = ctx.config.get_object("quantization_config");
   const std::string& file = qc.origin();
-  if (!qc.has("weight_block_size"))
-    fail(ErrorKind::Plugin, file, ": quantization_config has no 'weight_block_size': fp8 checkpoints with "
-         "per-tensor scales are not supported (block fp8 only)");
-  const std::vector<int64_t> block = qc.get_ints("weight_block_size");
-  if (block.size() != 2 || block[0] <= 0 || block[1] <= 0) {
-    std::string got;
-    for (int64_t v : block) got += (got.empty() ? "" : ", ") + std::to_string(v);
-    fail(ErrorKind::Input, file, ": key '", qc.qualified("weight_block_size"), "' must be two positive integers, got [",
-         got, "]");
+  std::optional<Block> block;
+  if (qc.has("weight_block_size")) {
+    const std::vector<int64_t> size = qc.get_ints("weight_block_size");
+    if (size.size() != 2 || size[0] <= 0 || size[1] <= 0) {
+      std::string got;
+      for (int64_t v : size) got += (got.empty() ? "" : ", ") + std::to_string(v);
+      fail(ErrorKind::Input, file, ": key '", qc.qualified("weight_block_size"), "' must be two positive integers, got [",
+           got, "]");
+    }
+    block = Block{size[0], size[1]};
   }
   if (const std::string fmt = qc.get_string("fmt", "e4m3"); fmt != "e4m3")
     fail(ErrorKind::Plugin, file, ": key '", qc.qualified("fmt"), "' is '", fmt, "': only e4m3 fp8 is supported");
   if (const std::string scheme = qc.get_string("activation_scheme", "dynamic"); scheme != "dynamic")
     fail(ErrorKind::Plugin, file, ": key '", qc.qualified("activation_scheme"), "' is '", scheme,
-         "': only dynamic activation scales are supported");
-  for (const char* key : {"modules_to_not_convert", "ignored_layers"}) {
+         "': only dynamic activation scales are supported (static ones come with an input_scale per layer)");
+  // vLLM reads ignored_layers, else modules_to_not_convert; a checkpoint may carry either.
+  std::vector<std::string> ignored;
+  std::string keys;
+  for (const char* key : {"ignored_layers", "modules_to_not_convert"}) {
     if (!qc.has(key)) continue;
-    for (const std::string& module : qc.get_strings(key))
-      if (!never_quantized(module))
-        fail(ErrorKind::Plugin, file, ": key '", qc.qualified(key), "' names '", module,
-             "': leaving quantizable layers unquantized in an fp8 checkpoint is not supported yet");
+    for (std::string& module : qc.get_strings(key)) ignored.push_back(std::move(module));
+    keys += (keys.empty() ? "" : "' / '") + qc.qualified(key);
   }
-  return std::make_shared<BlockFp8Config>(Block{block[0], block[1]});
+  return std::make_shared<Fp8CheckpointConfig>(
+      block, IgnoredLayers(std::move(ignored), IgnoredLayers::Rules::Fp8, cat(file, ": key '", keys, "'")));
 }
 
 }  // namespace loadkit::quant

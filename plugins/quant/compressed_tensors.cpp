@@ -9,22 +9,25 @@
 //                 on every rank)
 // w = float32(weight) × its row's (or its part's) scale. Load format is kernel format: a reload
 // writes straight into the tensors the forward reads. The forward dequantizes to the activations'
-// dtype (every device).
+// dtype (every device). A 16-bit weight synced in (quantize-on-arrival) is quantized as the
+// fixture script's reference does (scaled_fp8.cpp's file comment).
 //
 // Anything else — other bit widths or types, group/block strategies, static activation scales,
-// packed formats — is a Plugin error naming the group and the scheme; an `ignore` entry that
-// names a layer the architectures quantize is refused the same way (per-layer exclusions are not
-// supported yet; lm_head and MoE routers are never quantized, so naming them changes nothing).
+// packed formats — is a Plugin error naming the group and the scheme. Layers that `ignore` names
+// (or matches, `re:` entries) load 16-bit (ignored_layers.h). Routed experts: scaled_fp8.cpp
+// (vLLM's CompressedTensorsW8A8Fp8MoEMethod).
 
 #include "prequantized.h"
 
+#include "ignored_layers.h"
+
 #include <ATen/ATen.h>
 
-#include <regex>
 #include <string>
 #include <vector>
 
 #include <loadkit/error.h>
+#include <loadkit/layers/fused_moe.h>
 #include <loadkit/layers/linear.h>
 #include <loadkit/model_context.h>
 #include <loadkit/quant_method.h>
@@ -33,16 +36,6 @@ namespace loadkit::quant {
 
 namespace {
 
-/// The loader of an fp8 weight: e4m3 only (a checkpoint that declares fp8 holds fp8).
-WeightLoader fp8_only(WeightLoader inner) {
-  return [inner = std::move(inner)](Parameter& p, const at::Tensor& loaded, const ShardId& shard) -> int64_t {
-    if (loaded.scalar_type() != at::kFloat8_e4m3fn)
-      fail(ErrorKind::Input, "the weight is ", c10::toString(loaded.scalar_type()),
-           ", but the checkpoint's quantization_config (compressed-tensors fp8) says float8_e4m3fn");
-    return inner(p, loaded, shard);
-  };
-}
-
 void check_float32(const at::Tensor& loaded) {
   if (loaded.scalar_type() != at::kFloat)
     fail(ErrorKind::Input, "weight_scale must be float32, got ", c10::toString(loaded.scalar_type()));
@@ -50,14 +43,16 @@ void check_float32(const at::Tensor& loaded) {
 
 class Fp8LinearMethod final : public LinearMethod {
  public:
-  explicit Fp8LinearMethod(bool per_channel) : per_channel_(per_channel) {}
+  Fp8LinearMethod(const QuantConfig* config, bool per_channel) : config_(config), per_channel_(per_channel) {}
   std::string name() const override { return "compressed-tensors"; }
   bool transforms_weights() const override { return false; }
 
   void create_weights(LinearBase& layer, const LinearShape& shape, WeightLoader loader, ShardingInfo sharding,
                       const ModelContext& ctx) override {
     layer.add_parameter("weight", at::empty({shape.output_size, shape.input_size}, ctx.options().dtype(at::kFloat8_e4m3fn)),
-                        fp8_only(std::move(loader)), sharding);
+                        scaled_fp8_weight_loader(layer, std::move(loader), config_, per_channel_,
+                                                 "compressed-tensors fp8"),
+                        sharding);
     if (per_channel_) {
       // One scale per output row: the rows shard as the weight's (block_loader in units of 1 x K).
       WeightLoader rows = layer.block_loader(1, shape.input_size);
@@ -76,24 +71,9 @@ class Fp8LinearMethod final : public LinearMethod {
                           std::move(scale_loader), sharding);
       return;
     }
-    // One scale per fused part: shard id -> its entry; a fused tensor's scales all at once.
+    // One scale per fused part (its shard id's entry).
     const int64_t parts = static_cast<int64_t>(layer.output_parts().size());
-    WeightLoader scale_loader = [&layer, parts](Parameter& p, const at::Tensor& loaded, const ShardId& shard) -> int64_t {
-      check_float32(loaded);
-      const size_t part = layer.part_of(shard);
-      if (part == LinearBase::kFused) {
-        if (loaded.numel() != parts)
-          fail(ErrorKind::Input, "a fused per-tensor weight_scale needs ", parts, " entries, got shape ",
-               shape_str(loaded.sizes()));
-        p.data.copy_(loaded.reshape({parts}));
-        return parts;
-      }
-      if (loaded.numel() != 1)
-        fail(ErrorKind::Input, "a per-tensor weight_scale has one entry, got shape ", shape_str(loaded.sizes()));
-      p.data.narrow(0, static_cast<int64_t>(part), 1).copy_(loaded.reshape({1}));
-      return 1;
-    };
-    layer.add_parameter("weight_scale", at::empty({parts}, ctx.options().dtype(at::kFloat)), std::move(scale_loader));
+    layer.add_parameter("weight_scale", at::empty({parts}, ctx.options().dtype(at::kFloat)), per_part_scale_loader(layer));
   }
 
   void process_weights_after_loading(LinearBase&, const KernelTargets&) override {}
@@ -110,52 +90,36 @@ class Fp8LinearMethod final : public LinearMethod {
   }
 
  private:
+  const QuantConfig* config_;
   bool per_channel_;
 };
 
+/// fp8 linear layers and experts (scaled_fp8.cpp), except those the checkpoint's `ignore` leaves
+/// 16-bit (ignored_layers.h).
 class CompressedTensorsConfig final : public QuantConfig {
  public:
-  explicit CompressedTensorsConfig(bool per_channel) : linear_(std::make_shared<Fp8LinearMethod>(per_channel)) {}
+  CompressedTensorsConfig(bool per_channel, IgnoredLayers ignored)
+      : ignored_(std::move(ignored)),
+        linear_(std::make_shared<Fp8LinearMethod>(this, per_channel)),
+        moe_(make_scaled_fp8_moe_method(this, per_channel, "compressed-tensors")) {}
   std::string name() const override { return "compressed-tensors"; }
-  std::shared_ptr<LinearMethod> linear_method() override { return linear_; }
-  /// Experts stay as the checkpoint... is not served: MoE checkpoints are refused at config time.
+  std::shared_ptr<LinearMethod> linear_method(const LayerPrefix& layer) override {
+    return ignored_.skips_linear(layer) ? unquantized_linear_method() : linear_;
+  }
+  std::shared_ptr<FusedMoEMethod> moe_method(const LayerPrefix& layer) override {
+    return ignored_.skips_experts(layer) ? nullptr : moe_;
+  }
 
  private:
+  IgnoredLayers ignored_;
   std::shared_ptr<LinearMethod> linear_;
+  std::shared_ptr<FusedMoEMethod> moe_;
 };
 
 /// "8-bit float, strategy S" and the rest of a weights/input_activations object, for messages.
 std::string scheme_of(const ModelConfig& q) {
   return cat(q.get_int("num_bits", 0), "-bit ", q.get_string("type", "?"), ", strategy ", q.get_string("strategy", "?"),
              q.get_bool("dynamic", false) ? ", dynamic" : ", static");
-}
-
-/// Layer names (without a model's numbering) that the architectures quantize: an ignore entry
-/// matching one of these asks for a per-layer exclusion.
-const char* const kQuantizedLayers[] = {
-    "model.layers.0.self_attn.q_proj",  "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj",
-    "model.layers.0.self_attn.o_proj",  "model.layers.0.mlp.gate_proj",    "model.layers.0.mlp.up_proj",
-    "model.layers.0.mlp.down_proj",     "model.layers.0.self_attn.qkv_proj", "model.layers.0.mlp.gate_up_proj",
-};
-
-bool excludes_a_quantized_layer(const std::string& entry) {
-  if (entry.rfind("re:", 0) == 0) {
-    std::regex pattern;
-    try {
-      pattern = std::regex(entry.substr(3));
-    } catch (const std::regex_error&) {
-      return true;  // a pattern we cannot read: refuse rather than guess
-    }
-    for (const char* layer : kQuantizedLayers)
-      if (std::regex_match(layer, pattern)) return true;
-    return false;
-  }
-  for (const char* layer : kQuantizedLayers) {
-    const std::string name = layer;
-    const std::string tail = name.substr(name.rfind('.') + 1);
-    if (entry == tail || entry.ends_with("." + tail)) return true;
-  }
-  return false;
 }
 
 }  // namespace
@@ -200,12 +164,9 @@ std::shared_ptr<QuantConfig> make_compressed_tensors_config(const ModelContext& 
     per_channel = strategy == "channel";
   }
   if (!per_channel) fail(ErrorKind::Input, file, ": key '", qc.qualified("config_groups"), "' has no group");
-  if (qc.has("ignore"))
-    for (const std::string& entry : qc.get_strings("ignore"))
-      if (excludes_a_quantized_layer(entry))
-        fail(ErrorKind::Plugin, file, ": key '", qc.qualified("ignore"), "' names '", entry,
-             "': leaving quantizable layers unquantized is not supported yet");
-  return std::make_shared<CompressedTensorsConfig>(*per_channel);
+  return std::make_shared<CompressedTensorsConfig>(
+      *per_channel, IgnoredLayers(qc.has("ignore") ? qc.get_strings("ignore") : std::vector<std::string>{},
+                                  IgnoredLayers::Rules::CompressedTensors, cat(file, ": key '", qc.qualified("ignore"), "'")));
 }
 
 }  // namespace loadkit::quant

@@ -176,8 +176,11 @@ class Fp8LinearMethod final : public OnlineQuantMethod {
   }
 
   at::Tensor apply(LinearBase& layer, const at::Tensor& x, const at::Tensor& bias) override {
-    const at::Tensor& w = layer.param("weight").data;  // [in, out] fp8
-    const at::Tensor& scale = layer.param("weight_scale").data;
+    return linear(x, layer.param("weight").data, layer.param("weight_scale").data, bias);
+  }
+
+  /// The forward of the kernel format: w [in, out] fp8, scale [1] (also serialized per-tensor fp8's).
+  static at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& bias) {
     if (scaled_mm_fits(x, w)) return scaled_mm(x, w, scale, bias);
     // Elsewhere (CPU, shapes _scaled_mm cannot take): dequantize and multiply.
     at::Tensor dequant = (w.t().to(at::kFloat) * scale).to(x.scalar_type());
@@ -380,8 +383,8 @@ class SingleMethodConfig final : public QuantConfig {
   explicit SingleMethodConfig(std::string name)
       : name_(std::move(name)), method_(std::make_shared<Method>()), moe_method_(std::make_shared<MoEMethod>()) {}
   std::string name() const override { return name_; }
-  std::shared_ptr<LinearMethod> linear_method() override { return method_; }
-  std::shared_ptr<FusedMoEMethod> moe_method() override { return moe_method_; }
+  std::shared_ptr<LinearMethod> linear_method(const LayerPrefix&) override { return method_; }
+  std::shared_ptr<FusedMoEMethod> moe_method(const LayerPrefix&) override { return moe_method_; }
 
  private:
   std::string name_;
@@ -391,7 +394,7 @@ class SingleMethodConfig final : public QuantConfig {
 
 void register_quant(Registrar& registrar) {
   registrar.add_quant_method("fp8", [](const ModelContext& ctx) -> std::shared_ptr<QuantConfig> {
-    if (ctx.config.is_object("quantization_config")) return quant::make_block_fp8_config(ctx);
+    if (ctx.config.is_object("quantization_config")) return quant::make_fp8_checkpoint_config(ctx);
     return std::make_shared<SingleMethodConfig<Fp8LinearMethod, Fp8MoEMethod>>("fp8");
   });
   registrar.add_quant_method("compressed-tensors", quant::make_compressed_tensors_config);
@@ -401,5 +404,10 @@ void register_quant(Registrar& registrar) {
 }
 
 }  // namespace
+
+at::Tensor loadkit::quant::fp8_per_tensor_linear(const at::Tensor& x, const at::Tensor& w_kn, const at::Tensor& scale,
+                                                 const at::Tensor& bias) {
+  return Fp8LinearMethod::linear(x, w_kn, scale, bias);
+}
 
 LOADKIT_PLUGIN("quant", "1.0.0", register_quant)

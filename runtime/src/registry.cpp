@@ -287,6 +287,7 @@ std::shared_ptr<CausalLM> Registry::create_model(const std::string& architecture
     fail(ErrorKind::Plugin, "no plugin serves architecture '", architecture, "' (", searched(*this), ")");
   auto model = it->second.factory(ctx);
   if (!model) fail(ErrorKind::Plugin, "plugin ", impl_->plugins[it->second.plugin].path, " built no model for '", architecture, "'");
+  assign_quant_methods(*model, ctx);  // per-layer methods, now that every layer has its name
   return keep_loaded(std::move(model), it->second.library);
 }
 

@@ -80,13 +80,28 @@ FusedMoE::FusedMoE(const FusedMoEOptions& options, const ModelContext& ctx)
     fail(ErrorKind::Usage, "tensor parallel size ", ctx.tp_size, " does not divide the expert intermediate size (",
          o.intermediate_size, ")");
   shape_ = {o.num_experts, o.hidden_size, o.intermediate_size / ctx.tp_size};
-  method_ = o.quantize && ctx.quant ? ctx.quant->moe_method() : nullptr;
+  // The layer's name is not known yet: the method most layers get, until assign_quant_methods asks by name.
+  method_ = o.quantize && ctx.quant ? ctx.quant->moe_method(LayerPrefix{}) : nullptr;
   if (!method_) method_ = unquantized_moe_method();
+  create_weights();
+}
+
+void FusedMoE::create_weights() {
   WeightLoader loader = [this](Parameter& param, const at::Tensor& loaded, const ShardId& shard) {
     return load(param, loaded, shard);
   };
-  method_->create_weights(*this, shape_, loader, ShardingInfo{.output_dim = 1, .tp_rank = ctx.tp_rank, .tp_size = ctx.tp_size},
-                          ShardingInfo{.input_dim = 2, .tp_rank = ctx.tp_rank, .tp_size = ctx.tp_size}, ctx);
+  method_->create_weights(*this, shape_, loader, ShardingInfo{.output_dim = 1, .tp_rank = ctx_.tp_rank, .tp_size = ctx_.tp_size},
+                          ShardingInfo{.input_dim = 2, .tp_rank = ctx_.tp_rank, .tp_size = ctx_.tp_size}, ctx_);
+}
+
+void FusedMoE::use_method(std::shared_ptr<FusedMoEMethod> method) {
+  if (!method) method = unquantized_moe_method();
+  if (method == method_) return;
+  std::vector<std::string> names;
+  for (const auto& [name, param] : parameters()) names.push_back(name);
+  for (const std::string& name : names) remove_parameter(name);
+  method_ = std::move(method);
+  create_weights();
 }
 
 WeightLoader FusedMoE::block_loader(int64_t block_rows, int64_t block_cols) const {

@@ -57,15 +57,33 @@ std::shared_ptr<LinearMethod> unquantized_linear_method() {
 // ---------------------------------------------------------------- LinearBase
 
 LinearBase::LinearBase(std::string type_name, const ModelContext& ctx, LinearShape shape, const LinearOptions& options)
-    : Module(std::move(type_name)), ctx_(ctx), shape_(shape) {
-  method_ = options.quantize && ctx.quant ? ctx.quant->linear_method() : unquantized_linear_method();
+    : Module(std::move(type_name)), ctx_(ctx), shape_(shape), quantizable_(options.quantize) {
+  // The layer's name is not known yet: the method most layers get, until assign_quant_methods asks by name.
+  method_ = quantizable_ && ctx.quant ? ctx.quant->linear_method(LayerPrefix{}) : unquantized_linear_method();
 }
 
 void LinearBase::create(WeightLoader weight_loader, ShardingInfo weight_sharding, WeightLoader bias_loader,
                         ShardingInfo bias_sharding, bool bias) {
   output_row_loader_ = bias_loader;
+  weight_loader_ = weight_loader;
+  weight_sharding_ = weight_sharding;
   method_->create_weights(*this, shape_, std::move(weight_loader), weight_sharding, ctx_);
   if (bias) add_parameter("bias", at::empty({shape_.output_size}, ctx_.options()), std::move(bias_loader), bias_sharding);
+}
+
+void LinearBase::use_method(std::shared_ptr<LinearMethod> method) {
+  if (!method || method == method_) return;
+  // The bias is removed and added back after the new method's parameters, so the parameters keep
+  // the order a layer built with that method has (the order of sharded-state files).
+  std::shared_ptr<Parameter> bias;
+  for (const auto& [name, param] : parameters())
+    if (name == "bias") bias = param;
+  std::vector<std::string> names;
+  for (const auto& [name, param] : parameters()) names.push_back(name);
+  for (const std::string& name : names) remove_parameter(name);
+  method_ = std::move(method);
+  method_->create_weights(*this, shape_, weight_loader_, weight_sharding_, ctx_);
+  if (bias) add_parameter("bias", bias);
 }
 
 at::Tensor LinearBase::forward(const at::Tensor& x) {

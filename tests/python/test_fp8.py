@@ -3,12 +3,16 @@
 quantization="auto" is the default and takes the checkpoint's own method; another method on an fp8
 checkpoint is a UsageError; a trainer's bf16 tensors synced into a block-fp8 model are quantized as
 they arrive, giving exactly a fresh load of those weights quantized offline by the fixture script's
-reference quantizer (tests/fixtures/fp8_quant.py).
+reference quantizer (tests/fixtures/fp8_quant.py) — also for checkpoints that leave layers 16-bit,
+per-tensor fp8 and compressed-tensors experts; a fused layer with some parts ignored is an InputError.
 
     test_fp8.py --device cpu|cuda [name patterns]
 """
 import glob
+import json
 import os
+import shutil
+import tempfile
 import unittest
 
 import harness
@@ -56,6 +60,33 @@ class BlockFp8(unittest.TestCase):
                     report = model.update(weights)
                     self.assertTrue(report["pointers_stable"])
                     self.assertTrue(torch.equal(model.logits(tokens), fresh.logits(tokens)))
+
+    def test_checkpoints_as_they_ship_sync_from_bf16_as_the_offline_quantization(self):
+        # Layers left 16-bit (block fp8, per-tensor fp8), per-tensor fp8, compressed-tensors experts.
+        for name in ("llama_blockfp8_ignored", "llama_fp8_tensor", "qwen3_moe_ct_fp8_channel",
+                     "qwen3_moe_ct_fp8_tensor"):
+            with self.subTest(name):
+                target = FIXTURES[name]["reload_target"]
+                weights = tensors_of(FIXTURES[FIXTURES[target]["bf16_source"]]["dir"], self.device)
+                tokens = FIXTURES[target]["tokens"]
+                with self.load(name) as model, self.load(target) as fresh:
+                    report = model.update(weights)
+                    self.assertTrue(report["pointers_stable"])
+                    self.assertTrue(torch.equal(model.logits(tokens), fresh.logits(tokens)))
+
+    def test_a_fused_layer_with_some_parts_ignored_is_an_input_error(self):
+        src = FIXTURES["llama_blockfp8_ignored"]["dir"]
+        with tempfile.TemporaryDirectory() as tmp:
+            dst = os.path.join(tmp, "edited")
+            shutil.copytree(src, dst)
+            with open(os.path.join(dst, "config.json")) as f:
+                cfg = json.load(f)
+            cfg["quantization_config"]["modules_to_not_convert"].append("model.layers.1.self_attn.v_proj")
+            with open(os.path.join(dst, "config.json"), "w") as f:
+                json.dump(cfg, f)
+            with self.assertRaises(loadkit.InputError) as caught:
+                loadkit.Model(dst, device=self.device)
+            self.assertIn("model.layers.1.self_attn.qkv_proj", str(caught.exception))
 
 
 @unittest.skipUnless(torch.cuda.is_available(), harness.CUDA_SKIP)

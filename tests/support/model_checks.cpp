@@ -151,4 +151,48 @@ fs::path write_next_step(const Fixture& f, const fs::path& dir, int seed) {
   return dir;
 }
 
+std::map<std::string, const void*> parameter_addresses(LoadedModel& m) {
+  std::map<std::string, const void*> out;
+  for (auto& [name, p] : m.model().named_parameters()) out[name] = p->data.data_ptr();
+  return out;
+}
+
+fs::path edited_fixture(const Fixture& f, const fs::path& dest, const std::string& tensor,
+                        const std::function<void(std::map<std::string, at::Tensor>&)>& edit) {
+  fs::path dir = copy_fixture(f, dest);
+  const fs::path file = file_holding(dir, tensor);
+  std::map<std::string, at::Tensor> tensors;
+  for (auto& [name, t] : load_tensors(file.string())) tensors[name] = t.clone();
+  edit(tensors);
+  fs::remove(file);
+  save_tensors(file.string(), {tensors.begin(), tensors.end()});
+  if (!tensors.count(tensor)) {  // the index must not promise it
+    nlohmann::json index = nlohmann::json::parse(read_bytes(dir / "model.safetensors.index.json"));
+    index["weight_map"].erase(tensor);
+    write_bytes(dir / "model.safetensors.index.json", index.dump(2));
+  }
+  return dir;
+}
+
+at::Tensor fixture_cli_logits(const Fixture& f, const fs::path& out, std::vector<std::string> extra) {
+  std::vector<std::string> args{"logits", "--model", f.dir, "--tokens", f.tokens_arg(), "--out", out.string(),
+                                "--plugin-dir", plugin_dir(), "--log-level", "warn"};
+  args.insert(args.end(), extra.begin(), extra.end());
+  const CliResult r = run_cli(args);
+  EXPECT_EQ(r.code, 0) << r.err;
+  if (r.code != 0) return {};
+  for (auto& [name, t] : load_tensors(out.string()))
+    if (name == "logits") return t;
+  return {};
+}
+
+void expect_two_ranks_match_one_and_transformers(const Fixture& f) {
+  TempDir tmp;
+  at::Tensor one = fixture_cli_logits(f, tmp / "tp1.safetensors");
+  at::Tensor two = fixture_cli_logits(f, tmp / "tp2.safetensors", {"--tp-size", "2"});
+  ASSERT_TRUE(one.defined() && two.defined());
+  expect_close(two, reference_logits(f), f.dtype);
+  expect_close(two, one, f.dtype);
+}
+
 }  // namespace loadkit::test

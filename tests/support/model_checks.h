@@ -5,6 +5,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -58,5 +59,20 @@ void write_random_checkpoint(const fs::path& dir, std::vector<std::pair<std::str
 /// Another checkpoint of `f`'s shapes and config: every tensor t becomes t / 2 + noise (seeded),
 /// in one file. What a trainer's next step looks like.
 fs::path write_next_step(const Fixture& f, const fs::path& dir, int seed);
+
+/// `f`'s logits through the CLI (`loadkit logits` with `extra` arguments) written to `out`;
+/// a failed run fails the test and gives an undefined tensor.
+at::Tensor fixture_cli_logits(const Fixture& f, const fs::path& out, std::vector<std::string> extra = {});
+
+/// `f`'s logits on two ranks (Gloo, through the CLI) equal transformers' and one rank's.
+void expect_two_ranks_match_one_and_transformers(const Fixture& f);
+
+/// Every parameter's storage address by name (a reload or update in place must keep them).
+std::map<std::string, const void*> parameter_addresses(LoadedModel& m);
+
+/// A copy of fixture `f` at `dest` whose file holding `tensor` is rewritten by `edit` (its tensors
+/// by name; erase one to drop it, and the index then drops it too).
+fs::path edited_fixture(const Fixture& f, const fs::path& dest, const std::string& tensor,
+                        const std::function<void(std::map<std::string, at::Tensor>&)>& edit);
 
 }  // namespace loadkit::test

@@ -17,14 +17,28 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "loadkit/module.h"
 
 namespace loadkit {
 
+class CausalLM;
 class FusedMoEMethod;
 class LinearBase;
 struct ModelContext;
+
+/// The layer a quantization method is asked for (vLLM's `prefix`): its module name
+/// as the checkpoint names it (`model.layers.0.self_attn.o_proj`, or
+/// `model.layers.1.mlp.experts` for a FusedMoE layer) and, for a fused layer,
+/// its parts' names in order (`model.layers.0.self_attn.q_proj`, `.k_proj`,
+/// `.v_proj` for `...qkv_proj`; empty when the layer is not fused). An empty
+/// `name`: a layer being built, before it has a place in a model (the SDK asks
+/// again with its name once the model is built: `assign_quant_methods`).
+struct LayerPrefix {
+  std::string name;
+  std::vector<std::string> parts;
+};
 
 /// Per-rank sizes of a linear layer's weight ([output, input]).
 struct LinearShape {
@@ -83,15 +97,30 @@ class LinearMethod {
 /// plugin's `QuantFactory` (plugin.h) once per load and owned by the model's
 /// context; the methods it hands out may be shared by every layer of that
 /// model, so they keep no per-layer state of their own.
+///
+/// Per-layer choice (a checkpoint that leaves some layers 16-bit: block fp8's
+/// `ignored_layers`, compressed-tensors' `ignore`): each layer's method is asked
+/// for with the layer's name, twice — once while the layer is built (empty
+/// name: answer the method most layers get) and once the model is built
+/// (`assign_quant_methods`), when the answer is final. Return the same object
+/// for the same method: a layer whose answer did not change keeps its
+/// parameters. A fused layer whose parts would get different methods cannot be
+/// served (its parts share one tensor): throw an Input error naming the layer
+/// and the config file, as vLLM refuses it.
 class QuantConfig {
  public:
   virtual ~QuantConfig() = default;
   virtual std::string name() const = 0;
-  /// The method for a linear layer the plugin marked quantizable.
-  virtual std::shared_ptr<LinearMethod> linear_method() = 0;
-  /// The method for the routed experts of a FusedMoE layer the plugin marked
-  /// quantizable (see layers/fused_moe.h); null: the experts stay unquantized.
-  virtual std::shared_ptr<FusedMoEMethod> moe_method() { return nullptr; }
+  /// The method for the linear layer `layer`, which the plugin marked
+  /// quantizable; `unquantized_linear_method()` to leave it in the model dtype.
+  virtual std::shared_ptr<LinearMethod> linear_method(const LayerPrefix& layer) = 0;
+  /// The method for the routed experts of the FusedMoE layer `layer`, which the
+  /// plugin marked quantizable (see layers/fused_moe.h); null: the experts stay
+  /// unquantized.
+  virtual std::shared_ptr<FusedMoEMethod> moe_method(const LayerPrefix& layer) {
+    (void)layer;
+    return nullptr;
+  }
 
   /// Quantize-on-arrival, for methods that load pre-quantized weights (block
   /// fp8): whether their loaders take a 16/32-bit weight and quantize it as it
@@ -109,5 +138,15 @@ class QuantConfig {
 
 /// Plain weights in the model dtype; processing does nothing.
 std::shared_ptr<LinearMethod> unquantized_linear_method();
+
+/// Asks `model`'s quantization config (`ctx.quant`; nothing to do when null)
+/// for the method of every quantizable linear and FusedMoE layer by its name,
+/// and rebuilds the parameters of each layer whose method changes (still
+/// before anything is loaded). A fused layer's part names come from the
+/// model's stacked weight mapping (`qkv_proj` ← `q_proj`, `k_proj`, `v_proj`).
+/// The host calls it right after the architecture factory returns, before it
+/// records the load format; errors are the config's (Input for a fused layer
+/// whose parts disagree).
+void assign_quant_methods(CausalLM& model, const ModelContext& ctx);
 
 }  // namespace loadkit

@@ -11,7 +11,10 @@
 /// blocked-parameter loaders and fused-part queries of the linear layers
 /// (LinearBase::block_loader, output_parts, part_of, output_row_loader;
 /// FusedMoE::block_loader), QuantConfig's quantize-on-arrival flag (a data
-/// member: QuantConfig's layout changed) and ModelConfig::keys.
+/// member: QuantConfig's layout changed), ModelConfig::keys, and per-layer
+/// methods: QuantConfig::linear_method / moe_method take the layer's
+/// LayerPrefix (their signatures changed), LinearBase/FusedMoE::use_method and
+/// assign_quant_methods, which the host calls after an architecture factory.
 
 #define LOADKIT_VERSION_MAJOR 1
 #define LOADKIT_VERSION_MINOR 0

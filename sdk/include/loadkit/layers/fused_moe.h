@@ -18,7 +18,7 @@
 ///
 /// How the experts are stored (plain or quantized per expert) is a
 /// `FusedMoEMethod`'s business, chosen like a linear layer's method: through
-/// `QuantConfig::moe_method()` when the layer is quantizable.
+/// `QuantConfig::moe_method(prefix)` when the layer is quantizable.
 
 #include <ATen/core/Tensor.h>
 
@@ -134,12 +134,18 @@ class FusedMoE : public Module {
   /// The loader of a blocked parameter of the experts (see the file comment), for
   /// `FusedMoEMethod::create_weights`. Its loader fails (Usage) when a tensor-parallel split cuts a block.
   WeightLoader block_loader(int64_t block_rows, int64_t block_cols) const;
+  /// Gives the experts `method` (null: unquantized) in place of the one they were built with,
+  /// recreating their parameters. Only before anything is loaded: `assign_quant_methods`
+  /// (quant_method.h) calls it.
+  void use_method(std::shared_ptr<FusedMoEMethod> method);
 
  private:
   /// Expert shards "w1"/"w3" (into w13) and "w2"; "w13"/"w2" without an expert: all
   /// experts stacked (transformers 5: gate_up_proj, down_proj); without a shard id the
   /// whole per-rank stacked tensor.
   /// `unit_rows` x `unit_cols`: the parameter's entries in elements of the weight (1 x 1 for the weight itself).
+  /// The method's parameters, with this layer's loader and shardings.
+  void create_weights();
   int64_t load(Parameter& param, const at::Tensor& loaded, const ShardId& shard, int64_t unit_rows = 1,
                int64_t unit_cols = 1) const;
 

@@ -64,6 +64,12 @@ class LinearBase : public Module {
   /// bias is (per-output-channel scales): split with the rows by column-parallel layers, whole
   /// on every rank of row-parallel ones. Valid from `LinearMethod::create_weights` on.
   const WeightLoader& output_row_loader() const { return output_row_loader_; }
+  /// Whether the model's quantization applies to this layer (LinearOptions::quantize).
+  bool quantizable() const { return quantizable_; }
+  /// Gives the layer `method` in place of the one it was built with, recreating the
+  /// parameters the method makes (the bias keeps its tensor). Only before anything is
+  /// loaded: `assign_quant_methods` (quant_method.h) calls it.
+  void use_method(std::shared_ptr<LinearMethod> method);
 
  protected:
   LinearBase(std::string type_name, const ModelContext& ctx, LinearShape shape, const LinearOptions& options);
@@ -78,6 +84,9 @@ class LinearBase : public Module {
   LinearShape shape_;
   std::shared_ptr<LinearMethod> method_;
   WeightLoader output_row_loader_;
+  bool quantizable_ = true;
+  WeightLoader weight_loader_;  ///< what create() gave the method, for use_method()
+  ShardingInfo weight_sharding_;
 };
 
 /// Weight [output/tp, input]; the output dimension is split across ranks.
