@@ -308,6 +308,8 @@ void finish_measuring(LoadReport& report, const c10::Device& device, uint64_t al
   report.layers_delayed = stats.layers_delayed;
   report.untouched_modules = stats.untouched_modules;
   report.journal_bytes = stats.journal_bytes;
+  report.chunks_by_plan = stats.chunks_by_plan;
+  report.chunks_replayed = stats.chunks_replayed;
   report.written_modules.clear();
   report.error.clear();
 }
@@ -446,6 +448,8 @@ std::string LoadReport::to_json() const {
   j["layers_delayed"] = layers_delayed;
   j["untouched_modules"] = untouched_modules;
   j["journal_bytes"] = journal_bytes;
+  j["chunks_by_plan"] = chunks_by_plan;
+  j["chunks_replayed"] = chunks_replayed;
   j["written_modules"] = written_modules;
   if (!error.empty()) j["error"] = error;
   return j.dump(2);

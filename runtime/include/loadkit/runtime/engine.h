@@ -58,6 +58,10 @@ struct LoadReport {
   std::vector<std::string> untouched_modules;
   /// Updates and reloads with Rollback::Journal: host bytes the journal kept.
   uint64_t journal_bytes = 0;
+  /// Updates: chunks applied by an earlier chunk's plan, and those of them replayed without
+  /// the loaders (see ReloadStats).
+  int chunks_by_plan = 0;
+  int chunks_replayed = 0;
   /// A reload that failed while writing (its error is `error`): the layers it had already written,
   /// which now hold the new checkpoint's weights while every other layer holds its previous ones.
   /// Empty when the model is as it was before the reload (nothing written, or rolled back).
