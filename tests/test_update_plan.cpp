@@ -64,16 +64,20 @@ struct Case {
   const char* quant;
 };
 
-class UpdatePlan : public ::testing::TestWithParam<Case> {};
+/// Each case: its fixture `a`, the quantization, and a trainer's next step of `a` (same names and
+/// shapes, other values) written to a temporary directory.
+class UpdatePlan : public ::testing::TestWithParam<Case> {
+ protected:
+  const Fixture& a = fixture(GetParam().fixture);
+  const std::string quant = GetParam().quant;
+  TempDir tmp;
+  const fs::path next = write_next_step(a, tmp / "next", 7);
+};
 
 // Three syncs in the same buckets: a's weights (validated, plans recorded), then a trainer's next
 // step of them and a again (by plan). Each must equal a fresh load of what it sent, bit for bit,
 // pointers kept.
 TEST_P(UpdatePlan, RepeatedSyncsByPlanEqualFreshLoads) {
-  const Fixture& a = fixture(GetParam().fixture);
-  const std::string quant = GetParam().quant;
-  TempDir tmp;
-  const fs::path next = write_next_step(a, tmp / "next", 7);
   auto model = load_model(a.dir, "cpu", quant);
   const auto ptrs = data_ptrs(*model);
   const auto wa = weights_of(a.dir), wn = weights_of(next);
@@ -102,10 +106,6 @@ TEST_P(UpdatePlan, RepeatedSyncsByPlanEqualFreshLoads) {
 // The same names and shapes in other strides (a transposed copy of every 2-D tensor): no plan
 // matches, the chunks are validated again, and the bytes are still the fresh load's.
 TEST_P(UpdatePlan, OtherStridesAreValidatedAgain) {
-  const Fixture& a = fixture(GetParam().fixture);
-  const std::string quant = GetParam().quant;
-  TempDir tmp;
-  const fs::path next = write_next_step(a, tmp / "next", 7);
   auto model = load_model(a.dir, "cpu", quant);
   sync(*model, weights_of(a.dir));
   auto strided = weights_of(next);
@@ -121,8 +121,6 @@ TEST_P(UpdatePlan, OtherStridesAreValidatedAgain) {
 // with one tensor of another shape: each rejected with the error a model without any plan gives,
 // word for word, and the rejected chunk writes nothing.
 TEST_P(UpdatePlan, BadChunksAfterAPlanFailAsWithoutOne) {
-  const Fixture& a = fixture(GetParam().fixture);
-  const std::string quant = GetParam().quant;
   const auto wa = weights_of(a.dir);
   const auto bucket = buckets(wa, 7).front();
   auto planned = load_model(a.dir, "cpu", quant);
@@ -166,10 +164,7 @@ TEST_P(UpdatePlan, BadChunksAfterAPlanFailAsWithoutOne) {
 
 // A sync by plan under a journal rolls back to the bytes before it, in the same storage.
 TEST_P(UpdatePlan, JournalUndoesASyncByPlan) {
-  const Fixture& a = fixture(GetParam().fixture);
-  const std::string quant = GetParam().quant;
-  TempDir tmp;
-  const auto wb = weights_of(write_next_step(a, tmp / "next", 7));
+  const auto wb = weights_of(next);
   auto model = load_model(a.dir, "cpu", quant);
   sync(*model, weights_of(a.dir));  // model holds a's weights; every plan kept
   const auto before = kernel_state(*model);
