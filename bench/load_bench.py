@@ -239,6 +239,8 @@ def loadkit_rows(a, shape, A, B, nbytes, budget, results, profile, fp8_dirs=None
         results.append(row("loadkit_update_from_device_bf16", up["bytes"], up["seconds"],
                            peak_extra_device_bytes=up["peak_extra_device_bytes"], pointers_stable=up["pointers_stable"],
                            tensors=up["tensors"], host_us_per_tensor=up["host_us_per_tensor"],
+                           first_sync_host_us_per_tensor=up.get("host_us_per_tensor_first"),
+                           replayed_by_plan=bool(up.get("last_chunks_replayed")),
                            overhead_us_per_tensor=per_tensor, validate_us_per_tensor=up["validate"]["us_per_tensor"]))
         results.append(row("d2d_copy_per_tensor", u["d2d_copy_per_tensor"]["bytes"], u["d2d_copy_per_tensor"]["seconds"]))
         results.append(row("d2d_copy_one_block", block["bytes"], block["seconds"]))
@@ -487,7 +489,10 @@ def report(out):
                 notes.append(f"peak extra {r['peak_extra_device_bytes'] / 2**20:.0f} MiB")
             if "pointers_stable" in r:
                 notes.append("pointers stable" if r["pointers_stable"] else "POINTERS MOVED")
-            for key, label in (("host_us_per_tensor", "host us/tensor"), ("overhead_us_per_tensor", "over D2D us/tensor"),
+            for key, label in (("host_us_per_tensor", "host us/tensor"),
+                               ("first_sync_host_us_per_tensor", "first sync (validated, plan recorded) host us/tensor"),
+                               ("replayed_by_plan", "replayed by plan"),
+                               ("overhead_us_per_tensor", "over D2D us/tensor"),
                                ("validate_us_per_tensor", "validation us/tensor"), ("tensors", "tensors")):
                 if key in r:
                     notes.append(f"{label} {r[key]:.1f}" if isinstance(r[key], float) else f"{label} {r[key]}")

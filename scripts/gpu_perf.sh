@@ -49,7 +49,7 @@ build() {
 
 tests() {
   local start=$(date +%s)
-  local regex=${TEST_REGEX:-'QuantKernels|StagedMoE|StagedLoad|ReloadGpu|WeightSyncGpu\.Fsdp|Reload\..*_cuda|(fp8|int8)_cuda'}
+  local regex=${TEST_REGEX:-'QuantKernels|StagedMoE|StagedLoad|ReloadGpu|WeightSyncGpu\.Fsdp|Reload\..*_cuda|(fp8|int8)_cuda|UpdatePlanGpu|PinnedPool'}
   # shellcheck disable=SC2086
   (cd build-gpu && ctest -R "$regex" ${TEST_EXCLUDE:+-E "$TEST_EXCLUDE"} -j "${CTEST_JOBS:-4}" --output-on-failure \
     --timeout 400) >"$OUT/logs/ctest.log" 2>&1 || status=1

@@ -61,6 +61,11 @@ py::dict report_dict(const LoadReport& r) {
   d["layers_delayed"] = r.layers_delayed;
   d["untouched_modules"] = os_strs(r.untouched_modules);
   d["journal_bytes"] = r.journal_bytes;
+  d["chunks_by_plan"] = r.chunks_by_plan;
+  d["chunks_replayed"] = r.chunks_replayed;
+  py::dict stages;
+  for (const auto& [stage, ms] : r.stage_ms) stages[py::str(stage)] = ms;
+  d["stage_ms"] = stages;
   d["written_modules"] = os_strs(r.written_modules);
   d["error"] = r.error.empty() ? py::object(py::none()) : py::object(os_str(r.error));
   return d;

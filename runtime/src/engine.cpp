@@ -92,12 +92,31 @@ class StageClock {
     lap_start_ = now;
   }
   double seconds() const { return std::chrono::duration<double>(Clock::now() - start_).count(); }
+  Clock::time_point started() const { return start_; }
 
  private:
   c10::Device device_;
   bool profile_;
   Clock::time_point start_, lap_start_;
 };
+
+/// The report's stage times (engine.h, LoadReport::stage_ms) of the staged stream an operation
+/// that started at `start` and ends now ran; empty when it ran none.
+std::vector<std::pair<std::string, double>> stream_stages(Clock::time_point start) {
+  const auto p = last_staging_profile();
+  if (!p || p->opened_at < start) return {};
+  auto ms = [](Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double, std::milli>(b - a).count(); };
+  return {{"before_stream", ms(start, p->opened_at)},
+          {"pinning", p->pinning_ms},
+          {"first_tensor", p->first_tensor_ms},
+          {"consumer_wait", p->consumer_wait_ms},
+          {"consumer_work", p->consumer_work_ms},
+          {"consumer_work_after_reserved", p->consumer_work_after_reserved_ms},
+          {"readers_read", p->read_ms},
+          {"readers_window_wait", p->window_wait_ms},
+          {"readers_ring_wait", p->ring_wait_ms},
+          {"after_stream", ms(p->closed_at, Clock::now())}};
+}
 
 /// Stage 1: the model's config, dtype, device and rank; the report's labels.
 void read_context(const LoadOptions& options, ModelContext& ctx, LoadReport& report) {
@@ -275,6 +294,7 @@ std::unique_ptr<LoadedModel> LoadedModel::load(const LoadOptions& options, const
   }
   device::synchronize(s.ctx.device);
   report.seconds = clock.seconds();
+  report.stage_ms = stream_stages(clock.started());
   if (s.ctx.device.is_cuda())
     report.peak_extra_device_bytes = device::peak_allocated_bytes(s.ctx.device) - device::allocated_bytes(s.ctx.device);
   log::info(cat("loaded ", report.architecture, " (", report.tensors, " tensors, ", report.bytes >> 20, " MiB) on ",
@@ -308,6 +328,9 @@ void finish_measuring(LoadReport& report, const c10::Device& device, uint64_t al
   report.layers_delayed = stats.layers_delayed;
   report.untouched_modules = stats.untouched_modules;
   report.journal_bytes = stats.journal_bytes;
+  report.stage_ms.clear();
+  report.chunks_by_plan = stats.chunks_by_plan;
+  report.chunks_replayed = stats.chunks_replayed;
   report.written_modules.clear();
   report.error.clear();
 }
@@ -366,6 +389,7 @@ const LoadReport& LoadedModel::reload(const std::string& source_dir, bool proces
   report_.bytes = files.total_bytes;
   report_.tensors = files.total_tensors;
   finish_measuring(report_, s.ctx.device, s.allocated_at_start, start, stats);
+  report_.stage_ms = stream_stages(start);
   log::info(cat("reloaded ", report_.tensors, " tensors from ", dir, " in ", report_.seconds, " s"));
   return report_;
 }
@@ -446,6 +470,11 @@ std::string LoadReport::to_json() const {
   j["layers_delayed"] = layers_delayed;
   j["untouched_modules"] = untouched_modules;
   j["journal_bytes"] = journal_bytes;
+  j["chunks_by_plan"] = chunks_by_plan;
+  j["chunks_replayed"] = chunks_replayed;
+  nlohmann::ordered_json stages = nlohmann::ordered_json::object();
+  for (const auto& [stage, ms] : stage_ms) stages[stage] = ms;
+  j["stage_ms"] = stages;
   j["written_modules"] = written_modules;
   if (!error.empty()) j["error"] = error;
   // Paths and messages are bytes (a plugin directory or a checkpoint whose name is not UTF-8):

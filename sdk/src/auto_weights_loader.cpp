@@ -29,8 +29,49 @@ TensorLayout transposed(std::string suffix) {
           }};
 }
 
+namespace {
+
+constexpr std::string_view kExperts = "experts.";
+
+/// The end of "experts.<e>.<proj>." starting at `pos` in `name` (two more dot-ended segments), or npos.
+size_t expert_key_end(std::string_view name, size_t pos) {
+  size_t end = pos + kExperts.size();
+  for (int segment = 0; segment < 2; ++segment) {
+    const size_t dot = name.find('.', end);
+    if (dot == std::string_view::npos || dot == end) return std::string_view::npos;
+    end = dot + 1;
+  }
+  return end;
+}
+
+}  // namespace
+
 AutoWeightsLoader::AutoWeightsLoader(Module& root, WeightMapping mapping)
-    : root_(root), mapping_(std::move(mapping)) {}
+    : root_(root), mapping_(std::move(mapping)) {
+  for (size_t r = 0; r < mapping_.experts.size(); ++r) {
+    const std::string& w = mapping_.experts[r].weight_name;
+    if (w.starts_with(kExperts) && expert_key_end(w, 0) == w.size()) {
+      experts_by_name_[w].push_back(r);
+    } else {
+      experts_scanned_.push_back(r);
+    }
+  }
+}
+
+std::vector<size_t> AutoWeightsLoader::expert_candidates(const std::string& name) const {
+  std::vector<size_t> rules;
+  for (size_t pos = name.find(kExperts); pos != std::string::npos; pos = name.find(kExperts, pos + 1)) {
+    const size_t end = expert_key_end(name, pos);
+    if (end == std::string::npos) continue;
+    if (auto it = experts_by_name_.find(name.substr(pos, end - pos)); it != experts_by_name_.end())
+      rules.insert(rules.end(), it->second.begin(), it->second.end());
+  }
+  for (size_t r : experts_scanned_)
+    if (name.find(mapping_.experts[r].weight_name) != std::string::npos) rules.push_back(r);
+  std::sort(rules.begin(), rules.end());
+  rules.erase(std::unique(rules.begin(), rules.end()), rules.end());
+  return rules;
+}
 
 bool AutoWeightsLoader::skipped(const std::string& name) const {
   for (const auto& p : mapping_.skip_prefixes)
@@ -88,7 +129,8 @@ std::string AutoWeightsLoader::load_one(const NamedWeight& weight) {
 
   Target target;
   ShardId shard;
-  for (const auto& rule : mapping_.experts) {
+  for (size_t r : expert_candidates(name)) {
+    const ExpertParam& rule = mapping_.experts[r];
     auto pos = name.find(rule.weight_name);
     if (pos == std::string::npos) continue;
     std::string candidate = name;

@@ -5,6 +5,7 @@
 #include <algorithm>
 
 #include "loadkit/error.h"
+#include "loadkit/weight_writes.h"
 
 namespace loadkit {
 
@@ -25,13 +26,13 @@ VocabParallelEmbedding::VocabParallelEmbedding(std::string type_name, int64_t vo
   vocab_start_ = ctx.tp_rank * rows_per_rank_;
   rows_loaded_ = std::clamp<int64_t>(vocab_size_ - vocab_start_, 0, rows_per_rank_);
 
-  auto loader = [this](Parameter& p, const at::Tensor& loaded, const ShardId& shard) -> int64_t {
+  auto loader = describing_writes([this](Parameter& p, const at::Tensor& loaded, const ShardId& shard) -> int64_t {
     if (!shard.empty()) fail(ErrorKind::Input, "parameter takes no shard id, got '", shard.str(), "'");
     check_shape(loaded, {vocab_size_, embedding_dim_}, "vocabulary (unpadded, all ranks)");
-    p.data.narrow(0, 0, rows_loaded_).copy_(loaded.narrow(0, vocab_start_, rows_loaded_));
-    p.data.narrow(0, rows_loaded_, rows_per_rank_ - rows_loaded_).zero_();
+    copy_weight(p.data.narrow(0, 0, rows_loaded_), loaded.narrow(0, vocab_start_, rows_loaded_));
+    if (rows_loaded_ < rows_per_rank_) zero_weight(p.data.narrow(0, rows_loaded_, rows_per_rank_ - rows_loaded_));
     return rows_loaded_ * embedding_dim_;
-  };
+  });
   ShardingInfo sharding{.output_dim = 0, .vocab_rows = true, .tp_rank = ctx.tp_rank, .tp_size = ctx.tp_size};
   Parameter& weight = add_parameter("weight", at::zeros({rows_per_rank_, embedding_dim_}, ctx.options()), loader, sharding);
   weight.expected_load_numel = rows_loaded_ * embedding_dim_;

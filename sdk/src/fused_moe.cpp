@@ -7,6 +7,7 @@
 #include "loadkit/error.h"
 #include "loadkit/layers/linear.h"
 #include "loadkit/quant_method.h"
+#include "loadkit/weight_writes.h"
 
 namespace loadkit {
 
@@ -87,9 +88,9 @@ FusedMoE::FusedMoE(const FusedMoEOptions& options, const ModelContext& ctx)
 }
 
 void FusedMoE::create_weights() {
-  WeightLoader loader = [this](Parameter& param, const at::Tensor& loaded, const ShardId& shard) {
+  WeightLoader loader = describing_writes([this](Parameter& param, const at::Tensor& loaded, const ShardId& shard) {
     return load(param, loaded, shard);
-  };
+  });
   method_->create_weights(*this, shape_, loader, ShardingInfo{.output_dim = 1, .tp_rank = ctx_.tp_rank, .tp_size = ctx_.tp_size},
                           ShardingInfo{.input_dim = 2, .tp_rank = ctx_.tp_rank, .tp_size = ctx_.tp_size}, ctx_);
 }
@@ -119,7 +120,7 @@ int64_t FusedMoE::load(Parameter& param, const at::Tensor& loaded, const ShardId
                        int64_t unit_cols) const {
   if (shard.empty()) {  // the stacked tensor itself (a per-rank checkpoint in this layout)
     check_shape(loaded, param.data.sizes(), "the stacked expert weight");
-    param.data.copy_(loaded);
+    copy_weight(param.data, loaded);
     return param.data.numel();
   }
   // Sizes in the parameter's units (1 x 1: the weight's elements; a block: see block_loader). A rank's
@@ -139,11 +140,11 @@ int64_t FusedMoE::load(Parameter& param, const at::Tensor& loaded, const ShardId
            shape_str(param.data.sizes()));
     if (shard.name == "w13") {
       check_shape(loaded, {experts, 2 * total, hidden}, "the stacked expert gate/up projections");
-      param.data.narrow(1, 0, inter).copy_(loaded.narrow(1, begin, inter));
-      param.data.narrow(1, inter, inter).copy_(loaded.narrow(1, total + begin, inter));
+      copy_weight(param.data.narrow(1, 0, inter), loaded.narrow(1, begin, inter));
+      copy_weight(param.data.narrow(1, inter, inter), loaded.narrow(1, total + begin, inter));
     } else {
       check_shape(loaded, {experts, w2_hidden, w2_total}, "the stacked expert down projections");
-      param.data.copy_(loaded.narrow(2, w2_begin, w2_inter));
+      copy_weight(param.data, loaded.narrow(2, w2_begin, w2_inter));
     }
     return param.data.numel();
   }
@@ -157,10 +158,10 @@ int64_t FusedMoE::load(Parameter& param, const at::Tensor& loaded, const ShardId
   at::Tensor expert = param.data.select(0, e);
   if (w13) {  // gate_proj / up_proj [I, H]: this rank's rows, into the first / second half
     check_shape(loaded, {total, hidden}, cat("expert ", e, " ", shard.name == "w1" ? "gate" : "up", " projection"));
-    expert.narrow(0, shard.name == "w1" ? 0 : inter, inter).copy_(loaded.narrow(0, begin, inter));
+    copy_weight(expert.narrow(0, shard.name == "w1" ? 0 : inter, inter), loaded.narrow(0, begin, inter));
   } else {  // down_proj [H, I]: this rank's columns
     check_shape(loaded, {hidden, total}, cat("expert ", e, " down projection"));
-    expert.copy_(loaded.narrow(1, begin, inter));
+    copy_weight(expert, loaded.narrow(1, begin, inter));
   }
   return inter * hidden;
 }

@@ -5,6 +5,7 @@
 #include <numeric>
 
 #include "loadkit/error.h"
+#include "loadkit/weight_writes.h"
 
 namespace loadkit {
 
@@ -131,7 +132,8 @@ ColumnParallelLinear::ColumnParallelLinear(std::string type_name, int64_t input_
   ShardingInfo sharding{.output_dim = 0, .input_dim = 1, .tp_rank = ctx.tp_rank, .tp_size = ctx.tp_size};
   ShardingInfo bias_sharding{.output_dim = 0, .tp_rank = ctx.tp_rank, .tp_size = ctx.tp_size};
   // Dispatches to the most derived part_of() at call time (after construction).
-  auto loader = [this](Parameter& p, const at::Tensor& loaded, const ShardId& shard) { return load(p, loaded, shard, 1); };
+  auto loader = describing_writes(
+      [this](Parameter& p, const at::Tensor& loaded, const ShardId& shard) { return load(p, loaded, shard, 1); });
   create(loader, sharding, loader, bias_sharding, options.bias);
 }
 
@@ -159,7 +161,7 @@ int64_t ColumnParallelLinear::load_part(Parameter& param, const at::Tensor& load
   check_shape(loaded, full_shape(param.data.sizes(), 0, blocks(layout_.total_sizes[index], unit)),
               "parameter (all ranks)");
   at::Tensor dst = param.data.narrow(0, offset, size);
-  dst.copy_(loaded.narrow(0, layout_.shard_index[index] * size, size));
+  copy_weight(dst, loaded.narrow(0, layout_.shard_index[index] * size, size));
   return dst.numel();
 }
 
@@ -241,9 +243,9 @@ RowParallelLinear::RowParallelLinear(int64_t input_size, int64_t output_size, co
                  {split_size(input_size, ctx.tp_size, "a row-parallel input size"), output_size}, options) {
   bias_after_reduce_ = true;
   full_input_ = input_size;
-  auto weight_loader = [this](Parameter& p, const at::Tensor& loaded, const ShardId& shard) {
+  auto weight_loader = describing_writes([this](Parameter& p, const at::Tensor& loaded, const ShardId& shard) {
     return load(p, loaded, shard, 1);
-  };
+  });
   ShardingInfo sharding{.output_dim = 0, .input_dim = 1, .tp_rank = ctx.tp_rank, .tp_size = ctx.tp_size};
   create(weight_loader, sharding, default_weight_loader(), {}, options.bias);
 }
@@ -252,7 +254,7 @@ int64_t RowParallelLinear::load(Parameter& p, const at::Tensor& loaded, const Sh
   if (!shard.empty()) fail(ErrorKind::Input, "parameter takes no shard id, got '", shard.str(), "'");
   check_shape(loaded, full_shape(p.data.sizes(), 1, blocks(full_input_, unit_cols)), "parameter (all ranks)");
   const int64_t size = blocks(shape_.input_size, unit_cols);
-  p.data.copy_(loaded.narrow(1, ctx_.tp_rank * size, size));
+  copy_weight(p.data, loaded.narrow(1, ctx_.tp_rank * size, size));
   return p.data.numel();
 }
 

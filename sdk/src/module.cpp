@@ -6,6 +6,7 @@
 #include <unordered_set>
 
 #include "loadkit/error.h"
+#include "loadkit/weight_writes.h"
 
 namespace loadkit {
 
@@ -33,12 +34,12 @@ void check_shape(const at::Tensor& loaded, at::IntArrayRef expected, std::string
 }
 
 WeightLoader default_weight_loader() {
-  return [](Parameter& param, const at::Tensor& loaded, const ShardId& shard) -> int64_t {
+  return describing_writes([](Parameter& param, const at::Tensor& loaded, const ShardId& shard) -> int64_t {
     if (!shard.empty()) fail(ErrorKind::Input, "parameter takes no shard id, got '", shard.str(), "'");
     check_shape(loaded, param.data.sizes(), "parameter");
-    param.data.copy_(loaded);
+    copy_weight(param.data, loaded);
     return param.data.numel();
-  };
+  });
 }
 
 Module::Module(std::string type_name) : type_name_(std::move(type_name)) {}

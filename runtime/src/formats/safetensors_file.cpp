@@ -7,7 +7,7 @@
 #include <cerrno>
 #include <cstring>
 #include <nlohmann/json.hpp>
-#include <set>
+#include <unordered_set>
 
 #include "formats/change_hook.h"
 #include "formats/regular_file.h"
@@ -60,6 +60,36 @@ uint64_t read_u64_le(const uint8_t* p) {
 }
 
 }  // namespace
+
+/// The first top-level key of `text` seen before (empty when none); throws json::parse_error for
+/// text that is no JSON, with the message json::parse gives. Keys below the top level are skipped.
+std::string first_duplicate_key(std::string_view text) {
+  struct Keys : nlohmann::json_sax<json> {
+    int depth = 0;
+    std::unordered_set<std::string> seen;
+    std::string duplicate;
+    bool null() override { return true; }
+    bool boolean(bool) override { return true; }
+    bool number_integer(number_integer_t) override { return true; }
+    bool number_unsigned(number_unsigned_t) override { return true; }
+    bool number_float(number_float_t, const string_t&) override { return true; }
+    bool string(string_t&) override { return true; }
+    bool binary(binary_t&) override { return true; }
+    bool start_object(std::size_t) override { return ++depth, true; }
+    bool end_object() override { return --depth, true; }
+    bool start_array(std::size_t) override { return ++depth, true; }
+    bool end_array() override { return --depth, true; }
+    bool key(string_t& k) override {
+      if (depth == 1 && duplicate.empty() && !seen.insert(k).second) duplicate = k;
+      return true;
+    }
+    bool parse_error(std::size_t, const std::string&, const nlohmann::detail::exception& ex) override {
+      throw ex;  // as json::parse reports it
+    }
+  } keys;
+  json::sax_parse(text.begin(), text.end(), &keys);
+  return keys.duplicate;
+}
 
 std::optional<DType> parse_dtype(std::string_view name) {
   for (const auto& e : kDTypes)
@@ -129,18 +159,14 @@ void SafetensorsFile::validate(std::string_view header_text) {
   const std::string& origin = path_;
   const uint64_t data_len = size_ - data_start_;
 
-  // Parse, rejecting duplicate top-level names (nlohmann would keep the last silently).
-  std::set<std::string> seen;
+  // Parse, rejecting duplicate top-level names (nlohmann would keep the last silently). Two
+  // linear passes: nlohmann's callback parser costs time quadratic in the number of keys (seconds
+  // for a 20 000-tensor header), so the duplicate check is its own SAX pass that keeps only names.
   std::string duplicate;
-  json::parser_callback_t on_event = [&](int depth, json::parse_event_t event, json& parsed) {
-    if (event == json::parse_event_t::key && depth == 1 && duplicate.empty() &&
-        !seen.insert(parsed.get<std::string>()).second)
-      duplicate = parsed.get<std::string>();
-    return true;
-  };
   json header;
   try {
-    header = json::parse(header_text.begin(), header_text.end(), on_event);
+    duplicate = first_duplicate_key(header_text);
+    if (duplicate.empty()) header = json::parse(header_text.begin(), header_text.end());
   } catch (const json::exception& e) {
     bad(origin, cat("header is not valid JSON (", e.what(), ")"));
   }

@@ -38,16 +38,28 @@ void ReloadEngine::begin_update(Rollback rollback) { session_->begin(Phase::Upda
 
 void ReloadEngine::update(const std::vector<NamedWeight>& chunk, const Loader& load_weights, Borrowed borrowed) {
   if (session_->phase() != Phase::Updating) fail(ErrorKind::Usage, "update() without begin_update()");
-  VectorWeightStream check(chunk);
-  session_->validate(check, load_weights);  // a bad chunk is rejected whole; earlier chunks stay applied
-  VectorWeightStream apply(chunk);
+  // A chunk like one applied before goes by its plan (update_plan.h); any other, or one the
+  // plan's count checks doubt, is validated whole through the loaders, its plan recorded.
   try {
-    session_->apply(apply, load_weights);
+    if (session_->apply_planned(chunk, load_weights)) {
+      if (borrowed == Borrowed::UntilReturn) session_->own_borrowed(chunk);
+      return;
+    }
+  } catch (...) {
+    session_->abort();
+    throw;
+  }
+  auto plan = reload::PlanCache::start(chunk);
+  VectorWeightStream check(chunk);
+  session_->validate(check, load_weights, nullptr, plan.get());  // a bad chunk is rejected whole; earlier chunks stay applied
+  try {
+    session_->apply_chunk(chunk, load_weights, plan.get());
     if (borrowed == Borrowed::UntilReturn) session_->own_borrowed(chunk);
   } catch (...) {
     session_->abort();
     throw;
   }
+  session_->keep_plan(std::move(plan));
 }
 
 void ReloadEngine::validate_update(const std::vector<NamedWeight>& planned, const Loader& load_weights, bool complete) {

@@ -32,6 +32,25 @@ Parameter& active_param(ModuleRecord& mod, size_t i) {
   return mod.transforms ? *mod.params[i].original : mod.module->param(mod.params[i].name);
 }
 
+/// Passes a stream through, counting its tensors into `index` (the first is 0).
+class CountingStream final : public WeightStream {
+ public:
+  CountingStream(WeightStream& inner, int64_t& index) : inner_(inner), index_(index) { index_ = -1; }
+  bool next(NamedWeight& out) override {
+    if (!inner_.next(out)) return false;
+    ++index_;
+    return true;
+  }
+
+ private:
+  WeightStream& inner_;
+  int64_t& index_;
+};
+
+void note_shard(ParamRecord& rec, std::string id) {
+  if (std::find(rec.shards.begin(), rec.shards.end(), id) == rec.shards.end()) rec.shards.push_back(std::move(id));
+}
+
 }  // namespace
 
 Session::Session(Module& root, const ModelContext& ctx) : root_(root), ctx_(ctx), modules_(record_load_format(root)) {}
@@ -83,14 +102,21 @@ WeightLoader Session::wrap(size_t m, size_t i) {
 
 // ------------------------------------------------------------ validate
 
-void Session::validate(WeightStream& stream, const Loader& load_weights, ValidationRecord* record) {
+void Session::validate(WeightStream& stream, const Loader& load_weights, ValidationRecord* record, UpdatePlan* plan) {
   for (auto& mod : modules_)
     for (auto& rec : mod.params) rec.validated = 0;
   if (record) record->clear();
   recording_ = record;
+  planning_ = plan;
   phase_ = Phase::Validating;
+  auto done = [&] {
+    phase_ = apply_phase_;
+    recording_ = nullptr;
+    planning_ = nullptr;
+  };
   try {
-    MetaStream meta(stream);
+    CountingStream counted(stream, tensor_);
+    MetaStream meta(counted);
     if (record) {
       RecordingStream recording(meta, *record);
       load_weights(recording);
@@ -98,12 +124,10 @@ void Session::validate(WeightStream& stream, const Loader& load_weights, Validat
       load_weights(meta);
     }
   } catch (...) {
-    phase_ = apply_phase_;
-    recording_ = nullptr;
+    done();
     throw;
   }
-  phase_ = apply_phase_;
-  recording_ = nullptr;
+  done();
   if (record) record->current.clear();
 }
 
@@ -116,9 +140,13 @@ int64_t Session::validate_one(ModuleRecord& mod, ParamRecord& rec, size_t m, con
     fail(ErrorKind::Input, "parameter '", rec.qualified, "' would receive more than its ", rec.expected,
          " elements (a weight given twice, or after its module '", mod.name, "' was complete)");
   rec.validated += n;
-  if (std::string id = shard.str(); std::find(rec.shards.begin(), rec.shards.end(), id) == rec.shards.end())
-    rec.shards.push_back(std::move(id));
+  note_shard(rec, shard.str());
   if (recording_) recording_->feeds(m);
+  if (planning_) {
+    const size_t i = static_cast<size_t>(&rec - mod.params.data());
+    planning_->feeds.push_back({static_cast<uint32_t>(m), static_cast<uint32_t>(i), n, shard.str(),
+                                mod.transforms ? nullptr : rec.original->data.data_ptr()});
+  }
   return n;
 }
 
@@ -139,6 +167,70 @@ std::vector<std::string> Session::incomplete_after_validation() const {
 
 void Session::apply(WeightStream& stream, const Loader& load_weights) { load_weights(stream); }
 
+void Session::apply_chunk(const std::vector<NamedWeight>& chunk, const Loader& load_weights, UpdatePlan* plan) {
+  chunk_ = &chunk;
+  planning_ = plan;
+  batching_ = true;
+  writes_.clear();
+  auto done = [&] {
+    chunk_ = nullptr;
+    planning_ = nullptr;
+    batching_ = false;
+    writes_.clear();
+  };
+  try {
+    VectorWeightStream stream(chunk);
+    CountingStream counted(stream, tensor_);
+    load_weights(counted);
+    apply_writes(writes_);  // validated: every write fits its parameter
+  } catch (...) {
+    done();  // written_ may name a module whose collected writes were dropped: it is at most unchanged
+    throw;
+  }
+  if (plan && plan->writes.empty() && !plan->feeds.empty()) plan->replayable = false;
+  done();
+}
+
+bool Session::apply_planned(const std::vector<NamedWeight>& chunk, const Loader& load_weights) {
+  const UpdatePlan* plan = plans_.find(chunk);
+  if (!plan) return false;
+  // Validation's checks on element counts, against this session's state (validate_one).
+  for (const auto& f : plan->feeds) modules_[f.module].params[f.param].validated = 0;
+  for (const auto& f : plan->feeds) {
+    ModuleRecord& mod = modules_[f.module];
+    ParamRecord& rec = mod.params[f.param];
+    if (mod.done) return false;
+    if (plan->replayable && (mod.transforms || rec.original->data.data_ptr() != f.kernel_ptr)) return false;
+    rec.validated += f.n;
+    if (rec.applied + rec.validated > rec.expected) return false;
+  }
+  for (const auto& f : plan->feeds) note_shard(modules_[f.module].params[f.param], f.shard);
+  ++stats_.chunks_by_plan;
+  if (!plan->replayable) {  // the loaders must see it (a transformed module keeps its calls): no meta pass
+    apply_chunk(chunk, load_weights, nullptr);
+    return true;
+  }
+  ++stats_.chunks_replayed;
+  for (const auto& f : plan->feeds) {
+    ModuleRecord& mod = modules_[f.module];
+    if (written_.insert(&mod).second) journal_.keep(mod);
+  }
+  apply_writes(plan->writes_for(chunk));
+  for (const auto& f : plan->feeds) note_applied(modules_[f.module], f.param, f.n);
+  return true;
+}
+
+void Session::note_applied(ModuleRecord& mod, size_t i, int64_t n) {
+  ParamRecord& rec = mod.params[i];
+  const int64_t before = rec.applied;
+  rec.applied = std::min(rec.expected, rec.applied + n);
+  mod.applied += rec.applied - before;
+  if (!mod.transforms && mod.applied >= mod.total && !mod.done) {
+    mod.done = true;
+    ++stats_.layers_processed;
+  }
+}
+
 int64_t Session::apply_one(ModuleRecord& mod, size_t i, Parameter& param, const at::Tensor& loaded,
                            const ShardId& shard) {
   ParamRecord& rec = mod.params[i];
@@ -154,17 +246,21 @@ int64_t Session::apply_one(ModuleRecord& mod, size_t i, Parameter& param, const 
   }
   if (write_now && !mod.materialized) materialize(mod, ctx_.device);
   // Kernel storage; for transformed modules the materialised load format, or meta (calls kept).
-  const int64_t n = rec.loader(param, loaded, shard);
-  rec.applied = std::min(rec.expected, rec.applied + n);
-  mod.applied = 0;
-  for (const auto& r : mod.params) mod.applied += r.applied;
-  if (!mod.transforms) {
-    if (mod.applied >= mod.total) {
-      mod.done = true;
-      ++stats_.layers_processed;
+  int64_t n = 0;
+  if (!mod.transforms && batching_ && rec.describes_writes) {
+    const size_t first = writes_.size();
+    {
+      WriteRecorder recorder(writes_);  // issued together at the end of apply_chunk()
+      n = rec.loader(param, loaded, shard);
     }
-    return n;
+    if (planning_)
+      for (size_t k = first; k < writes_.size(); ++k) planning_->note_write(writes_[k], *chunk_, tensor_);
+  } else {
+    n = rec.loader(param, loaded, shard);
+    if (planning_) planning_->replayable = false;
   }
+  note_applied(mod, i, n);
+  if (!mod.transforms) return n;
   if (!write_now) mod.calls.push_back({i, loaded, shard});
   if (mod.applied >= mod.total && !mod.attention_like) {
     process(mod);

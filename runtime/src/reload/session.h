@@ -13,6 +13,10 @@
 ///               materialised on its first weight and written at once) or
 ///               Phase::Updating (streamed chunks: its calls are kept until it
 ///               is complete); a module is processed the moment it is complete
+///   apply_planned()  Phase::Updating, a chunk that looks like one applied before
+///               (update_plan.h): its validation's element counts checked
+///               against this session, then its recorded writes replayed (or,
+///               for modules the loaders must see, the loaders without the meta pass)
 ///   finish()    finalize: attention-like modules processed, untouched ones
 ///               put back, loaders restored; a module left incomplete fails
 ///   abort()     any failure: every module put back, the journal restored
@@ -23,6 +27,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 #include <unordered_set>
@@ -33,6 +38,7 @@
 #include "reload/journal.h"
 #include "reload/records.h"
 #include "reload/storage_snapshot.h"
+#include "reload/update_plan.h"
 #include "reload/validation.h"
 
 namespace loadkit {
@@ -66,10 +72,22 @@ class Session {
   void begin(Phase apply, Rollback rollback);
   /// Runs `stream` through the loaders in Phase::Validating; with `record`, notes the names
   /// in order and the module each fed (for the staging plan). Leaves the session open either way.
-  void validate(WeightStream& stream, const Loader& load_weights, ValidationRecord* record = nullptr);
+  /// With `plan`, notes each loader call's feed in it (update_plan.h).
+  void validate(WeightStream& stream, const Loader& load_weights, ValidationRecord* record = nullptr,
+                UpdatePlan* plan = nullptr);
   /// Parameters that neither earlier applies nor the last validation cover in full.
   std::vector<std::string> incomplete_after_validation() const;
   void apply(WeightStream& stream, const Loader& load_weights);
+  /// Phase::Updating: `chunk` (validated) through the loaders; the writes of plain modules whose
+  /// loaders describe them are issued together at the end (loadkit/weight_writes.h). With
+  /// `plan` (the one validate() filled), notes those writes in it.
+  void apply_chunk(const std::vector<NamedWeight>& chunk, const Loader& load_weights, UpdatePlan* plan);
+  /// Phase::Updating: applies `chunk` by the plan of an earlier chunk with its signature, when
+  /// there is one and this session's counts allow it as validation would; false (nothing done)
+  /// otherwise: the caller takes the full path, which words any error.
+  bool apply_planned(const std::vector<NamedWeight>& chunk, const Loader& load_weights);
+  /// Keeps the plan of a chunk that took the full path and was applied.
+  void keep_plan(std::unique_ptr<UpdatePlan> plan) { plans_.keep(std::move(plan)); }
   ReloadStats finish();
   void abort();
 
@@ -86,6 +104,8 @@ class Session {
   WeightLoader wrap(size_t m, size_t i);
   int64_t validate_one(ModuleRecord& mod, ParamRecord& rec, size_t m, const at::Tensor& loaded, const ShardId& shard);
   int64_t apply_one(ModuleRecord& mod, size_t i, Parameter& param, const at::Tensor& loaded, const ShardId& shard);
+  /// `n` more elements of parameter `i` of `mod` written: running sums, and a plain module done.
+  void note_applied(ModuleRecord& mod, size_t i, int64_t n);
   /// The per-module step (module_step.h), the kernel tensors journaled first.
   void process(ModuleRecord& mod);
   /// Loaders restored and the session closed.
@@ -101,6 +121,13 @@ class Session {
   std::optional<StorageSnapshot> before_;
   ReloadStats stats_;
   std::unordered_set<const ModuleRecord*> written_;  ///< see written_modules()
+  // While a chunk is validated or applied (Phase::Updating).
+  int64_t tensor_ = -1;                             ///< the chunk's tensor the loaders are on
+  const std::vector<NamedWeight>* chunk_ = nullptr;  ///< the chunk being applied
+  UpdatePlan* planning_ = nullptr;                   ///< the plan being recorded
+  bool batching_ = false;                            ///< described writes collected in writes_
+  std::vector<WeightWrite> writes_;
+  PlanCache plans_;  ///< kept across sessions: the kernel tensors they write stay put
 };
 
 }  // namespace loadkit::reload

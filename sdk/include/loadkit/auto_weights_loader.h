@@ -20,6 +20,7 @@
 #include <functional>
 #include <set>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "loadkit/module.h"
@@ -94,11 +95,18 @@ class AutoWeightsLoader {
     std::string name;
   };
   bool skipped(const std::string& name) const;
+  /// Step 3's candidates for `name`, in rule order: the rules whose weight_name occurs in it.
+  std::vector<size_t> expert_candidates(const std::string& name) const;
   /// Walks the tree; on failure returns no param and sets `error` when asked.
   Target resolve(const std::string& name, std::string* error) const;
 
   Module& root_;
   WeightMapping mapping_;
+  /// Expert rules of the form "experts.<e>.<proj>." by weight_name (a model has 3 x E of them:
+  /// a tensor's own "experts.<e>.<proj>." picks its rules by one lookup instead of a scan);
+  /// any other expert rule is scanned.
+  std::unordered_map<std::string, std::vector<size_t>> experts_by_name_;
+  std::vector<size_t> experts_scanned_;
 };
 
 /// The parameters of `root` that received fewer elements than a complete

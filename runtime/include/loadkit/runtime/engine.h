@@ -8,6 +8,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "loadkit/runtime/reload_types.h"
@@ -58,6 +59,18 @@ struct LoadReport {
   std::vector<std::string> untouched_modules;
   /// Updates and reloads with Rollback::Journal: host bytes the journal kept.
   uint64_t journal_bytes = 0;
+  /// Updates: chunks applied by an earlier chunk's plan, and those of them replayed without
+  /// the loaders (see ReloadStats).
+  int chunks_by_plan = 0;
+  int chunks_replayed = 0;
+  /// Loads and reloads that streamed their checkpoint through the staged readers (a CUDA device):
+  /// where the time went, in milliseconds, in this order — "before_stream" (open, validate, plan),
+  /// "pinning" (new pinned buffers), "first_tensor", "consumer_wait" (the loaders waiting for data),
+  /// "consumer_work" (loaders and processing), "consumer_work_after_reserved" (its part after
+  /// quantized modules' tensors), "readers_read", "readers_window_wait", "readers_ring_wait"
+  /// (summed over the reader threads), "after_stream" (finish, checks, the final synchronize).
+  /// Empty otherwise (updates, the plain host path).
+  std::vector<std::pair<std::string, double>> stage_ms;
   /// A reload that failed while writing (its error is `error`): the layers it had already written,
   /// which now hold the new checkpoint's weights while every other layer holds its previous ones.
   /// Empty when the model is as it was before the reload (nothing written, or rolled back).

@@ -46,6 +46,11 @@ struct ReloadStats {
   std::vector<std::string> untouched_modules;  ///< layers that received nothing (reloads and updates)
   uint64_t journal_bytes = 0;  ///< host memory the rollback journal held (Rollback::Journal)
   int journaled_modules = 0;   ///< layers whose kernel tensors it copied
+  /// Updates: chunks that matched an earlier chunk's plan (same names, shapes, strides, dtypes,
+  /// devices) and so skipped the validation pass, their element counts checked instead; of
+  /// those, the ones whose recorded writes were replayed without calling the loaders.
+  int chunks_by_plan = 0;
+  int chunks_replayed = 0;
 };
 
 }  // namespace loadkit

@@ -1,0 +1,96 @@
+#pragma once
+/// \file
+/// A validated update, kept for the next chunk that looks the same: a trainer
+/// syncs the same buckets (names, shapes, dtypes, devices, strides) step after
+/// step, and name resolution plus the meta pass cost more per tensor than the
+/// copy of a small tensor does.
+///
+/// What a plan holds, recorded while a chunk takes the full path (validation
+/// through the loaders, then the loaders for real):
+///   - the chunk's signature: every tensor's name, sizes, strides, dtype and
+///     device, compared exactly (a hash only picks the candidate);
+///   - the validation's feeds: which parameter each loader call went to, with
+///     its element count and shard, in order;
+///   - when every tensor went to a plain module whose loader describes its
+///     writes (loadkit/weight_writes.h), those writes: the destination views
+///     (kernel storage) and each source as a view of the chunk's n-th tensor.
+///
+/// Replaying a plan (Session::replay) skips the loaders only: the element counts
+/// of every feed are checked against the session's state as validation checks
+/// them, and any doubt (a count over, a module done or transformed, a kernel
+/// tensor moved) sends the chunk down the full path, which words the error.
+/// A chunk whose signature differs in anything is validated from scratch.
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "loadkit/weight_writes.h"
+#include "loadkit/weights.h"
+
+namespace loadkit::reload {
+
+/// One tensor of a chunk as a plan matches it.
+struct TensorSignature {
+  std::string name;
+  std::vector<int64_t> sizes, strides;
+  at::ScalarType dtype;
+  c10::Device device;
+  bool matches(const NamedWeight& w) const;
+};
+
+/// One loader call of the validation: `n` elements of parameter `param` of module `module`.
+struct PlanFeed {
+  uint32_t module, param;
+  int64_t n;
+  std::string shard;      ///< ShardId::str(), noted as validation notes it
+  const void* kernel_ptr;  ///< the parameter's data_ptr when recorded: a moved tensor voids the plan
+};
+
+/// A recorded write, its source relative to the chunk's `tensor`-th tensor.
+struct PlanWrite {
+  at::Tensor dst;
+  int64_t tensor = -1;  ///< -1: a zero write
+  bool whole = false;   ///< the source is that tensor itself
+  int64_t offset = 0;   ///< storage offset relative to the tensor's own
+  std::vector<int64_t> sizes, strides;
+};
+
+struct UpdatePlan {
+  size_t key = 0;  ///< PlanCache's hash of the signature's names
+  std::vector<TensorSignature> signature;
+  std::vector<PlanFeed> feeds;
+  bool replayable = true;  ///< writes below cover the whole chunk
+  std::vector<PlanWrite> writes;
+
+  bool matches(const std::vector<NamedWeight>& chunk) const;
+  /// Notes `w`, made by a loader while the chunk's `tensor`-th tensor was applied; clears
+  /// `replayable` when its source is not a view of that tensor.
+  void note_write(const WeightWrite& w, const std::vector<NamedWeight>& chunk, int64_t tensor);
+  /// The writes for `chunk` (which matches()): sources as views of its tensors.
+  std::vector<WeightWrite> writes_for(const std::vector<NamedWeight>& chunk) const;
+};
+
+/// The plans of recent chunks, found by signature. Bounded: a trainer with more distinct buckets
+/// than kPlans re-validates (correct, only slower).
+class PlanCache {
+ public:
+  static constexpr size_t kPlans = 512;
+  /// The plan whose signature matches `chunk` exactly, or nullptr.
+  const UpdatePlan* find(const std::vector<NamedWeight>& chunk) const;
+  /// A fresh plan for `chunk` (its signature filled in), not yet in the cache.
+  static std::unique_ptr<UpdatePlan> start(const std::vector<NamedWeight>& chunk);
+  void keep(std::unique_ptr<UpdatePlan> plan);
+  void clear() { plans_.clear(); }
+
+ private:
+  static size_t hash(const std::vector<NamedWeight>& chunk);
+  std::unordered_multimap<size_t, std::unique_ptr<UpdatePlan>> plans_;
+};
+
+}  // namespace loadkit::reload
