@@ -279,6 +279,12 @@ fs::path largest_file(const fs::path& dir) {
   return best;
 }
 
+/// A copy of `f` under `tmp` (the change hook rewrites it), and the file of it to change: its largest.
+std::pair<fs::path, fs::path> copy_to_change(const Fixture& f, const TempDir& tmp) {
+  const fs::path copy = copy_fixture(f, tmp / "copy");
+  return {copy, largest_file(copy)};
+}
+
 // A file rewritten in place after its first tensor is read: the rank reading the next tensor of
 // it fails, every rank stops with an Input error naming the file, and with a journal every
 // rank's model is as it was before the reload, bit for bit.
@@ -286,8 +292,7 @@ TEST(Fanout, AReadThatFailsOnOneRankStopsEveryRankAndLeavesTheModelsAsTheyWere) 
   SKIP_WITHOUT_TP_BACKEND("cpu");
   const Fixture& a = fixture("llama_fp32_gqa_sharded");
   TempDir tmp;
-  const fs::path b = copy_fixture(fixture(a.reload_target), tmp / "b");
-  const fs::path changed = largest_file(b);
+  const auto [b, changed] = copy_to_change(fixture(a.reload_target), tmp);
   ScopedEnv hook("LOADKIT_TEST_CHANGE_FILE", "rewrite:1:" + changed.string());
   const auto ranks = run_ranks(2, "cpu", a.dir, b.string(), Rollback::Journal);
   for (int r = 0; r < 2; ++r) {
@@ -402,8 +407,7 @@ TEST(FanoutCli, AFileChangedMidFanoutIsExitThreeNamingFileAndTensor) {
   SKIP_WITHOUT_TP_BACKEND("cpu");
   const Fixture& a = fixture("llama_fp32_gqa_sharded");
   TempDir tmp;
-  const fs::path b = copy_fixture(fixture(a.reload_target), tmp / "b");
-  const fs::path changed = largest_file(b);
+  const auto [b, changed] = copy_to_change(fixture(a.reload_target), tmp);
   const CliResult r =
       run_cli(with_plugins({"reload", "--model", a.dir, "--from", b.string(), "--tp-size", "2", "--journal", "--tokens",
                             "1,2", "--out", (tmp / "o").string()}),
