@@ -20,7 +20,9 @@ time budget cuts the peers of the last shapes rather than loadkit's own rows):
   probe    ceilings, once: the pinned host-to-device copy and device-to-device copy rates
            (torch, 4 GiB), and BUILD/bin/raw_probe (pinning experiments, copies, page-cache reads)
   load     `loadkit load` in a fresh process (after CUDA start-up, pinning included) and again in
-           one process (BUILD/bin/loadkit_bench load); the stages of a fresh load (--log-level debug)
+           one process (BUILD/bin/loadkit_bench load); the stages of a fresh load (--log-level debug);
+           with 2 GPUs, `--tp-size 2` read once and fanned out, and with --no-fanout (aggregate GB/s,
+           bytes_read per rank; reported missing with fewer GPUs)
   reload   reload bf16 and fp8 (online quantization) in one long-lived process, with the peak
            extra device memory, the stream's profile and the time before and after the stream
   update   update from tensors already on the device (a colocated trainer's) against
@@ -211,6 +213,24 @@ def loadkit_rows(a, shape, A, B, nbytes, budget, results, profile, fp8_dirs=None
         results.append(row("loadkit_load_in_process", r["bytes"], r["seconds"][1:], first_s=r["seconds"][0]))
         profile["in_process_load_staging"] = r.get("staging")
 
+    def tp_loads(n):
+        """`loadkit load --tp-size n`: every rank reading a 1/n share and the ranks broadcasting the
+        shares (the default), and every rank reading the whole checkpoint (--no-fanout). Aggregate
+        rate: n x the checkpoint's bytes (each rank takes in all of it) over the slowest rank's time."""
+        for label, extra in ((f"loadkit_load_tp{n}_fanout", []), (f"loadkit_load_tp{n}_every_rank_reads", ["--no-fanout"])):
+            reps = []
+            for _ in range(a.repeats):
+                with tempfile.NamedTemporaryFile(suffix=".json") as rep:
+                    subprocess.run([os.path.join(build, "bin", "loadkit"), "load", "--model", A, "--device", DEVICE,
+                                    "--quantization", "none", "--tp-size", str(n), "--report", rep.name,
+                                    "--log-level", "warn"] + extra,
+                                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                   env=dict(os.environ, NCCL_NVLS_ENABLE="0"))
+                    reps.append(json.load(open(rep.name)))
+            seconds = [max(r["seconds"] for r in rep["ranks"]) for rep in reps]
+            results.append(row(label, n * reps[0]["bytes"], seconds, tp_size=n,
+                               bytes_read_per_rank=[r["bytes_read"] for r in reps[0]["ranks"]]))
+
     def reload(quant, suffix, env, label):
         r = bench_tool(build, ["reload", "--model", A, "--from", B, "--quantization", quant,
                                "--repeats", str(max(a.repeats, 3))], env)["reload"]
@@ -247,6 +267,11 @@ def loadkit_rows(a, shape, A, B, nbytes, budget, results, profile, fp8_dirs=None
 
     if "load" in a.rows and shape != "many" and budget.allows(f"{shape} load"):
         guarded(results, "loadkit_load", loads)
+        gpus = torch.cuda.device_count() if DEVICE == "cuda" else 0
+        if gpus >= 2:
+            guarded(results, "loadkit_load_tp2", lambda: tp_loads(2))
+        else:
+            results.append(absent("loadkit_load_tp2_fanout", f"missing: needs 2 GPUs, {gpus} here"))
         log(shape, "loads done")
     if "reload" in a.rows and shape != "many":
         variants = [("", {})] + ([("_plain_path", {"LOADKIT_STAGING": "0"})] if a.plain_path else [])

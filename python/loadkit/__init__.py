@@ -308,11 +308,13 @@ class Model:
     @property
     def report(self) -> Report:
         """The latest load, reload or update, as a dict: architecture, plugin, device, dtype,
-        quantization, tensors, bytes, seconds, gb_per_s, peak_extra_device_bytes (CUDA only, else
-        None), pointers_stable (every kernel tensor kept its storage), layers_processed,
-        layers_delayed, untouched_modules (modules that received nothing), journal_bytes, and for a
-        reload that failed: error (its message, else None) and written_modules (the layers it had
-        written, now mixed with the others' previous weights; empty when the model is as before)."""
+        quantization, tensors, bytes (checkpoint bytes the model took in), bytes_read (of those, the
+        bytes this process read from storage; 0 for an update), seconds, gb_per_s,
+        peak_extra_device_bytes (CUDA only, else None), pointers_stable (every kernel tensor kept its
+        storage), layers_processed, layers_delayed, untouched_modules (modules that received nothing),
+        journal_bytes, and for a reload that failed: error (its message, else None) and
+        written_modules (the layers it had written, now mixed with the others' previous weights;
+        empty when the model is as before)."""
         return self._engine.report
 
     @property

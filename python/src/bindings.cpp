@@ -53,6 +53,7 @@ py::dict report_dict(const LoadReport& r) {
   d["quantization"] = os_str(r.quantization);
   d["tensors"] = r.tensors;
   d["bytes"] = r.bytes;
+  d["bytes_read"] = r.bytes_read;
   d["seconds"] = r.seconds;
   d["gb_per_s"] = r.gb_per_s();
   d["peak_extra_device_bytes"] = r.peak_extra_device_bytes ? py::object(py::int_(*r.peak_extra_device_bytes)) : py::none();

@@ -24,7 +24,10 @@ void add_common(po::options_description& desc, CommonOptions& common) {
       ("tp-size", po::value(&load.tp_size)->default_value(1), "tensor parallel ranks")
       ("load-format", po::value(&load.load_format)->default_value("auto"), "auto|safetensors|sharded|dummy")
       ("sharded-pattern", po::value(&load.sharded_pattern)->default_value(load.sharded_pattern),
-       "file names of sharded state, with {rank} and {part}");
+       "file names of sharded state, with {rank} and {part}")
+      ("no-fanout", po::bool_switch()->notifier([&load](bool off) { load.fanout = !off; }),
+       "with --tp-size above 1: every rank reads the whole checkpoint itself, instead of a share of "
+       "it that the ranks broadcast to each other");
 }
 
 bool parse(const std::string& command, const std::vector<std::string>& args, po::options_description& desc,

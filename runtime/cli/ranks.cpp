@@ -94,6 +94,7 @@ int run_on_ranks(CommonOptions& common, const std::function<int(Ranks&)>& body) 
     if (const char* abort_rank = std::getenv("LOADKIT_TEST_ABORT_RANK"); abort_rank && std::atoi(abort_rank) == env->rank)
       std::abort();
     load.tp_group = group->tp_group();
+    load.rank_group = group->world();
     Ranks ranks(group.get());
     return body(ranks);
   } catch (const std::exception& e) {
@@ -115,7 +116,7 @@ int run_on_ranks(CommonOptions& common, const std::function<int(Ranks&)>& body) 
 std::string timing_payload(const LoadReport& report) {
   std::ostringstream out;
   out.precision(17);
-  out << report.bytes << " " << report.seconds;
+  out << report.bytes << " " << report.seconds << " " << report.bytes_read;
   return out.str();
 }
 
@@ -126,11 +127,12 @@ std::string report_json(const LoadReport& report, const std::vector<std::string>
   nlohmann::ordered_json ranks = nlohmann::ordered_json::array();
   for (size_t r = 0; r < timings.size(); ++r) {
     std::istringstream in(timings[r]);
-    uint64_t bytes = 0;
+    uint64_t bytes = 0, bytes_read = 0;
     double seconds = 0;
-    in >> bytes >> seconds;
+    in >> bytes >> seconds >> bytes_read;
     ranks.push_back({{"rank", r},
                      {"bytes", bytes},
+                     {"bytes_read", bytes_read},
                      {"seconds", seconds},
                      {"gb_per_s", seconds > 0 ? static_cast<double>(bytes) / seconds / 1e9 : 0.0}});
   }

@@ -41,7 +41,7 @@ int run_on_ranks(CommonOptions& common, const std::function<int(Ranks&)>& body);
 /// A step payload with a rank's load or reload timing.
 std::string timing_payload(const LoadReport& report);
 /// The report as JSON; with several ranks, plus "tp_size" and "ranks": each
-/// rank's bytes, seconds and gb_per_s (from the timing payloads).
+/// rank's bytes, bytes_read, seconds and gb_per_s (from the timing payloads).
 std::string report_json(const LoadReport& report, const std::vector<std::string>& timings);
 
 }  // namespace loadkit::cli

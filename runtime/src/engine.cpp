@@ -8,11 +8,13 @@
 #include <nlohmann/json.hpp>
 
 #include "device.h"
+#include "fanout/fanout_stream.h"
 #include "formats/checkpoint_files.h"
 #include "loadkit/causal_lm.h"
 #include "loadkit/error.h"
 #include "loadkit/model_context.h"
 #include "loadkit/quant_method.h"
+#include "loadkit/runtime/distributed.h"
 #include "loadkit/runtime/log.h"
 #include "loadkit/runtime/registry.h"
 #include "reload/kernel_copy.h"
@@ -31,6 +33,7 @@ struct LoadedModel::State {
   ModelContext ctx;
   std::string model_dir;
   std::string sharded_pattern;
+  std::shared_ptr<ProcessGroup> fanout_group;  // set: loads and reloads read once for the group
   std::shared_ptr<CausalLM> model;
   std::unique_ptr<ReloadEngine> reload;  // metadata recorded at build time; refers to ctx
   Clock::time_point update_start;
@@ -207,13 +210,27 @@ void check_fits(const safetensors::CheckpointFiles& files, const ModelContext& c
          dtype_label(ctx.dtype), " on ", ctx.device.str(), " but only ", free >> 20, " MiB are free");
 }
 
+/// The group a tensor-parallel load reads its checkpoint once for (fanout/fanout_stream.h), or
+/// null: one rank, no runtime group, or `fanout` off. (Sharded state is each rank's own and is
+/// never fanned out; its reloads from a Hugging Face checkpoint are.)
+std::shared_ptr<ProcessGroup> fanout_group(const LoadOptions& options) {
+  if (options.tp_size == 1 || !options.rank_group || !options.fanout) return nullptr;
+  if (options.rank_group->size() != options.tp_size || options.rank_group->rank() != options.tp_rank)
+    fail(ErrorKind::Usage, "the rank group (rank ", options.rank_group->rank(), " of ", options.rank_group->size(),
+         ") is not the tensor-parallel group (rank ", options.tp_rank, " of ", options.tp_size, ")");
+  return options.rank_group;
+}
+
 /// Stage 4: the checkpoint's stream, started before the model is built: its readers pin their
 /// buffers (a fresh process's main set-up cost, see staging/pinned_pool.h) and read ahead while
-/// the model is built. A window of at least the largest tensor: every tensor is staged.
-std::unique_ptr<WeightStream> start_stream(const LoadSource& source, const c10::Device& device) {
+/// the model is built. A window of at least the largest tensor: every tensor is staged. With a
+/// group, the read-once stream instead (its rounds as large as that window).
+std::unique_ptr<WeightStream> start_stream(const LoadSource& source, const c10::Device& device, ProcessGroup* group,
+                                           FanoutStats& fanout) {
   if (source.sharded || !source.files) return nullptr;
   StreamPlan plan;
   plan.window_bytes = std::max(safetensors::largest_tensor_bytes(*source.files), default_window_bytes());
+  if (group) return fanout_stream(*source.files, *group, plan, &fanout);
   return open_weight_stream(*source.files, device, plan);
 }
 
@@ -266,7 +283,9 @@ std::unique_ptr<LoadedModel> LoadedModel::load(const LoadOptions& options, const
   if (report.quantization != "none") s.ctx.quant = registry.create_quant(report.quantization, s.ctx);
   if (source.files) check_fits(*source.files, s.ctx);
   clock.lap("open and validate");
-  auto stream = start_stream(source, s.ctx.device);  // 4. readers start while the model is built
+  s.fanout_group = fanout_group(options);
+  FanoutStats fanout;
+  auto stream = start_stream(source, s.ctx.device, s.fanout_group.get(), fanout);  // 4. readers start while the model is built
   clock.lap("start the stream");
 
   // 5. Build, and record the load format before anything is loaded or processed.
@@ -282,15 +301,18 @@ std::unique_ptr<LoadedModel> LoadedModel::load(const LoadOptions& options, const
   s.reload->release_load_format();
   report.layers_processed = s.reload->layers();
   clock.lap("process");
-  // 8. Sharded state is kernel format: copied over the processed model.
+  // 8. Sharded state is kernel format: copied over the processed model, through the staged path on
+  //    CUDA (open_weight_stream) with a load's read-ahead window.
   if (source.sharded) {
-    const ReloadStats copied =
-        reload::copy_kernel_format(*s.model, sharded_state_targets(*s.model), *source.files, s.ctx.device, /*complete=*/true);
+    const uint64_t window = std::max(safetensors::largest_tensor_bytes(*source.files), default_window_bytes());
+    const ReloadStats copied = reload::copy_kernel_format(*s.model, sharded_state_targets(*s.model), *source.files,
+                                                          s.ctx.device, /*complete=*/true, Rollback::None, nullptr, window);
     report.pointers_stable = report.pointers_stable && copied.pointers_stable;
   }
   if (source.files) {
     report.bytes = source.files->total_bytes;
     report.tensors = source.files->total_tensors;
+    report.bytes_read = s.fanout_group && !source.sharded ? fanout.bytes_read : source.files->total_bytes;
   }
   device::synchronize(s.ctx.device);
   report.seconds = clock.seconds();
@@ -366,9 +388,13 @@ const LoadReport& LoadedModel::reload(const std::string& source_dir, bool proces
   std::vector<std::string> written;
   report_.written_modules.clear();
   report_.error.clear();
+  FanoutStats fanout;
+  const bool read_once = s.fanout_group && !sharded && process;
+  ReloadEngine::DataSource data;
+  if (read_once) data = [&](const StreamPlan& plan) { return fanout_stream(files, *s.fanout_group, plan, &fanout); };
   try {
     if (process) {
-      stats = s.reload->reload(files, s.loader(), rollback, &written);
+      stats = s.reload->reload(files, s.loader(), rollback, &written, data);
     } else {
       // Kernel format: sharded state by its state-dict names, anything else by parameter names.
       const auto targets = sharded ? sharded_state_targets(*s.model) : reload::parameter_targets(*s.model);
@@ -387,6 +413,7 @@ const LoadReport& LoadedModel::reload(const std::string& source_dir, bool proces
     }
   }
   report_.bytes = files.total_bytes;
+  report_.bytes_read = read_once ? fanout.bytes_read : files.total_bytes;
   report_.tensors = files.total_tensors;
   finish_measuring(report_, s.ctx.device, s.allocated_at_start, start, stats);
   report_.stage_ms = stream_stages(start);
@@ -424,6 +451,7 @@ const LoadReport& LoadedModel::finish_update() {
   State& s = *state_;
   ReloadStats stats = s.reload->finish_update();
   report_.bytes = s.update_bytes;
+  report_.bytes_read = 0;  // a trainer's tensors, not storage
   finish_measuring(report_, s.ctx.device, s.allocated_at_start, s.update_start, stats);
   return report_;
 }
@@ -462,6 +490,7 @@ std::string LoadReport::to_json() const {
   j["quantization"] = quantization;
   j["tensors"] = tensors;
   j["bytes"] = bytes;
+  j["bytes_read"] = bytes_read;
   j["seconds"] = seconds;
   j["gb_per_s"] = gb_per_s();
   j["peak_extra_device_bytes"] = peak_extra_device_bytes ? nlohmann::ordered_json(*peak_extra_device_bytes) : nullptr;

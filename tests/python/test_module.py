@@ -141,6 +141,7 @@ class TrainerUpdate(DeviceCase):
         self.assertTrue(report["pointers_stable"])
         self.assertEqual(report["tensors"], len(pairs))
         self.assertEqual(report["bytes"], sum(t.nbytes for _, t in pairs))
+        self.assertEqual(report["bytes_read"], 0)  # a trainer's tensors: nothing read from storage
         self.assertEqual(report["untouched_modules"], [])
 
     def test_update_takes_the_callers_storage_not_a_copy(self):
@@ -228,6 +229,7 @@ class Loading(DeviceCase):
         self.assertGreaterEqual(report["layers_delayed"], 0)
         self.assertEqual(report["bytes"], fresh.report["bytes"])
         self.assertGreater(report["bytes"], 0)
+        self.assertEqual(report["bytes_read"], report["bytes"])  # one rank reads all it takes in
         self.assertGreater(report["seconds"], 0)
         self.assertAlmostEqual(report["gb_per_s"], report["bytes"] / report["seconds"] / 1e9, places=6)
         if self.device == "cpu":

@@ -92,6 +92,7 @@ struct ProcessGroup::Impl {
   std::chrono::milliseconds timeout{};
   c10::intrusive_ptr<c10d::Backend> backend;
   c10::intrusive_ptr<c10d::Store> exchange_store;  ///< a prefix of its own: no clash with the backend's keys
+  c10::intrusive_ptr<c10d::Store> root_store;      ///< the RankGroup's: where a failed rank publishes why
   uint64_t exchanges = 0;
 
   ~Impl() {
@@ -192,6 +193,7 @@ std::vector<std::string> ProcessGroup::exchange(const std::string& payload,
     // Poll rather than block on every key: a decisive payload is noticed at once, whoever sent it.
     const auto deadline = Clock::now() + s.timeout;
     size_t arrived = 0;
+    uint64_t polls = 0;
     bool decided = false;
     while (arrived < seen.size() && !decided) {
       for (int r = 0; r < s.size && !decided; ++r) {
@@ -201,6 +203,15 @@ std::vector<std::string> ProcessGroup::exchange(const std::string& payload,
         decided = decisive && decisive(*seen[r]);
       }
       if (arrived == seen.size() || decided) break;
+      // A member that failed outside this exchange (a CLI step publishes why) will never arrive: say so now.
+      if (++polls % 25 == 0)
+        for (int r = 0; r < s.size; ++r)
+          if (!seen[r] && s.root_store->check({failure_key(s.global_ranks[r])})) {
+            const std::string value = to_string(s.root_store->get(failure_key(s.global_ranks[r])));
+            const size_t nl = value.find('\n');
+            fail(error_kind(std::atoi(value.substr(0, nl).c_str())), "rank ", s.global_ranks[r], ": ",
+                 value.substr(nl + 1));
+          }
       if (Clock::now() > deadline) {
         std::string missing;
         for (int r = 0; r < s.size; ++r)
@@ -320,6 +331,7 @@ struct RankGroup::Impl {
     g->device = device;
     g->timeout = timeout;
     g->exchange_store = c10::make_intrusive<c10d::PrefixStore>(prefix + "/exchange", store);
+    g->root_store = store;
     g->backend = make_backend(c10::make_intrusive<c10d::PrefixStore>(prefix, store), g->rank, g->size, device, timeout);
     return std::shared_ptr<ProcessGroup>(new ProcessGroup(std::move(g)));
   }

@@ -33,7 +33,7 @@ KernelCopyTargets parameter_targets(const Module& root) {
 
 ReloadStats copy_kernel_format(Module& root, const KernelCopyTargets& targets, const safetensors::CheckpointFiles& files,
                                const c10::Device& device, bool complete, Rollback rollback,
-                               std::vector<std::string>* written) {
+                               std::vector<std::string>* written, uint64_t window_bytes) {
   if (written) written->clear();
   const StorageSnapshot before(root);
   std::unordered_map<std::string, at::Tensor> by_name(targets.tensors.begin(), targets.tensors.end());
@@ -81,7 +81,9 @@ ReloadStats copy_kernel_format(Module& root, const KernelCopyTargets& targets, c
   std::vector<std::pair<at::Tensor, at::Tensor>> journal;  // (target, its host copy) with Rollback::Journal
   uint64_t journal_bytes = 0;
   try {
-    auto data = open_weight_stream(files, device);
+    StreamPlan plan;
+    plan.window_bytes = window_bytes;
+    auto data = open_weight_stream(files, device, plan);
     NamedWeight w;
     while (data->next(w)) {
       at::Tensor dst = check(w);

@@ -11,6 +11,7 @@
 
 #include <c10/core/Device.h>
 
+#include <cstdint>
 #include <string>
 #include <utility>
 #include <vector>
@@ -48,8 +49,11 @@ KernelCopyTargets parameter_targets(const Module& root);
 /// far in place: `written`, if given, lists their layers. With Rollback::Journal each target is
 /// first copied to host memory (the kernel bytes the checkpoint covers) and a failure puts every
 /// one back bit-identically; `written` is then empty.
+///
+/// `window_bytes`: how far the staged path may read ahead (0: the largest tensor, a reload's
+/// bound); a fresh load, which has no model memory to protect yet, passes a load's window.
 ReloadStats copy_kernel_format(Module& root, const KernelCopyTargets& targets, const safetensors::CheckpointFiles& files,
                                const c10::Device& device, bool complete, Rollback rollback = Rollback::None,
-                               std::vector<std::string>* written = nullptr);
+                               std::vector<std::string>* written = nullptr, uint64_t window_bytes = 0);
 
 }  // namespace loadkit::reload

@@ -11,7 +11,7 @@ namespace loadkit {
 using reload::Phase;
 
 ReloadStats ReloadEngine::reload(const safetensors::CheckpointFiles& files, const Loader& load_weights,
-                                 Rollback rollback, std::vector<std::string>* written) {
+                                 Rollback rollback, std::vector<std::string>* written, const DataSource& data) {
   reload::Session& session = *session_;
   if (written) written->clear();
   session.begin(Phase::Reloading, rollback);
@@ -22,7 +22,7 @@ ReloadStats ReloadEngine::reload(const safetensors::CheckpointFiles& files, cons
     fail_if_missing(session.incomplete_after_validation());
     // 2. Its data, each transformed module's weights together, within the largest layer's size.
     const StreamPlan plan = reload::plan_apply(session.modules(), seen, ctx_);
-    session.apply(*open_weight_stream(files, ctx_.device, plan), load_weights);
+    session.apply(*(data ? data(plan) : open_weight_stream(files, ctx_.device, plan)), load_weights);
     // 3. Attention-like modules, and every module back to its own loaders.
     ReloadStats stats = session.finish();
     session.journal().clear();  // a reload is not undone later: its copies go at once

@@ -26,6 +26,7 @@
 /// into its kernel tensors), journal.h, storage_snapshot.h. Kernel-format
 /// copies (no loaders, no processing) are kernel_copy.h.
 
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -33,6 +34,7 @@
 #include "loadkit/runtime/reload_types.h"
 #include "loadkit/weights.h"
 #include "reload/session.h"
+#include "weight_sources.h"
 
 namespace loadkit {
 
@@ -69,8 +71,13 @@ class ReloadEngine {
   /// the session with every module not yet written put back. With Rollback::Journal the written
   /// ones are put back too (journal.h: the rank's kernel bytes in host memory); without, they keep
   /// the new weights and `written`, if given, lists them (empty when the model is as before).
+  ///
+  /// `data`, when given, opens the applying stream for the plan (a tensor-parallel group's
+  /// read-once stream, fanout/fanout_stream.h); by default open_weight_stream().
+  using DataSource = std::function<std::unique_ptr<WeightStream>(const StreamPlan&)>;
   ReloadStats reload(const safetensors::CheckpointFiles& files, const Loader& load_weights,
-                     Rollback rollback = Rollback::None, std::vector<std::string>* written = nullptr);
+                     Rollback rollback = Rollback::None, std::vector<std::string>* written = nullptr,
+                     const DataSource& data = {});
 
   /// Streaming form for trainers: chunks are validated one by one and
   /// applied; a module may be completed by a later chunk. A partial update is

@@ -17,6 +17,7 @@
 namespace loadkit {
 
 class CausalLM;
+class ProcessGroup;
 class Registry;
 class TensorParallelGroup;
 struct ModelContext;
@@ -35,6 +36,13 @@ struct LoadOptions {
   /// Collectives between the ranks (RankGroup::tp_group()); may be null for
   /// tp_size > 1 when only loading (a forward then fails).
   std::shared_ptr<TensorParallelGroup> tp_group;
+  /// The runtime's process group over the same ranks (RankGroup::world()), rank for rank. With it
+  /// and `fanout`, a tensor-parallel load or reload of a Hugging Face checkpoint reads each tensor
+  /// from storage on one rank only and broadcasts it to the others (a collective: every rank loads
+  /// and reloads together). Null: every rank reads the whole checkpoint itself.
+  std::shared_ptr<ProcessGroup> rank_group;
+  /// Read once and fan out over `rank_group` (default); false: every rank reads everything (`--no-fanout`).
+  bool fanout = true;
   /// File names of a sharded-state checkpoint (`--load-format sharded`, `reload --no-process`).
   std::string sharded_pattern = "model-rank-{rank}-part-{part}.safetensors";
 };
@@ -45,7 +53,8 @@ struct LoadReport {
   std::string device;
   std::string dtype;
   std::string quantization;
-  uint64_t bytes = 0;    ///< checkpoint bytes read
+  uint64_t bytes = 0;       ///< checkpoint bytes this rank's model took in (read here or received from its group)
+  uint64_t bytes_read = 0;  ///< of those, bytes this rank read from storage itself (about 1/N with a fan-out)
   size_t tensors = 0;    ///< checkpoint tensors read
   double seconds = 0;
   /// Peak device memory above what the finished model holds; only measured on CUDA.
