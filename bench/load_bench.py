@@ -215,7 +215,7 @@ def loadkit_rows(a, shape, A, B, nbytes, budget, results, profile, fp8_dirs=None
 
     def tp_loads(n):
         """`loadkit load --tp-size n`: every rank reading a 1/n share and the ranks broadcasting the
-        shares (the default), and every rank reading the whole checkpoint (--no-fanout). Aggregate
+        shares (LOADKIT_FANOUT=1: opt-in on CUDA), and every rank reading the whole checkpoint (--no-fanout). Aggregate
         rate: n x the checkpoint's bytes (each rank takes in all of it) over the slowest rank's time."""
         for label, extra in ((f"loadkit_load_tp{n}_fanout", []), (f"loadkit_load_tp{n}_every_rank_reads", ["--no-fanout"])):
             reps = []
@@ -225,7 +225,7 @@ def loadkit_rows(a, shape, A, B, nbytes, budget, results, profile, fp8_dirs=None
                                     "--quantization", "none", "--tp-size", str(n), "--report", rep.name,
                                     "--log-level", "warn"] + extra,
                                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                   env=dict(os.environ, NCCL_NVLS_ENABLE="0"))
+                                   env=dict(os.environ, NCCL_NVLS_ENABLE="0", LOADKIT_FANOUT="1"))
                     reps.append(json.load(open(rep.name)))
             seconds = [max(r["seconds"] for r in rep["ranks"]) for rep in reps]
             results.append(row(label, n * reps[0]["bytes"], seconds, tp_size=n,

@@ -328,6 +328,7 @@ TEST(FanoutGpu, NcclLoadAndReloadMatchReadingItAllOnEveryRank) {
   if (!at::hasCUDA() || at::getNumGPUs() < 2)
     GTEST_SKIP() << "needs 2 CUDA devices (one a rank); runs on a 2-GPU machine (device tool)";
   ScopedEnv nvls("NCCL_NVLS_ENABLE", "0");
+  ScopedEnv opt_in("LOADKIT_FANOUT", "1");  // opt-in on CUDA until it has run on several GPUs (engine.cpp)
   const Fixture& a = fixture("llama_fp32_gqa_sharded");
   const Fixture& b = fixture(a.reload_target);
   ScopedEnv rounds("LOADKIT_FANOUT_ROUND_KB", "16");
