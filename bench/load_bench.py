@@ -142,6 +142,24 @@ def fresh_load_stages(stderr):
     return {"stages_ms": stages, "staging": profile[-1] if profile else None}
 
 
+def reload_profile(r):
+    """Where a reload row's time went (loadkit_bench's per-repeat stages): medians over the repeats."""
+    stages = r.get("stages", [])
+    return {
+        "before_stream_ms": median_of(stages, "before_stream_ms"),
+        "stream_open_ms": median_of(stages, "staging", "open_ms"),
+        "consumer_wait_ms": median_of(stages, "staging", "consumer_wait_ms"),
+        "consumer_work_ms": median_of(stages, "staging", "consumer_work_ms"),
+        "consumer_work_after_rebuilt_ms": median_of(stages, "staging", "consumer_work_after_reserved_ms"),
+        "after_stream_ms": median_of(stages, "after_stream_ms"),
+        "validate_ms": r["validate"]["seconds_min"] * 1e3,
+        "bypassed_tensors": median_of(stages, "staging", "bypassed_tensors"),
+        "readers_window_wait_ms": median_of(stages, "staging", "window_wait_ms"),
+        "readers_ring_wait_ms": median_of(stages, "staging", "ring_wait_ms"),
+        "last": stages[-1] if stages else None,
+    }
+
+
 def median_of(stages, *path):
     values = []
     for s in stages:
@@ -234,23 +252,10 @@ def loadkit_rows(a, shape, A, B, nbytes, budget, results, profile, fp8_dirs=None
     def reload(quant, suffix, env, label):
         r = bench_tool(build, ["reload", "--model", A, "--from", B, "--quantization", quant,
                                "--repeats", str(max(a.repeats, 3))], env)["reload"]
-        stages = r.get("stages", [])
         results.append(row(label, r["bytes"], r["seconds"], peak_extra_device_bytes=r["peak_extra_device_bytes"],
                            pointers_stable=r["pointers_stable"]))
         if not suffix:
-            profile[label] = {
-                "before_stream_ms": median_of(stages, "before_stream_ms"),
-                "stream_open_ms": median_of(stages, "staging", "open_ms"),
-                "consumer_wait_ms": median_of(stages, "staging", "consumer_wait_ms"),
-                "consumer_work_ms": median_of(stages, "staging", "consumer_work_ms"),
-                "consumer_work_after_rebuilt_ms": median_of(stages, "staging", "consumer_work_after_reserved_ms"),
-                "after_stream_ms": median_of(stages, "after_stream_ms"),
-                "validate_ms": r["validate"]["seconds_min"] * 1e3,
-                "bypassed_tensors": median_of(stages, "staging", "bypassed_tensors"),
-                "readers_window_wait_ms": median_of(stages, "staging", "window_wait_ms"),
-                "readers_ring_wait_ms": median_of(stages, "staging", "ring_wait_ms"),
-                "last": stages[-1] if stages else None,
-            }
+            profile[label] = reload_profile(r)
 
     def update():
         u = bench_tool(build, ["update", "--model", A, "--from", B, "--repeats", str(max(a.repeats, 3))])
@@ -292,6 +297,7 @@ def loadkit_rows(a, shape, A, B, nbytes, budget, results, profile, fp8_dirs=None
                                    "--repeats", str(max(a.repeats, 3))])["reload"]
             results.append(row("loadkit_reload_block_fp8", r["bytes"], r["seconds"],
                                peak_extra_device_bytes=r["peak_extra_device_bytes"], pointers_stable=r["pointers_stable"]))
+            profile["loadkit_reload_block_fp8"] = reload_profile(r)
 
         def block_fp8_sync():
             u = bench_tool(build, ["update", "--model", A8, "--from", B, "--quantization", "auto",

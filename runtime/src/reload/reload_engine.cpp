@@ -16,13 +16,23 @@ ReloadStats ReloadEngine::reload(const safetensors::CheckpointFiles& files, cons
   if (written) written->clear();
   session.begin(Phase::Reloading, rollback);
   try {
-    // 1. The whole checkpoint through the loaders on meta stand-ins: nothing read or written yet.
+    // 0. Where the plan does not depend on what validation sees (no module is rebuilt: the files'
+    //    order), the stream opens first and its readers fill the window while step 1 runs. That
+    //    is staging memory only: nothing reaches the model before step 2, and a failed validation
+    //    drops the stream. (Not for another data source: a fan-out stream is collective.)
+    std::unique_ptr<WeightStream> stream;
+    if (!data && !reload::plan_needs_validation(session.modules()))
+      stream = open_weight_stream(files, ctx_.device, reload::plan_apply(session.modules(), {}, ctx_));
+    // 1. The whole checkpoint through the loaders on meta stand-ins: nothing written yet.
     reload::ValidationRecord seen;
     session.validate(*safetensors_header_stream(files), load_weights, &seen);
     fail_if_missing(session.incomplete_after_validation());
     // 2. Its data, each transformed module's weights together, within the largest layer's size.
-    const StreamPlan plan = reload::plan_apply(session.modules(), seen, ctx_);
-    session.apply(*(data ? data(plan) : open_weight_stream(files, ctx_.device, plan)), load_weights);
+    if (!stream) {
+      const StreamPlan plan = reload::plan_apply(session.modules(), seen, ctx_);
+      stream = data ? data(plan) : open_weight_stream(files, ctx_.device, plan);
+    }
+    session.apply(*stream, load_weights);
     // 3. Attention-like modules, and every module back to its own loaders.
     ReloadStats stats = session.finish();
     session.journal().clear();  // a reload is not undone later: its copies go at once

@@ -16,14 +16,14 @@ uint64_t processing_scratch(Module& module, const ModelContext& ctx) {
   return 0;
 }
 
+bool plan_needs_validation(const std::vector<ModuleRecord>& modules) {
+  return std::any_of(modules.begin(), modules.end(), [](const ModuleRecord& m) { return m.transforms && !m.attention_like; });
+}
+
 StreamPlan plan_apply(const std::vector<ModuleRecord>& modules, const ValidationRecord& seen, const ModelContext& ctx) {
   StreamPlan plan;
-  bool any_transformed = false;
-  for (const auto& mod : modules) {
-    plan.window_bytes = std::max(plan.window_bytes, mod.load_bytes);
-    any_transformed = any_transformed || (mod.transforms && !mod.attention_like);
-  }
-  if (!any_transformed) return plan;
+  for (const auto& mod : modules) plan.window_bytes = std::max(plan.window_bytes, mod.load_bytes);
+  if (!plan_needs_validation(modules)) return plan;
   // The scratch is part of what the module holds while it is rebuilt, so it is reserved with the
   // module rather than taken off the whole window: taking it off the window left the largest plain
   // tensor, the embedding, outside it (read from the mapping instead), which halved an fp8 reload

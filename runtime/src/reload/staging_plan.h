@@ -25,6 +25,11 @@ struct ModelContext;
 
 namespace loadkit::reload {
 
+/// Whether the plan depends on what validation sees: a module is rebuilt (attention-like ones
+/// aside), so its tensors must come together in an order only validation knows. Otherwise the
+/// plan is the files' order and the window, and the stream may open before validation.
+bool plan_needs_validation(const std::vector<ModuleRecord>& modules);
+
 /// The applying stream's order, reserves and window, from the last recorded validation.
 /// Without a transformed module (attention-like ones aside, processed at the end) the
 /// order stays the files' and only the window is set.
