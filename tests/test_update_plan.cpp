@@ -13,6 +13,7 @@
 #include "loadkit/causal_lm.h"
 #include "loadkit/error.h"
 #include "loadkit/runtime/engine.h"
+#include "loadkit/weight_writes.h"
 #include "device_skip.h"
 #include "model_checks.h"
 
@@ -210,6 +211,40 @@ TEST(UpdatePlanGpu, RepeatedSyncsOfDeviceTensorsEqualFreshLoads) {
     EXPECT_EQ(data_ptrs(*model), ptrs);
     expect_identical(kernel_state(*model), kernel_state(*load_model(next.string(), "cuda", quant)));
   }
+}
+
+// apply_writes() issues large contiguous device copies one by one and the rest as multi-tensor
+// launches: the mix writes what copying each write by itself on the CPU writes.
+TEST(UpdatePlanGpu, MixedWritesEqualCopiesOneByOne) {
+  SKIP_WITHOUT(std::string("cuda"));
+  at::manual_seed(3);
+  const auto bf16 = at::TensorOptions().dtype(at::kBFloat16);
+  at::Tensor param = at::randn({3 * 4096, 2048}, bf16.device(at::kCUDA));  // 48 MiB
+  at::Tensor src_big = at::randn({2 * 4096, 2048}, bf16.device(at::kCUDA));   // 32 MiB, contiguous
+  at::Tensor src_small = at::randn({4, 2048}, bf16.device(at::kCUDA));
+  at::Tensor src_cols = at::randn({2048, 4096 - 8}, bf16.device(at::kCUDA)).t();  // 16 MiB, strided
+  at::Tensor other = at::randn({8 << 20}, at::TensorOptions().dtype(at::kFloat).device(at::kCUDA));  // 32 MiB
+  at::Tensor src_cast = at::randn({8 << 20}, bf16.device(at::kCUDA));  // other dtype: never a memcpy
+  const std::vector<WeightWrite> writes = {
+      {param.narrow(0, 0, 2 * 4096), src_big},
+      {param.narrow(0, 2 * 4096, 4), src_small},
+      {param.narrow(0, 2 * 4096 + 8, 4096 - 8), src_cols},
+      {param.narrow(0, 2 * 4096 + 4, 4), at::Tensor()},
+      {other, src_cast},
+  };
+  at::Tensor want = param.cpu(), want_other = other.cpu();
+  for (const auto& w : writes) {
+    at::Tensor dst = w.dst.data_ptr() == other.data_ptr()
+                         ? want_other
+                         : want.narrow(0, (static_cast<const char*>(w.dst.data_ptr()) -
+                                           static_cast<const char*>(param.data_ptr())) / (2048 * 2),
+                                       w.dst.size(0));
+    if (w.src.defined()) dst.copy_(w.src.cpu());
+    else dst.zero_();
+  }
+  apply_writes(writes);
+  EXPECT_TRUE(at::equal(param.cpu().view(at::kShort), want.view(at::kShort)));
+  EXPECT_TRUE(at::equal(other.cpu().view(at::kInt), want_other.view(at::kInt)));
 }
 
 }  // namespace

@@ -12,6 +12,11 @@ namespace {
 
 thread_local std::vector<WeightWrite>* recording = nullptr;
 
+/// A plain device-to-device copy this large is issued on its own: the multi-tensor copy kernel
+/// moved a 16 GB dense update (291 tensors) at 1.27 TB/s on the H200 where one cudaMemcpyAsync
+/// moves 2.13 TB/s, and at this size the copy's GPU time (~8 us) covers its host cost.
+constexpr int64_t kOwnCopyBytes = 16 << 20;
+
 /// The callable describing_writes() stores: its type is the mark describes_writes() looks for.
 struct DescribingLoader {
   WeightLoader inner;
@@ -58,6 +63,11 @@ void apply_writes(const std::vector<WeightWrite>& writes) {
       continue;
     }
     const c10::Device s = w.src.device();
+    if (d.is_cuda() && d == s && w.dst.scalar_type() == w.src.scalar_type() && w.dst.is_contiguous() &&
+        w.src.is_contiguous() && w.dst.nbytes() >= kOwnCopyBytes) {
+      at::Tensor(w.dst).copy_(w.src);  // one cudaMemcpyAsync
+      continue;
+    }
     auto& group = copies[{static_cast<int>(w.dst.scalar_type()), static_cast<int>(w.src.scalar_type()),
                           static_cast<int>(d.type()), d.index(), static_cast<int>(s.type()), s.index()}];
     group.first.push_back(w.dst);

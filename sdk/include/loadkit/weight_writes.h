@@ -59,7 +59,9 @@ void zero_weight(const at::Tensor& dst);
 
 /// Issues `writes` (order among them does not matter: they do not overlap): the copies as one
 /// `_foreach_copy_` per (destination dtype, source dtype, destination device, source device)
-/// group, the zeros as one `_foreach_zero_` per device. Same bytes as writing them one by one.
+/// group, except contiguous same-dtype copies of 16 MiB or more on one CUDA device, each a
+/// `copy_` of its own (a memcpy is faster there); the zeros as one `_foreach_zero_` per device.
+/// Same bytes as writing them one by one.
 void apply_writes(const std::vector<WeightWrite>& writes);
 
 /// `loader`, marked as keeping the promise above.
