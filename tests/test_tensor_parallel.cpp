@@ -73,6 +73,8 @@ struct TpCase {
   const char* fixture;
   int tp;
 };
+/// How gtest prints a case in a failure (otherwise its bytes).
+void PrintTo(const TpCase& c, std::ostream* os) { *os << c.fixture << " at TP=" << c.tp; }
 const TpCase kTpCases[] = {
     {"llama_fp32_gqa_sharded", 2},  // 2 kv heads split, vocab 1000 padded to 1024
     {"llama_fp32_llama3_tied", 2},  // tied embeddings: one parameter, sharded once

@@ -41,7 +41,9 @@ struct LoadOptions {
   /// from storage on one rank only and broadcasts it to the others (a collective: every rank loads
   /// and reloads together). Null: every rank reads the whole checkpoint itself.
   std::shared_ptr<ProcessGroup> rank_group;
-  /// Read once and fan out over `rank_group` (default); false: every rank reads everything (`--no-fanout`).
+  /// Read once and fan out over `rank_group`: the default over Gloo (the CPU); on CUDA only with
+  /// LOADKIT_FANOUT=1 until it has run on several GPUs (runtime/src/engine.cpp, fanout_group).
+  /// false: every rank reads everything (`--no-fanout`).
   bool fanout = true;
   /// File names of a sharded-state checkpoint (`--load-format sharded`, `reload --no-process`).
   std::string sharded_pattern = "model-rank-{rank}-part-{part}.safetensors";
