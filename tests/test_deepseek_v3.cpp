@@ -1,6 +1,7 @@
 // DeepSeek-V3 (plugins/deepseek_v2) beyond its logits (tests/archs/deepseek_v3.cpp):
 //  - noaux_tc routing (select_experts) against a reference written here with plain loops;
-//  - multi-token-prediction layers in the checkpoint: skipped at load and reload, one info line,
+//  - multi-token-prediction layers in the checkpoint: skipped at load and reload, one info line
+//    (logged by the host at its log level),
 //    and unknown tensors (exit 3) once the config no longer declares them;
 //  - e_score_correction_bias: float32 under the router, a missing one exit 3 naming it (model
 //    untouched on reload); config sizes: exit 3 naming the key;
@@ -156,6 +157,19 @@ TEST(DeepseekV3Mtp, TwoRanksPrintTheInfoLineOnce) {
   const CliResult r = cli_logits(f, f.dir, tmp / "l.safetensors", {"--tp-size", "2"});
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_EQ(count(r.err, "multi-token-prediction"), 1u) << r.err;
+}
+
+// The line is logged by the host at its log level (loadkit/notes.h), not printed by the plugin.
+TEST(DeepseekV3Mtp, InfoLineFollowsTheLogLevel) {
+  const Fixture& f = fixture(kFixture);
+  TempDir tmp;
+  const CliResult quiet = cli_logits(f, f.dir, tmp / "q.safetensors", {"--log-level", "warn"});
+  ASSERT_EQ(quiet.code, 0) << quiet.err;
+  EXPECT_EQ(count(quiet.err, "multi-token-prediction"), 0u) << quiet.err;
+  const CliResult info = cli_logits(f, f.dir, tmp / "i.safetensors", {"--log-level", "info"});
+  ASSERT_EQ(info.code, 0) << info.err;
+  EXPECT_EQ(count(info.err, "multi-token-prediction"), 1u) << info.err;
+  EXPECT_NE(info.err.find("[info]"), std::string::npos) << info.err;
 }
 
 // The skip follows num_nextn_predict_layers: without it the same tensors are a checkpoint the model does not fit.

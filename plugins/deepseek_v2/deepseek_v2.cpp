@@ -27,10 +27,10 @@
 #include <loadkit/error.h>
 #include <loadkit/layers/linear.h>
 #include <loadkit/layers/sparse_moe.h>
+#include <loadkit/notes.h>
 #include <loadkit/plugin.h>
 
 #include <cmath>
-#include <iostream>
 
 namespace {
 
@@ -261,10 +261,10 @@ class DeepseekForCausalLM : public DecoderOnlyLM {
         num_layers_(cfg.num_layers),
         mtp_layers_(cfg.num_nextn_predict_layers) {
     if (mtp_layers_ > 0 && ctx.tp_rank == 0)
-      std::cerr << "[info] " << spec(cfg).type_name << ": skipping " << mtp_layers_
-                << " multi-token-prediction layer(s) (num_nextn_predict_layers) in the checkpoint, model.layers."
-                << num_layers_ << (mtp_layers_ > 1 ? cat("-", num_layers_ + mtp_layers_ - 1) : std::string())
-                << ".*: loadkit serves the base model\n";
+      note(cat(spec(cfg).type_name, ": skipping ", mtp_layers_,
+               " multi-token-prediction layer(s) (num_nextn_predict_layers) in the checkpoint, model.layers.",
+               num_layers_, mtp_layers_ > 1 ? cat("-", num_layers_ + mtp_layers_ - 1) : std::string(),
+               ".*: loadkit serves the base model"));
   }
 
   WeightMapping weight_mapping() const override {

@@ -13,6 +13,7 @@
 #include "elf_check.h"
 #include "formats/regular_file.h"
 #include "loadkit/error.h"
+#include "loadkit/notes.h"
 #include "loadkit/plugin.h"
 #include "loadkit/runtime/log.h"
 
@@ -272,6 +273,14 @@ std::shared_ptr<T> keep_loaded(std::shared_ptr<T> object, const Library& library
   return std::shared_ptr<T>(holder, holder->object.get());
 }
 
+/// Logs, when the call into the plugin it guards returns or throws, what the plugin noted
+/// meanwhile (loadkit/notes.h).
+struct LogNotes {
+  ~LogNotes() {
+    for (const auto& n : take_notes()) log::info(n);
+  }
+};
+
 }  // namespace
 
 const PluginInfo& Registry::provider(const std::string& architecture) const {
@@ -285,6 +294,7 @@ std::shared_ptr<CausalLM> Registry::create_model(const std::string& architecture
   auto it = impl_->architectures.find(architecture);
   if (it == impl_->architectures.end())
     fail(ErrorKind::Plugin, "no plugin serves architecture '", architecture, "' (", searched(*this), ")");
+  LogNotes notes;
   auto model = it->second.factory(ctx);
   if (!model) fail(ErrorKind::Plugin, "plugin ", impl_->plugins[it->second.plugin].path, " built no model for '", architecture, "'");
   assign_quant_methods(*model, ctx);  // per-layer methods, now that every layer has its name
@@ -295,6 +305,7 @@ std::shared_ptr<QuantConfig> Registry::create_quant(const std::string& name, con
   auto it = impl_->quant_methods.find(name);
   if (it == impl_->quant_methods.end())
     fail(ErrorKind::Plugin, "no plugin provides quantization method '", name, "' (", searched(*this), ")");
+  LogNotes notes;
   auto quant = it->second.factory(ctx);
   if (!quant) fail(ErrorKind::Plugin, "plugin ", impl_->plugins[it->second.plugin].path, " made no quantization config '", name, "'");
   return keep_loaded(std::move(quant), it->second.library);
