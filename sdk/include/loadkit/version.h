@@ -14,7 +14,9 @@
 /// member: QuantConfig's layout changed), ModelConfig::keys, and per-layer
 /// methods: QuantConfig::linear_method / moe_method take the layer's
 /// LayerPrefix (their signatures changed), LinearBase/FusedMoE::use_method and
-/// assign_quant_methods, which the host calls after an architecture factory.
+/// assign_quant_methods, which the host calls after an architecture factory;
+/// loadkit::note (notes.h), which a plugin built against an earlier 1.0 tree
+/// simply does not call.
 
 #define LOADKIT_VERSION_MAJOR 1
 #define LOADKIT_VERSION_MINOR 0
