@@ -1,7 +1,7 @@
 #pragma once
 /// \file
 /// What a plugin tells the user while the host calls it: info lines that the host logs at its
-/// own log level (`--log-level`, Python's logging setup), never printed by the plugin itself.
+/// own log level (`--log-level`, `loadkit.set_log_level` in Python), never printed by the plugin.
 /// Plugins have no logger of their own: spdlog stays inside the runtime (loadkit/runtime/log.h).
 ///
 /// The contract: a note queued during one of the host's calls into a plugin (a model or
