@@ -142,6 +142,13 @@ def fresh_load_stages(stderr):
     return {"stages_ms": stages, "staging": profile[-1] if profile else None}
 
 
+def by_plan(r):
+    """How many of a reload row's repeats went by the plan of the one before (the first records it):
+    "first" GB/s is then the full path, the best and median ones the replays."""
+    flags = r.get("by_plan", [])
+    return f"{sum(1 for f in flags if f)} of {len(flags)}"
+
+
 def reload_profile(r):
     """Where a reload row's time went (loadkit_bench's per-repeat stages): medians over the repeats."""
     stages = r.get("stages", [])
@@ -253,7 +260,8 @@ def loadkit_rows(a, shape, A, B, nbytes, budget, results, profile, fp8_dirs=None
         r = bench_tool(build, ["reload", "--model", A, "--from", B, "--quantization", quant,
                                "--repeats", str(max(a.repeats, 3))], env)["reload"]
         results.append(row(label, r["bytes"], r["seconds"], peak_extra_device_bytes=r["peak_extra_device_bytes"],
-                           pointers_stable=r["pointers_stable"]))
+                           pointers_stable=r["pointers_stable"], reloads_by_plan=by_plan(r),
+                           first_s=r["seconds"][0]))
         if not suffix:
             profile[label] = reload_profile(r)
 
@@ -296,7 +304,8 @@ def loadkit_rows(a, shape, A, B, nbytes, budget, results, profile, fp8_dirs=None
             r = bench_tool(build, ["reload", "--model", A8, "--from", B8, "--quantization", "auto",
                                    "--repeats", str(max(a.repeats, 3))])["reload"]
             results.append(row("loadkit_reload_block_fp8", r["bytes"], r["seconds"],
-                               peak_extra_device_bytes=r["peak_extra_device_bytes"], pointers_stable=r["pointers_stable"]))
+                               peak_extra_device_bytes=r["peak_extra_device_bytes"], pointers_stable=r["pointers_stable"],
+                               reloads_by_plan=by_plan(r), first_s=r["seconds"][0]))
             profile["loadkit_reload_block_fp8"] = reload_profile(r)
 
         def block_fp8_sync():
@@ -476,6 +485,15 @@ def ratios_of(results):
     ratio("fp8_reload_vs_bf16_reload", "loadkit_reload_fp8", bf16)
     ratio("block_fp8_reload_vs_bf16_reload", "loadkit_reload_block_fp8", bf16)
     ratio("bf16_reload_vs_pinned_h2d", "loadkit_reload_bf16", h2d)
+    # The first reload of each row takes the full path (validation, the loaders) and records the
+    # plan the others replay (runtime/src/reload/reload_plan.h): the same ratios between first ones.
+    first = {n: r["bytes"] / r["first_s"] / 1e9 for n, r in by.items() if n.startswith("loadkit_reload") and "first_s" in r}
+    if "loadkit_reload_bf16" in first:
+        for key, num in (("fp8", "loadkit_reload_fp8"), ("block_fp8", "loadkit_reload_block_fp8")):
+            if num in first:
+                out[f"{key}_reload_vs_bf16_reload_first_ones"] = first[num] / first["loadkit_reload_bf16"]
+        if h2d:
+            out["bf16_reload_first_vs_pinned_h2d"] = first["loadkit_reload_bf16"] / h2d
     ratio("update_vs_d2d", "loadkit_update_from_device_bf16", d2d)
     ratio("in_process_load_vs_pinned_h2d", "loadkit_load_in_process", h2d)
     ratio("fresh_process_load_vs_pinned_h2d", "loadkit_load_fresh_process", h2d)
@@ -523,6 +541,7 @@ def report(out):
             for key, label in (("host_us_per_tensor", "host us/tensor"),
                                ("first_sync_host_us_per_tensor", "first sync (validated, plan recorded) host us/tensor"),
                                ("replayed_by_plan", "replayed by plan"),
+                               ("reloads_by_plan", "reloads by plan"),
                                ("overhead_us_per_tensor", "over D2D us/tensor"),
                                ("validate_us_per_tensor", "validation us/tensor"), ("tensors", "tensors")):
                 if key in r:

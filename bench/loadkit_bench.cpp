@@ -183,10 +183,11 @@ int run(const Args& a) {
     std::vector<double> seconds;
     uint64_t peak = 0, bytes = 0;
     bool stable = true;
-    json stages = json::array();
+    json stages = json::array(), by_plan = json::array();
     for (int i = 0; i < a.repeats; ++i) {
       const auto called = Clock::now();
       const LoadReport& r = model->reload(i % 2 == 0 ? a.from : a.model);
+      by_plan.push_back(r.reload_by_plan);  // the first records the plan the others replay
       const auto returned = Clock::now();
       seconds.push_back(r.seconds);
       bytes = r.bytes;
@@ -203,6 +204,7 @@ int run(const Args& a) {
     out["reload"]["peak_extra_device_bytes"] = peak;
     out["reload"]["pointers_stable"] = stable;
     out["reload"]["stages"] = stages;
+    out["reload"]["by_plan"] = by_plan;
     const auto planned = meta_weights(a.from);
     out["reload"]["validate"] = summary(validation_seconds(*model, planned, a.repeats), bytes);
     out["reload"]["validate"]["tensors"] = planned.size();

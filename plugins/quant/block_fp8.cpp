@@ -46,6 +46,7 @@
 #include <loadkit/layers/linear.h>
 #include <loadkit/model_context.h>
 #include <loadkit/quant_method.h>
+#include <loadkit/weight_writes.h>
 
 namespace loadkit::quant {
 
@@ -160,13 +161,17 @@ WeightLoader fp8_weight_loader(Module& layer, WeightLoader inner, const QuantCon
       "fp8");
 }
 
-/// The loader of a blocked scale: float32 only, then the layer's block loader.
+/// The loader of a blocked scale: float32 only, then the layer's block loader (describing its
+/// writes as that one does: loadkit/weight_writes.h).
 WeightLoader scale_loader(WeightLoader inner) {
-  return [inner = std::move(inner)](Parameter& p, const at::Tensor& loaded, const ShardId& shard) -> int64_t {
+  const bool describes = describes_writes(inner, at::kFloat);
+  WeightLoader loader = [inner = std::move(inner)](Parameter& p, const at::Tensor& loaded,
+                                                   const ShardId& shard) -> int64_t {
     if (loaded.scalar_type() != at::kFloat)
       fail(ErrorKind::Input, "block scales must be float32, got ", c10::toString(loaded.scalar_type()));
     return inner(p, loaded, shard);
   };
+  return describes ? describing_writes(std::move(loader), {at::kFloat}) : loader;
 }
 
 class BlockFp8LinearMethod final : public LinearMethod {

@@ -8,6 +8,7 @@
 
 #include <loadkit/error.h>
 #include <loadkit/quant_method.h>
+#include <loadkit/weight_writes.h>
 
 namespace loadkit::quant {
 
@@ -36,8 +37,12 @@ Quantized quantize_each_part(const at::Tensor& w, const std::vector<int64_t>& pa
 WeightLoader arriving_fp8_weight(Module& layer, WeightLoader inner, const QuantConfig* config, ScaleRoute route,
                                  std::function<Quantized(const at::Tensor&, const ShardId&)> quantizer,
                                  std::string what) {
-  return [&layer, inner = std::move(inner), config, route = std::move(route), quantizer = std::move(quantizer),
-          what = std::move(what)](Parameter& p, const at::Tensor& loaded, const ShardId& shard) -> int64_t {
+  // An fp8 tensor goes to `inner` as it is: this loader describes those writes when `inner` does
+  // (loadkit/weight_writes.h); a quantized 16-bit one is a temporary, written at once.
+  const bool describes = describes_writes(inner, at::kFloat8_e4m3fn);
+  WeightLoader loader = [&layer, inner = std::move(inner), config, route = std::move(route),
+                         quantizer = std::move(quantizer),
+                         what = std::move(what)](Parameter& p, const at::Tensor& loaded, const ShardId& shard) -> int64_t {
     if (loaded.scalar_type() == at::kFloat8_e4m3fn) return inner(p, loaded, shard);
     if (!config->quantize_on_arrival() || !is_16_or_32_bit_float(loaded))
       fail(ErrorKind::Input, "the weight is ", c10::toString(loaded.scalar_type()), ", but the checkpoint's ",
@@ -53,6 +58,7 @@ WeightLoader arriving_fp8_weight(Module& layer, WeightLoader inner, const QuantC
       scale.loader(scale, s, shard);
     return written;
   };
+  return describes ? describing_writes(std::move(loader), {at::kFloat8_e4m3fn}) : loader;
 }
 
 }  // namespace loadkit::quant

@@ -64,6 +64,7 @@ py::dict report_dict(const LoadReport& r) {
   d["journal_bytes"] = r.journal_bytes;
   d["chunks_by_plan"] = r.chunks_by_plan;
   d["chunks_replayed"] = r.chunks_replayed;
+  d["reload_by_plan"] = r.reload_by_plan;
   py::dict stages;
   for (const auto& [stage, ms] : r.stage_ms) stages[py::str(stage)] = ms;
   d["stage_ms"] = stages;

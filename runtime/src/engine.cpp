@@ -360,6 +360,7 @@ void finish_measuring(LoadReport& report, const c10::Device& device, uint64_t al
   report.stage_ms.clear();
   report.chunks_by_plan = stats.chunks_by_plan;
   report.chunks_replayed = stats.chunks_replayed;
+  report.reload_by_plan = stats.reload_by_plan;
   report.written_modules.clear();
   report.error.clear();
 }
@@ -508,6 +509,7 @@ std::string LoadReport::to_json() const {
   j["journal_bytes"] = journal_bytes;
   j["chunks_by_plan"] = chunks_by_plan;
   j["chunks_replayed"] = chunks_replayed;
+  j["reload_by_plan"] = reload_by_plan;
   nlohmann::ordered_json stages = nlohmann::ordered_json::object();
   for (const auto& [stage, ms] : stage_ms) stages[stage] = ms;
   j["stage_ms"] = stages;

@@ -107,13 +107,14 @@ void FusedMoE::use_method(std::shared_ptr<FusedMoEMethod> method) {
 
 WeightLoader FusedMoE::block_loader(int64_t block_rows, int64_t block_cols) const {
   // Checked when a tensor arrives: the loader's error then names the parameter.
-  return [this, block_rows, block_cols](Parameter& param, const at::Tensor& loaded, const ShardId& shard) {
+  return describing_writes([this, block_rows, block_cols](Parameter& param, const at::Tensor& loaded,
+                                                          const ShardId& shard) {
     if (ctx_.tp_size > 1 && (shape_.intermediate_size % block_rows != 0 || shape_.intermediate_size % block_cols != 0))
       fail(ErrorKind::Usage, "tensor parallel size ", ctx_.tp_size, " cuts a ", block_rows, "x", block_cols,
            " quantization block of FusedMoE's expert intermediate size (", shape_.intermediate_size,
            " per rank); block-quantized experts need every rank's slice to be whole blocks");
     return load(param, loaded, shard, block_rows, block_cols);
-  };
+  });
 }
 
 int64_t FusedMoE::load(Parameter& param, const at::Tensor& loaded, const ShardId& shard, int64_t unit_rows,

@@ -139,12 +139,12 @@ ColumnParallelLinear::ColumnParallelLinear(std::string type_name, int64_t input_
 
 WeightLoader ColumnParallelLinear::block_loader(int64_t block_rows, int64_t) {
   // Checked when a tensor arrives, not here: the loader's error then names the parameter.
-  return [this, block_rows](Parameter& p, const at::Tensor& loaded, const ShardId& shard) {
+  return describing_writes([this, block_rows](Parameter& p, const at::Tensor& loaded, const ShardId& shard) {
     for (size_t i = 0; i < layout_.total_sizes.size(); ++i)
       if (layout_.rank_sizes[i] != layout_.total_sizes[i])
         check_block_split(layout_.rank_sizes[i], block_rows, ctx_, cat(type_name(), " output part ", i));
     return load(p, loaded, shard, block_rows);
-  };
+  });
 }
 
 int64_t ColumnParallelLinear::load(Parameter& param, const at::Tensor& loaded, const ShardId& shard, int64_t unit) {
@@ -259,10 +259,10 @@ int64_t RowParallelLinear::load(Parameter& p, const at::Tensor& loaded, const Sh
 }
 
 WeightLoader RowParallelLinear::block_loader(int64_t, int64_t block_cols) {
-  return [this, block_cols](Parameter& p, const at::Tensor& loaded, const ShardId& shard) {
+  return describing_writes([this, block_cols](Parameter& p, const at::Tensor& loaded, const ShardId& shard) {
     if (ctx_.tp_size > 1) check_block_split(shape_.input_size, block_cols, ctx_, "RowParallelLinear's input");
     return load(p, loaded, shard, block_cols);
-  };
+  });
 }
 
 at::Tensor RowParallelLinear::finish(at::Tensor y) {

@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <map>
 #include <tuple>
 #include <typeinfo>
@@ -20,6 +21,7 @@ constexpr int64_t kOwnCopyBytes = 16 << 20;
 /// The callable describing_writes() stores: its type is the mark describes_writes() looks for.
 struct DescribingLoader {
   WeightLoader inner;
+  std::vector<at::ScalarType> dtypes;  ///< for which the promise holds; empty: all
   int64_t operator()(Parameter& param, const at::Tensor& loaded, const ShardId& shard) const {
     return inner(param, loaded, shard);
   }
@@ -77,8 +79,13 @@ void apply_writes(const std::vector<WeightWrite>& writes) {
   for (auto& [key, group] : zeros) at::_foreach_zero_(group);
 }
 
-WeightLoader describing_writes(WeightLoader loader) { return DescribingLoader{std::move(loader)}; }
+WeightLoader describing_writes(WeightLoader loader, std::vector<at::ScalarType> dtypes) {
+  return DescribingLoader{std::move(loader), std::move(dtypes)};
+}
 
-bool describes_writes(const WeightLoader& loader) { return loader.target_type() == typeid(DescribingLoader); }
+bool describes_writes(const WeightLoader& loader, at::ScalarType loaded) {
+  const auto* d = loader.target<DescribingLoader>();
+  return d && (d->dtypes.empty() || std::find(d->dtypes.begin(), d->dtypes.end(), loaded) != d->dtypes.end());
+}
 
 }  // namespace loadkit

@@ -4,7 +4,6 @@
 
 #include <unordered_set>
 
-#include "loadkit/weight_writes.h"
 
 namespace loadkit::reload {
 
@@ -19,7 +18,7 @@ std::vector<ModuleRecord> record_load_format(Module& root) {
     for (const auto& [pname, p] : module->parameters()) {
       if (!seen.insert(p.get()).second) continue;  // managed by its first owner (tied weights)
       rec.params.push_back(ParamRecord{pname, name.empty() ? pname : name + "." + pname, p, p->data.sizes().vec(),
-                                       p->data.scalar_type(), p->loader, describes_writes(p->loader), p->sharding,
+                                       p->data.scalar_type(), p->loader, p->sharding,
                                        p->expected_load_numel});
       rec.load_bytes += static_cast<uint64_t>(p->data.numel()) * p->data.element_size();
     }

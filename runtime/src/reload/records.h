@@ -28,7 +28,6 @@ struct ParamRecord {
   std::vector<int64_t> shape;
   at::ScalarType dtype;
   WeightLoader loader;  ///< the loader it was built with
-  bool describes_writes = false;  ///< `loader` keeps loadkit/weight_writes.h's promise
   ShardingInfo sharding;
   int64_t expected = 0;  ///< elements a complete checkpoint writes
   // Per session.

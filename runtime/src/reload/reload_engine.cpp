@@ -21,21 +21,33 @@ ReloadStats ReloadEngine::reload(const safetensors::CheckpointFiles& files, cons
     //    is staging memory only: nothing reaches the model before step 2, and a failed validation
     //    drops the stream. (Not for another data source: a fan-out stream is collective.)
     std::unique_ptr<WeightStream> stream;
-    if (!data && !reload::plan_needs_validation(session.modules()))
+    const bool in_file_order = !data && !reload::plan_needs_validation(session.modules());
+    if (in_file_order)
       stream = open_weight_stream(files, ctx_.device, reload::plan_apply(session.modules(), {}, ctx_));
-    // 1. The whole checkpoint through the loaders on meta stand-ins: nothing written yet.
-    reload::ValidationRecord seen;
-    session.validate(*safetensors_header_stream(files), load_weights, &seen);
-    fail_if_missing(session.incomplete_after_validation());
-    // 2. Its data, each transformed module's weights together, within the largest layer's size.
-    if (!stream) {
-      const StreamPlan plan = reload::plan_apply(session.modules(), seen, ctx_);
-      stream = data ? data(plan) : open_weight_stream(files, ctx_.device, plan);
+    // 1-2 by plan: a checkpoint laid out as the last recorded reload's takes that reload's writes
+    //    (reload_plan.h), tensor by tensor as they arrive: no validation, no loader.
+    std::unique_ptr<reload::ReloadPlan> record;
+    if (in_file_order && session.fits_reload_plan(files)) {
+      session.apply_by_plan(*stream);
+    } else {
+      // 1. The whole checkpoint through the loaders on meta stand-ins: nothing written yet.
+      reload::ValidationRecord seen;
+      session.validate(*safetensors_header_stream(files), load_weights, &seen);
+      fail_if_missing(session.incomplete_after_validation());
+      // 2. Its data, each transformed module's weights together, within the largest layer's size;
+      //    in file order, recorded for the next reload.
+      if (!stream) {
+        const StreamPlan plan = reload::plan_apply(session.modules(), seen, ctx_);
+        stream = data ? data(plan) : open_weight_stream(files, ctx_.device, plan);
+      } else {
+        record = reload::ReloadPlan::start(files);
+      }
+      session.apply(*stream, load_weights, record.get());
     }
-    session.apply(*stream, load_weights);
     // 3. Attention-like modules, and every module back to its own loaders.
     ReloadStats stats = session.finish();
     session.journal().clear();  // a reload is not undone later: its copies go at once
+    session.keep_reload_plan(std::move(record));
     return stats;
   } catch (...) {
     if (session.open()) session.abort();

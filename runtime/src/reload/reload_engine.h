@@ -17,13 +17,17 @@
 ///  - pointer stability is measured, not assumed (storage_snapshot.h);
 ///  - validation never reads or copies weight data (validation.h);
 ///  - a streaming update may keep a journal (journal.h) that undoes it
-///    bit-identically.
+///    bit-identically;
+///  - a checkpoint laid out exactly as the last reload's (a trainer's next
+///    step) replays that reload's recorded writes (reload_plan.h): the layout
+///    check stands for validation, and no loader runs.
 ///
 /// The pieces, in the order a reload meets them: records.h (the load format,
 /// recorded at build time), session.h (initialize → validate → apply →
 /// finalize, one explicit phase at a time), staging_plan.h (the order and
 /// memory budget of the applying stream), module_step.h (one module rebuilt
-/// into its kernel tensors), journal.h, storage_snapshot.h. Kernel-format
+/// into its kernel tensors), journal.h, storage_snapshot.h, and the plans that
+/// skip validation and the loaders: reload_plan.h, update_plan.h. Kernel-format
 /// copies (no loaders, no processing) are kernel_copy.h.
 
 #include <functional>

@@ -47,6 +47,26 @@ class CountingStream final : public WeightStream {
   int64_t& index_;
 };
 
+/// Passes a reload's stream through, telling the plan being recorded each tensor that arrives
+/// and holding it while the loaders run (it is what the plan's writes are views of).
+class PlanRecordingStream final : public WeightStream {
+ public:
+  PlanRecordingStream(WeightStream& inner, ReloadPlan& plan) : inner_(inner), plan_(plan) {}
+  bool next(NamedWeight& out) override {
+    current_ = at::Tensor();  // never keeps the previous tensor past its stream's next()
+    if (!inner_.next(out)) return false;
+    current_ = out.tensor;
+    plan_.arrived(out.name);
+    return true;
+  }
+  const at::Tensor& current() const { return current_; }
+
+ private:
+  WeightStream& inner_;
+  ReloadPlan& plan_;
+  at::Tensor current_;
+};
+
 void note_shard(ParamRecord& rec, std::string id) {
   if (std::find(rec.shards.begin(), rec.shards.end(), id) == rec.shards.end()) rec.shards.push_back(std::move(id));
 }
@@ -165,7 +185,70 @@ std::vector<std::string> Session::incomplete_after_validation() const {
 
 // ------------------------------------------------------------ apply
 
-void Session::apply(WeightStream& stream, const Loader& load_weights) { load_weights(stream); }
+void Session::apply(WeightStream& stream, const Loader& load_weights, ReloadPlan* record) {
+  if (!record) {
+    load_weights(stream);
+    return;
+  }
+  PlanRecordingStream recording(stream, *record);
+  reload_recording_ = record;
+  reload_source_ = &recording.current();
+  auto done = [&] {
+    reload_recording_ = nullptr;
+    reload_source_ = nullptr;
+  };
+  try {
+    load_weights(recording);
+  } catch (...) {
+    done();
+    throw;
+  }
+  done();
+  record->ended();
+}
+
+bool Session::fits_reload_plan(const safetensors::CheckpointFiles& files) const {
+  if (!reload_plan_ || !reload_plan_->matches(files)) return false;
+  for (const auto& f : reload_plan_->feeds) {
+    const ModuleRecord& mod = modules_[f.module];
+    if (mod.transforms || mod.params[f.param].original->data.data_ptr() != f.kernel_ptr) return false;
+  }
+  return true;
+}
+
+void Session::apply_by_plan(WeightStream& stream) {
+  const ReloadPlan& plan = *reload_plan_;
+  NamedWeight w;
+  size_t k = 0, feed = 0, write = 0;
+  while (stream.next(w)) {
+    if (k >= plan.layout.size() || w.name != plan.layout[k].name)
+      fail(ErrorKind::Other, w.origin, ": tensor '", w.name, "' arrived where the reload plan expects ",
+           k < plan.layout.size() ? cat("'", plan.layout[k].name, "'") : std::string("none"));
+    const ReloadPlan::Entry& e = plan.layout[k++];
+    const size_t first_feed = feed;
+    for (; feed < e.feeds_end; ++feed) {
+      ModuleRecord& mod = modules_[plan.feeds[feed].module];
+      if (written_.insert(&mod).second) journal_.keep(mod);  // before its first write
+    }
+    for (; write < e.writes_end; ++write) {
+      const WeightWrite x = plan.writes[write].for_source(w.tensor);
+      if (x.src.defined()) {
+        at::Tensor(x.dst).copy_(x.src);
+      } else {
+        at::Tensor(x.dst).zero_();
+      }
+    }
+    for (size_t f = first_feed; f < e.feeds_end; ++f)
+      note_applied(modules_[plan.feeds[f].module], plan.feeds[f].param, plan.feeds[f].n);
+  }
+  if (k != plan.layout.size())
+    fail(ErrorKind::Other, "the reload's stream ended after ", k, " of the plan's ", plan.layout.size(), " tensors");
+  stats_.reload_by_plan = true;
+}
+
+void Session::keep_reload_plan(std::unique_ptr<ReloadPlan> plan) {
+  if (plan && plan->replayable) reload_plan_ = std::move(plan);
+}
 
 void Session::apply_chunk(const std::vector<NamedWeight>& chunk, const Loader& load_weights, UpdatePlan* plan) {
   chunk_ = &chunk;
@@ -220,6 +303,25 @@ bool Session::apply_planned(const std::vector<NamedWeight>& chunk, const Loader&
   return true;
 }
 
+void Session::record_reload_writes(ReloadPlan& plan, size_t first) {
+  // Issued at once, as the loader would have: a reload frees each tensor at the stream's next().
+  for (size_t k = first; k < writes_.size(); ++k) {
+    const WeightWrite& w = writes_[k];
+    PlanWrite pw;
+    if (PlanWrite::record(w, *reload_source_, plan.current(), pw)) {
+      plan.writes.push_back(std::move(pw));
+    } else {
+      plan.replayable = false;
+    }
+    if (w.src.defined()) {
+      at::Tensor(w.dst).copy_(w.src);
+    } else {
+      at::Tensor(w.dst).zero_();
+    }
+  }
+  writes_.resize(first);
+}
+
 void Session::note_applied(ModuleRecord& mod, size_t i, int64_t n) {
   ParamRecord& rec = mod.params[i];
   const int64_t before = rec.applied;
@@ -247,18 +349,24 @@ int64_t Session::apply_one(ModuleRecord& mod, size_t i, Parameter& param, const 
   if (write_now && !mod.materialized) materialize(mod, ctx_.device);
   // Kernel storage; for transformed modules the materialised load format, or meta (calls kept).
   int64_t n = 0;
-  if (!mod.transforms && batching_ && rec.describes_writes) {
+  ReloadPlan* const recording = reload_recording_ && reload_recording_->replayable ? reload_recording_ : nullptr;
+  if ((batching_ || recording) && !mod.transforms && describes_writes(rec.loader, loaded.scalar_type())) {
     const size_t first = writes_.size();
     {
-      WriteRecorder recorder(writes_);  // issued together at the end of apply_chunk()
+      WriteRecorder recorder(writes_);  // issued together at the end of apply_chunk(), or below
       n = rec.loader(param, loaded, shard);
     }
     if (planning_)
       for (size_t k = first; k < writes_.size(); ++k) planning_->note_write(writes_[k], *chunk_, tensor_);
+    if (recording) record_reload_writes(*recording, first);
   } else {
     n = rec.loader(param, loaded, shard);
     if (planning_) planning_->replayable = false;
+    if (recording) recording->replayable = false;
   }
+  if (recording)
+    recording->feeds.push_back({static_cast<uint32_t>(&mod - modules_.data()), static_cast<uint32_t>(i), n,
+                                std::string(), rec.original->data.data_ptr()});
   note_applied(mod, i, n);
   if (!mod.transforms) return n;
   if (!write_now) mod.calls.push_back({i, loaded, shard});

@@ -13,6 +13,9 @@
 ///               materialised on its first weight and written at once) or
 ///               Phase::Updating (streamed chunks: its calls are kept until it
 ///               is complete); a module is processed the moment it is complete
+///   apply_by_plan()  Phase::Reloading, a checkpoint laid out as the last reload's
+///               (reload_plan.h): that reload's writes replayed, tensor by tensor
+///               as the stream delivers them, instead of validate() and apply()
 ///   apply_planned()  Phase::Updating, a chunk that looks like one applied before
 ///               (update_plan.h): its validation's element counts checked
 ///               against this session, then its recorded writes replayed (or,
@@ -38,6 +41,7 @@
 #include "reload/journal.h"
 #include "reload/records.h"
 #include "reload/storage_snapshot.h"
+#include "reload/reload_plan.h"
 #include "reload/update_plan.h"
 #include "reload/validation.h"
 
@@ -77,7 +81,15 @@ class Session {
                 UpdatePlan* plan = nullptr);
   /// Parameters that neither earlier applies nor the last validation cover in full.
   std::vector<std::string> incomplete_after_validation() const;
-  void apply(WeightStream& stream, const Loader& load_weights);
+  /// With `record` (Phase::Reloading, a plan started for the stream's files), notes the loader
+  /// calls and their writes in it (reload_plan.h); it stays replayable only if all of them qualify.
+  void apply(WeightStream& stream, const Loader& load_weights, ReloadPlan* record = nullptr);
+  /// Whether a reload of `files` may go by the last kept reload plan (reload_plan.h 1. and 2.).
+  bool fits_reload_plan(const safetensors::CheckpointFiles& files) const;
+  /// Phase::Reloading: `stream`, of files that fit_reload_plan(), applied by the plan's writes.
+  void apply_by_plan(WeightStream& stream);
+  /// Keeps `plan`, recorded by a reload that succeeded, for the next reload, if it is replayable.
+  void keep_reload_plan(std::unique_ptr<ReloadPlan> plan);
   /// Phase::Updating: `chunk` (validated) through the loaders; the writes of plain modules whose
   /// loaders describe them are issued together at the end (loadkit/weight_writes.h). With
   /// `plan` (the one validate() filled), notes those writes in it.
@@ -104,6 +116,9 @@ class Session {
   WeightLoader wrap(size_t m, size_t i);
   int64_t validate_one(ModuleRecord& mod, ParamRecord& rec, size_t m, const at::Tensor& loaded, const ShardId& shard);
   int64_t apply_one(ModuleRecord& mod, size_t i, Parameter& param, const at::Tensor& loaded, const ShardId& shard);
+  /// Recording a reload: the writes a loader call left in writes_ from `first` on, noted in `plan`
+  /// and issued.
+  void record_reload_writes(ReloadPlan& plan, size_t first);
   /// `n` more elements of parameter `i` of `mod` written: running sums, and a plain module done.
   void note_applied(ModuleRecord& mod, size_t i, int64_t n);
   /// The per-module step (module_step.h), the kernel tensors journaled first.
@@ -128,6 +143,10 @@ class Session {
   bool batching_ = false;                            ///< described writes collected in writes_
   std::vector<WeightWrite> writes_;
   PlanCache plans_;  ///< kept across sessions: the kernel tensors they write stay put
+  // While a reload is recorded (apply() with a plan).
+  ReloadPlan* reload_recording_ = nullptr;
+  const at::Tensor* reload_source_ = nullptr;  ///< the tensor the stream delivered last
+  std::unique_ptr<ReloadPlan> reload_plan_;    ///< the last reload's, when replayable
 };
 
 }  // namespace loadkit::reload

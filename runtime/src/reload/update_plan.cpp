@@ -19,29 +19,36 @@ bool UpdatePlan::matches(const std::vector<NamedWeight>& chunk) const {
   return true;
 }
 
+bool PlanWrite::record(const WeightWrite& w, const at::Tensor& from, int64_t tensor, PlanWrite& out) {
+  out = PlanWrite{};
+  out.dst = w.dst;
+  if (!w.src.defined()) return true;
+  // Replayable only as a view of the tensor being applied: same storage, same element type
+  // (offsets are counted in elements of the tensor's dtype).
+  if (!from.defined() || !from.has_storage() || !w.src.has_storage() || !w.src.is_alias_of(from) ||
+      w.src.scalar_type() != from.scalar_type())
+    return false;
+  out.tensor = tensor;
+  out.offset = w.src.storage_offset() - from.storage_offset();
+  out.whole = out.offset == 0 && w.src.sizes() == from.sizes() && w.src.strides() == from.strides();
+  if (!out.whole) {
+    out.sizes = w.src.sizes().vec();
+    out.strides = w.src.strides().vec();
+  }
+  return true;
+}
+
+WeightWrite PlanWrite::for_source(const at::Tensor& from) const {
+  if (tensor < 0) return {dst, at::Tensor()};
+  return {dst, whole ? from : from.as_strided(sizes, strides, from.storage_offset() + offset)};
+}
+
 void UpdatePlan::note_write(const WeightWrite& w, const std::vector<NamedWeight>& chunk, int64_t tensor) {
+  const bool in_chunk = tensor >= 0 && tensor < static_cast<int64_t>(chunk.size());
   PlanWrite pw;
-  pw.dst = w.dst;
-  if (w.src.defined()) {
-    // Replayable only as a view of the tensor being applied: same storage, same element type
-    // (offsets are counted in elements of the tensor's dtype).
-    if (tensor < 0 || tensor >= static_cast<int64_t>(chunk.size())) {
-      replayable = false;
-      return;
-    }
-    const at::Tensor& from = chunk[static_cast<size_t>(tensor)].tensor;
-    if (!from.has_storage() || !w.src.has_storage() || !w.src.is_alias_of(from) ||
-        w.src.scalar_type() != from.scalar_type()) {
-      replayable = false;
-      return;
-    }
-    pw.tensor = tensor;
-    pw.offset = w.src.storage_offset() - from.storage_offset();
-    pw.whole = pw.offset == 0 && w.src.sizes() == from.sizes() && w.src.strides() == from.strides();
-    if (!pw.whole) {
-      pw.sizes = w.src.sizes().vec();
-      pw.strides = w.src.strides().vec();
-    }
+  if (!PlanWrite::record(w, in_chunk ? chunk[static_cast<size_t>(tensor)].tensor : at::Tensor(), tensor, pw)) {
+    replayable = false;
+    return;
   }
   writes.push_back(std::move(pw));
 }
@@ -49,14 +56,8 @@ void UpdatePlan::note_write(const WeightWrite& w, const std::vector<NamedWeight>
 std::vector<WeightWrite> UpdatePlan::writes_for(const std::vector<NamedWeight>& chunk) const {
   std::vector<WeightWrite> out;
   out.reserve(writes.size());
-  for (const auto& w : writes) {
-    if (w.tensor < 0) {
-      out.push_back({w.dst, at::Tensor()});
-      continue;
-    }
-    const at::Tensor& from = chunk[static_cast<size_t>(w.tensor)].tensor;
-    out.push_back({w.dst, w.whole ? from : from.as_strided(w.sizes, w.strides, from.storage_offset() + w.offset)});
-  }
+  for (const auto& w : writes)
+    out.push_back(w.tensor < 0 ? w.for_source(at::Tensor()) : w.for_source(chunk[static_cast<size_t>(w.tensor)].tensor));
   return out;
 }
 

@@ -59,6 +59,12 @@ struct PlanWrite {
   bool whole = false;   ///< the source is that tensor itself
   int64_t offset = 0;   ///< storage offset relative to the tensor's own
   std::vector<int64_t> sizes, strides;
+
+  /// `w`, made while `from` (the `tensor`-th of its source) was applied; false (`out` unset) when
+  /// w's source is not a view of `from` in its element type (a temporary: never replayable).
+  static bool record(const WeightWrite& w, const at::Tensor& from, int64_t tensor, PlanWrite& out);
+  /// The write for `from`, a tensor of the recorded one's sizes, strides and dtype.
+  WeightWrite for_source(const at::Tensor& from) const;
 };
 
 struct UpdatePlan {

@@ -20,10 +20,17 @@
 /// that the caller may keep the recorded views and replay them for another
 /// tensor of the same shape, strides and dtype without calling the loader.
 ///
-/// The SDK's own layers (default_weight_loader, the parallel linears, the
-/// vocabulary embeddings, unquantized FusedMoE) describe their writes. A
-/// plugin's loader is a plain WeightLoader unless it wraps itself; wrapping a
-/// loader that breaks the promise makes updates write wrong bytes.
+/// A loader may keep the promise for some dtypes of the given tensor only (an
+/// fp8 weight's loader copies an fp8 tensor as it is and quantizes a 16-bit
+/// one into temporaries): `describing_writes(loader, {dtypes})` promises it for
+/// a given tensor of those dtypes; for any other the caller calls it as a plain
+/// loader (its writes go at once, none is kept).
+///
+/// The SDK's own layers (default_weight_loader, the parallel linears and their
+/// block loaders, the vocabulary embeddings, FusedMoE and its block loader)
+/// describe their writes. A plugin's loader is a plain WeightLoader unless it
+/// wraps itself; wrapping a loader that breaks the promise makes updates and
+/// reloads by plan write wrong bytes.
 
 #include <ATen/core/Tensor.h>
 
@@ -64,9 +71,11 @@ void zero_weight(const at::Tensor& dst);
 /// Same bytes as writing them one by one.
 void apply_writes(const std::vector<WeightWrite>& writes);
 
-/// `loader`, marked as keeping the promise above.
-WeightLoader describing_writes(WeightLoader loader);
-/// Whether `loader` was made by describing_writes().
-bool describes_writes(const WeightLoader& loader);
+/// `loader`, marked as keeping the promise above for a given tensor of any dtype in `dtypes`
+/// (every dtype when empty).
+WeightLoader describing_writes(WeightLoader loader, std::vector<at::ScalarType> dtypes = {});
+/// Whether `loader` was made by describing_writes() and keeps the promise for a given tensor of
+/// dtype `loaded`.
+bool describes_writes(const WeightLoader& loader, at::ScalarType loaded);
 
 }  // namespace loadkit

@@ -74,6 +74,8 @@ struct LoadReport {
   /// the loaders (see ReloadStats).
   int chunks_by_plan = 0;
   int chunks_replayed = 0;
+  /// Reloads: laid out as the last recorded reload, whose writes were replayed (see ReloadStats).
+  bool reload_by_plan = false;
   /// Loads and reloads that streamed their checkpoint through the staged readers (a CUDA device):
   /// where the time went, in milliseconds, in this order — "before_stream" (open, validate, plan),
   /// "pinning" (new pinned buffers), "first_tensor", "consumer_wait" (the loaders waiting for data),

@@ -51,6 +51,9 @@ struct ReloadStats {
   /// those, the ones whose recorded writes were replayed without calling the loaders.
   int chunks_by_plan = 0;
   int chunks_replayed = 0;
+  /// Reloads: the checkpoint was laid out as the last recorded reload's (names, dtypes, shapes,
+  /// file by file) and that reload's writes were replayed: no validation pass, no loader called.
+  bool reload_by_plan = false;
 };
 
 }  // namespace loadkit
