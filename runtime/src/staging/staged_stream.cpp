@@ -250,22 +250,18 @@ class StagedStream final : public WeightStream {
     if (!item.bypassed) in_flight_ -= item.bytes;
     for (auto& [reader, e] : item.copied) spare_events_.push_back(e);
     item.copied.clear();
-    if (head_fits()) space_cv_.notify_one();  // it wakes the next one if the head after fits (take())
+    if (head_fits()) space_cv_.notify_all();
   }
 
   /// Whether the tensor the readers wait to start (the next one no piece of which is taken) now
-  /// fits the window. Only then is a reader woken, one at a time: waking all of them at every
-  /// tensor the consumer freed made 16 readers contend for the mutex with the consumer 2000 times
-  /// per MoE reload (block-fp8 scales are 704-byte tensors): on the GPU machine its stream took
-  /// 308 ms, the readers summed 2974 ms of window waits and the consumer waited for data 11 ms.
+  /// fits the window. Only then are they woken: waking all of them at every tensor the consumer
+  /// freed made 16 readers contend for the mutex with the consumer 2000 times per MoE reload
+  /// (block-fp8 scales are 704-byte tensors): on the GPU machine its stream took 308 ms, the
+  /// readers summed 2974 ms of window waits and the consumer waited for data 11 ms.
   bool head_fits() const {
-    size_t head = take_item_;
-    if (head < items_.size() && take_piece_ != 0) {
-      if (take_piece_ < items_[head].pieces) return false;  // pieces of it are left: no reader waits
-      ++head;  // every piece taken: the next one is the head
-    }
-    if (head >= items_.size()) return false;
-    return in_flight_ + items_[head].bytes + reserve_until(head) <= limit_bytes_;
+    if (take_item_ >= items_.size() || take_piece_ != 0) return false;  // no reader waits for the window
+    const Item& head = items_[take_item_];
+    return in_flight_ + head.bytes + reserve_until(take_item_) <= limit_bytes_;
   }
 
   /// The consumer spent `ms` applying `item` (its loaders; processing when it completed a module).
@@ -341,7 +337,6 @@ class StagedStream final : public WeightStream {
       }
       item_index = take_item_;
       piece = take_piece_++;
-      if (head_fits()) space_cv_.notify_one();  // a reader waiting for the window takes what follows
       return true;
     }
   }
