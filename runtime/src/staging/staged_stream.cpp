@@ -103,12 +103,29 @@ void check_cuda(cudaError_t status, const char* what) {
   if (status != cudaSuccess) fail(ErrorKind::Other, "CUDA ", what, " failed: ", cudaGetErrorString(status));
 }
 
-/// One checkpoint tensor on its way to the device.
+/// A checkpoint tensor of an item, and where its bytes start in the item's.
+struct Member {
+  const safetensors::TensorInfo* info = nullptr;
+  uint64_t offset = 0;
+};
+
+/// Small tensors ride with the tensor before them: a tensor under kSmallBytes that follows it in
+/// the file (and in the order) joins its item, up to kSmallPerItem bytes of such tensors per item.
+/// Each item costs the readers an allocation, an event on the consumer's stream and the mutex,
+/// and the consumer the waits for its events: a block-fp8 MoE checkpoint puts a 704-byte scale
+/// after each of its 1015 weights.
+constexpr uint64_t kSmallBytes = 64 << 10;
+constexpr uint64_t kSmallPerItem = 2 << 20;
+
+/// One or more consecutive checkpoint tensors (bytes contiguous in one file) on their way to the
+/// device: what the readers read, allocate and signal as one.
 struct Item {
   size_t file = 0;  ///< index into the stream's files
-  const safetensors::TensorInfo* info = nullptr;
+  const safetensors::TensorInfo* info = nullptr;  ///< the first tensor
+  std::vector<Member> members;  ///< the tensors, in order; members[0].info == info
   uint64_t offset = 0;  ///< in the file
   uint64_t bytes = 0;
+  uint64_t small_bytes = 0;  ///< of members after the first
   uint64_t reserve = 0;  ///< device bytes the consumer holds beside the stream while applying it
   int pieces = 0;
   // Guarded by the stream's mutex:
@@ -150,14 +167,15 @@ class StagedStream final : public WeightStream {
         Item item;
         item.file = f;
         item.info = &info;
+        item.members = {{&info, 0}};
         item.offset = file->file_offset(info);
         item.bytes = info.bytes();
-        item.pieces = static_cast<int>((item.bytes + piece_bytes_ - 1) / piece_bytes_);
         in_file_order.push_back(std::move(item));
       }
     }
+    std::vector<Item> ordered;
     if (options.order.empty()) {
-      for (auto& item : in_file_order) items_.push_back(std::move(item));
+      ordered = std::move(in_file_order);
     } else {
       std::unordered_map<std::string_view, size_t> by_name;
       for (size_t i = 0; i < in_file_order.size(); ++i) by_name.emplace(in_file_order[i].info->name, i);
@@ -169,10 +187,21 @@ class StagedStream final : public WeightStream {
       for (size_t i = 0; i < options.order.size(); ++i) {
         auto it = by_name.find(options.order[i]);
         if (it == by_name.end()) fail(ErrorKind::Other, "staged stream: no tensor '", options.order[i], "' to order");
-        items_.push_back(std::move(in_file_order[it->second]));
-        if (!options.reserve.empty()) items_.back().reserve = options.reserve[i];
+        ordered.push_back(std::move(in_file_order[it->second]));
+        if (!options.reserve.empty()) ordered.back().reserve = options.reserve[i];
       }
     }
+    for (auto& item : ordered) {
+      if (!items_.empty() && joins(items_.back(), item)) {
+        Item& into = items_.back();
+        into.members.push_back({item.info, into.bytes});
+        into.bytes += item.bytes;
+        into.small_bytes += item.bytes;
+      } else {
+        items_.push_back(std::move(item));
+      }
+    }
+    for (auto& item : items_) item.pieces = static_cast<int>((item.bytes + piece_bytes_ - 1) / piece_bytes_);
     const int n = static_cast<int>(std::min<size_t>(threads, std::max<size_t>(1, files.total_bytes / piece_bytes_ + 1)));
     profile_.window_bytes = window_bytes_;
     profile_.limit_bytes = limit_bytes_;
@@ -197,10 +226,17 @@ class StagedStream final : public WeightStream {
 
   bool next(NamedWeight& out) override {
     out.tensor = at::Tensor();  // the previous tensor is consumed: free it before reading further ahead
+    // The consumer alone moves next_ and member_; an item's members never change.
+    const bool more_members = next_ > 0 && member_ < items_[next_ - 1].members.size();
+    if (!more_members) item_tensor_ = at::Tensor();
     const auto called = Clock::now();
     std::unique_lock<std::mutex> lock(mutex_);
-    if (applying_) note_work(items_[next_ - 1], ms_between(handed_out_, called));
+    if (applying_) note_work(ms_between(handed_out_, called));
     applying_ = false;
+    if (more_members) {  // read and waited for with the item's first tensor
+      hand_out(items_[next_ - 1], out, lock);
+      return true;
+    }
     if (next_ > 0) release(next_ - 1);
     if (next_ >= items_.size()) return false;
     Item& item = items_[next_];
@@ -214,36 +250,86 @@ class StagedStream final : public WeightStream {
       files_[item.file]->check_unchanged();  // a truncation is named as the change it is
       fail(ErrorKind::Input, files_[item.file]->path(), ": reading tensor '", item.info->name, "': ", item.error);
     }
-    // Every piece of it was read: the file must still be the version that was validated.
-    if (!item.bypassed) files_[item.file]->check_unchanged();
-    out.name = item.info->name;
-    out.origin = files_[item.file]->path();
     ++next_;
-    applying_ = true;
-    ++profile_.tensors;
+    member_ = 0;
     if (item.bypassed) {
       profile_.bypassed_bytes += item.bytes;
-      ++profile_.bypassed_tensors;
-      lock.unlock();  // a host read of a whole tensor: the readers go on meanwhile
-      out.tensor = read_tensor(*files_[item.file], *item.info);
-      lock.lock();
+      profile_.bypassed_tensors += item.members.size();
     } else {
       profile_.staged_bytes += item.bytes;
       if (item.pieces == 0) item.device = allocate(item);
       // Every piece is queued: no reader records these events again until the consumer moves on.
       consumer_events_.clear();
       for (auto& [reader, e] : item.copied) consumer_events_.push_back(e);
-      out.tensor = std::move(item.device);
+      item_tensor_ = std::move(item.device);
       item.device = at::Tensor();
-      lock.unlock();  // CUDA calls outside the mutex (see work())
-      for (cudaEvent_t e : consumer_events_) check_cuda(cudaStreamWaitEvent(consumer_, e, 0), "cudaStreamWaitEvent");
     }
-    handed_out_ = Clock::now();
-    if (profile_.tensors == 1) profile_.first_tensor_ms = ms_between(opened_, handed_out_);
+    const bool staged = !item.bypassed;
+    hand_out(item, out, lock);
+    // CUDA calls outside the mutex (see work()), before the consumer queues anything that reads it.
+    if (staged)
+      for (cudaEvent_t e : consumer_events_) check_cuda(cudaStreamWaitEvent(consumer_, e, 0), "cudaStreamWaitEvent");
     return true;
   }
 
  private:
+  /// Whether `t` (one tensor, next in the order) may join `item`: see kSmallBytes. Contiguous in
+  /// the same file, the same reserve, and at an offset its element type can be viewed at.
+  bool joins(const Item& item, const Item& t) const {
+    const uint64_t element = c10::elementSize(to_scalar_type(t.info->dtype));
+    return t.file == item.file && t.offset == item.offset + item.bytes && t.reserve == item.reserve &&
+           item.bytes > 0 && t.bytes > 0 && t.bytes < kSmallBytes && item.small_bytes + t.bytes <= kSmallPerItem &&
+           item.bytes % element == 0;
+  }
+
+  /// The item's next member as the consumer's tensor: a view of the item's device tensor, or read
+  /// on the host for a bypassed item. Called with `lock` held; returns with it released.
+  void hand_out(const Item& item, NamedWeight& out, std::unique_lock<std::mutex>& lock) {
+    const Member& m = item.members[member_++];
+    current_ = &m;
+    current_reserve_ = item.reserve;
+    applying_ = true;
+    const bool first = ++profile_.tensors == 1;
+    lock.unlock();
+    const auto& file = *files_[item.file];
+    out.name = m.info->name;
+    out.origin = file.path();
+    if (item.bypassed) {
+      out.tensor = read_tensor(file, *m.info);  // a host read of a whole tensor: the readers go on meanwhile
+    } else {
+      file.check_unchanged();  // every piece was read: the file must still be the version validated
+      out.tensor = item.members.size() == 1 ? item_tensor_ : member_view(item_tensor_, m);
+    }
+    handed_out_ = Clock::now();
+    if (first) profile_.first_tensor_ms = ms_between(opened_, handed_out_);
+  }
+
+  /// Member `m` of an item held as bytes: its dtype and shape at its offset.
+  static at::Tensor member_view(const at::Tensor& bytes, const Member& m) {
+    return bytes.narrow(0, static_cast<int64_t>(m.offset), static_cast<int64_t>(m.info->bytes()))
+        .view(to_scalar_type(m.info->dtype))
+        .view(m.info->shape);
+  }
+
+  /// The device tensor an item is read into: the tensor itself, or the bytes of its members.
+  at::Tensor item_storage(const Item& item) const {
+    if (item.members.size() == 1)
+      return at::empty(item.info->shape, at::TensorOptions().dtype(to_scalar_type(item.info->dtype)).device(device_));
+    return at::empty({static_cast<int64_t>(item.bytes)}, at::TensorOptions().dtype(at::kByte).device(device_));
+  }
+
+  /// Bytes [begin, begin + n) of `item` into `dst`, member by member: "" or why not.
+  std::string read_piece(const Item& item, uint64_t begin, uint8_t* dst, uint64_t n) const {
+    const auto& file = *files_[item.file];
+    for (const Member& m : item.members) {
+      const uint64_t from = std::max(begin, m.offset), to = std::min(begin + n, m.offset + m.info->bytes());
+      if (from >= to) continue;
+      std::string why = file.try_read(*m.info, from - m.offset, dst + (from - begin), to - from);
+      if (!why.empty()) return why;
+    }
+    return {};
+  }
+
   /// The consumer moved past `index`: its bytes leave the read-ahead window.
   void release(size_t index) {
     Item& item = items_[index];
@@ -264,15 +350,16 @@ class StagedStream final : public WeightStream {
     return in_flight_ + head.bytes + reserve_until(take_item_) <= limit_bytes_;
   }
 
-  /// The consumer spent `ms` applying `item` (its loaders; processing when it completed a module).
-  void note_work(const Item& item, double ms) {
+  /// The consumer spent `ms` applying the tensor it was handed last (its loaders; processing when
+  /// it completed a module).
+  void note_work(double ms) {
     profile_.consumer_work_ms += ms;
-    if (item.reserve > 0) profile_.consumer_work_after_reserved_ms += ms;
+    if (current_reserve_ > 0) profile_.consumer_work_after_reserved_ms += ms;
     auto& longest = profile_.longest_work;
     constexpr size_t kKept = 5;
     if (longest.size() < kKept || ms > longest.back().second) {
       if (longest.size() == kKept) longest.pop_back();
-      longest.emplace_back(item.info->name, ms);
+      longest.emplace_back(current_->info->name, ms);
       std::sort(longest.begin(), longest.end(), [](const auto& a, const auto& b) { return a.second > b.second; });
     }
   }
@@ -298,9 +385,7 @@ class StagedStream final : public WeightStream {
   }
 
   at::Tensor allocate(Item& item) {
-    at::Tensor t = at::empty(item.info->shape, at::TensorOptions()
-                                                   .dtype(to_scalar_type(item.info->dtype))
-                                                   .device(device_));
+    at::Tensor t = item_storage(item);
     // A block the consumer just freed may still be read by its queued copies:
     // the readers' streams wait for the consumer's stream up to this point.
     item.allocated = event();
@@ -402,7 +487,7 @@ class StagedStream final : public WeightStream {
         cudaEvent_t allocated = nullptr;
         std::string error;
         try {
-          device = at::empty(item.info->shape, at::TensorOptions().dtype(to_scalar_type(item.info->dtype)).device(device_));
+          device = item_storage(item);
           // A block the consumer just freed may still be read by its queued copies: the readers'
           // streams wait for the consumer's stream up to this point.
           cudaError_t st = fresh_event(allocated);
@@ -441,7 +526,7 @@ class StagedStream final : public WeightStream {
         ring_wait_ms += ms_between(t, now);
         t = now;
       }
-      if (error.empty()) error = files_[item.file]->try_read(*item.info, begin, buf.host.data(), n);
+      if (error.empty()) error = read_piece(item, begin, static_cast<uint8_t*>(buf.host.data()), n);
       read_ms += ms_between(t, Clock::now());
       cudaError_t st = cudaSuccess;
       cudaEvent_t new_event = nullptr;  // this reader's first piece of the item: its event, to attach
@@ -505,7 +590,11 @@ class StagedStream final : public WeightStream {
   std::condition_variable space_cv_;  ///< readers wait here for the window (or the end)
   std::condition_variable allocated_cv_;  ///< readers wait here for the tensor of an item another reader allocates
   bool stop_ = false;
-  size_t next_ = 0;        ///< consumer position
+  size_t next_ = 0;        ///< consumer position: the item after the one being handed out
+  size_t member_ = 0;      ///< consumer position in item next_ - 1: its next member (consumer only)
+  at::Tensor item_tensor_;  ///< that item's device tensor, until its last member is consumed (consumer only)
+  const Member* current_ = nullptr;  ///< the tensor handed out last (consumer only)
+  uint64_t current_reserve_ = 0;    ///< its item's reserve
   bool applying_ = false;  ///< the consumer holds item next_ - 1 (between two next() calls)
   size_t take_item_ = 0;   ///< reader position
   int take_piece_ = 0;
