@@ -16,7 +16,8 @@
 /// LayerPrefix (their signatures changed), LinearBase/FusedMoE::use_method and
 /// assign_quant_methods, which the host calls after an architecture factory;
 /// loadkit::note (notes.h), which a plugin built against an earlier 1.0 tree
-/// simply does not call.
+/// simply does not call; describing_writes / describes_writes (weight_writes.h)
+/// take the dtypes a loader keeps its promise for (their symbols changed).
 
 #define LOADKIT_VERSION_MAJOR 1
 #define LOADKIT_VERSION_MINOR 0
