@@ -238,6 +238,8 @@ std::vector<BadCheckpoint> bad_checkpoints() {
   };
 }
 
+void PrintTo(const BadCheckpoint& bad, std::ostream* os) { *os << bad.name; }  // ctest shows the name, not bytes
+
 class BlockFp8BadCheckpoint : public ::testing::TestWithParam<BadCheckpoint> {};
 
 TEST_P(BlockFp8BadCheckpoint, FreshLoadIsExit3NamingTheTensor) {

@@ -198,6 +198,8 @@ struct BadTensor {
   std::vector<std::string> fragments;
 };
 
+void PrintTo(const BadTensor& bad, std::ostream* os) { *os << bad.name; }  // ctest shows the name, not bytes
+
 class PerTensorFp8Bad : public ::testing::TestWithParam<BadTensor> {};
 
 TEST_P(PerTensorFp8Bad, LoadIsExit3NamingFileAndTensorReloadLeavesTheModelUntouched) {

@@ -83,6 +83,8 @@ struct BadJob {
   const char* message;  ///< the whole message, file:line:column included
 };
 
+void PrintTo(const BadJob& job, std::ostream* os) { *os << job.name; }  // ctest shows the name, not bytes
+
 class JobParserRejects : public ::testing::TestWithParam<BadJob> {};
 
 TEST_P(JobParserRejects, WithFileLineColumnAndExit2) {

@@ -25,6 +25,8 @@ struct Case {
   bool replays;  ///< every module plain, every loader describing its writes: reloads go by plan
 };
 
+void PrintTo(const Case& c, std::ostream* os) { *os << c.fixture << " " << c.quant << " " << c.device; }  // not bytes
+
 std::string case_name(const ::testing::TestParamInfo<Case>& info) {
   return std::string(info.param.fixture) + "_" + info.param.quant + "_" + info.param.device;
 }

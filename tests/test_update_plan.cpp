@@ -65,6 +65,8 @@ struct Case {
   const char* quant;
 };
 
+void PrintTo(const Case& c, std::ostream* os) { *os << c.fixture << " " << c.quant; }  // not bytes
+
 /// Each case: its fixture `a`, the quantization, and a trainer's next step of `a` (same names and
 /// shapes, other values) written to a temporary directory.
 class UpdatePlan : public ::testing::TestWithParam<Case> {

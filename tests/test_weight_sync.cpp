@@ -235,6 +235,10 @@ const FsdpCase kFsdpCases[] = {
     {"llama_fp32_tp_mqa", 3, 3, "none"},
 };
 
+void PrintTo(const FsdpCase& c, std::ostream* os) {  // ctest shows the case, not bytes
+  *os << c.fixture << " world " << c.world << " tp " << c.tp << " " << c.quant;
+}
+
 class WeightSyncFsdp : public ::testing::TestWithParam<FsdpCase> {};
 
 TEST_P(WeightSyncFsdp, EveryRankEqualsAFreshLoadOfTheSyncedWeights) {
