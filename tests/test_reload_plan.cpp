@@ -10,7 +10,6 @@
 #include <cstdlib>
 
 #include "device_skip.h"
-#include "loadkit/error.h"
 #include "loadkit/runtime/engine.h"
 #include "loadkit/runtime/tensor_files.h"
 #include "model_checks.h"
@@ -29,18 +28,6 @@ void PrintTo(const Case& c, std::ostream* os) { *os << c.fixture << " " << c.qua
 
 std::string case_name(const ::testing::TestParamInfo<Case>& info) {
   return std::string(info.param.fixture) + "_" + info.param.quant + "_" + info.param.device;
-}
-
-/// The message of the Error `f` throws (fails the test when it throws none).
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "no error thrown";
-  return "";
 }
 
 /// The fixture `a` loaded, and two next steps of it written the same way (one file, same names,

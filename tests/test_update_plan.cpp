@@ -11,7 +11,6 @@
 #include <map>
 
 #include "loadkit/causal_lm.h"
-#include "loadkit/error.h"
 #include "loadkit/runtime/engine.h"
 #include "loadkit/weight_writes.h"
 #include "device_skip.h"
@@ -35,29 +34,11 @@ std::vector<std::vector<NamedWeight>> buckets(const std::vector<NamedWeight>& we
   return out;
 }
 
-std::map<std::string, const void*> data_ptrs(LoadedModel& m) {
-  std::map<std::string, const void*> out;
-  for (auto& [name, p] : m.model().named_parameters()) out[name] = p->data.data_ptr();
-  return out;
-}
-
 /// One whole sync of `weights` in buckets of `per`; its report.
 LoadReport sync(LoadedModel& model, const std::vector<NamedWeight>& weights, size_t per = 7) {
   model.begin_update();
   for (const auto& bucket : buckets(weights, per)) model.update(bucket);
   return model.finish_update();
-}
-
-/// The message of the Error `f` throws (fails the test when it throws none).
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "no error thrown";
-  return "";
 }
 
 struct Case {
@@ -82,7 +63,7 @@ class UpdatePlan : public ::testing::TestWithParam<Case> {
 // pointers kept.
 TEST_P(UpdatePlan, RepeatedSyncsByPlanEqualFreshLoads) {
   auto model = load_model(a.dir, "cpu", quant);
-  const auto ptrs = data_ptrs(*model);
+  const auto ptrs = parameter_addresses(*model);
   const auto wa = weights_of(a.dir), wn = weights_of(next);
   const auto fresh_a = kernel_state(*load_model(a.dir, "cpu", quant));
   const auto fresh_n = kernel_state(*load_model(next.string(), "cpu", quant));
@@ -103,7 +84,7 @@ TEST_P(UpdatePlan, RepeatedSyncsByPlanEqualFreshLoads) {
     EXPECT_EQ(r.layers_processed, first.layers_processed);
     expect_identical(kernel_state(*model), w == &wa ? fresh_a : fresh_n);
   }
-  EXPECT_EQ(data_ptrs(*model), ptrs);
+  EXPECT_EQ(parameter_addresses(*model), ptrs);
 }
 
 // The same names and shapes in other strides (a transposed copy of every 2-D tensor): no plan
@@ -171,7 +152,7 @@ TEST_P(UpdatePlan, JournalUndoesASyncByPlan) {
   auto model = load_model(a.dir, "cpu", quant);
   sync(*model, weights_of(a.dir));  // model holds a's weights; every plan kept
   const auto before = kernel_state(*model);
-  const auto ptrs = data_ptrs(*model);
+  const auto ptrs = parameter_addresses(*model);
   model->begin_update(Rollback::Journal);
   for (const auto& bucket : buckets(wb, 7)) model->update(bucket);
   const LoadReport& r = model->finish_update();
@@ -180,7 +161,7 @@ TEST_P(UpdatePlan, JournalUndoesASyncByPlan) {
   EXPECT_FALSE(identical(kernel_state(*model), before));
   model->rollback_update();
   expect_identical(kernel_state(*model), before);
-  EXPECT_EQ(data_ptrs(*model), ptrs);
+  EXPECT_EQ(parameter_addresses(*model), ptrs);
 }
 
 INSTANTIATE_TEST_SUITE_P(Cpu, UpdatePlan,
@@ -200,7 +181,7 @@ TEST(UpdatePlanGpu, RepeatedSyncsOfDeviceTensorsEqualFreshLoads) {
   for (const std::string quant : {"none", "fp8"}) {
     SCOPED_TRACE(quant);
     auto model = load_model(a.dir, "cuda", quant);
-    const auto ptrs = data_ptrs(*model);
+    const auto ptrs = parameter_addresses(*model);
     const auto wa = weights_of(a.dir, "cuda"), wn = weights_of(next, "cuda");
     sync(*model, wn);
     sync(*model, wa);
@@ -210,7 +191,7 @@ TEST(UpdatePlanGpu, RepeatedSyncsOfDeviceTensorsEqualFreshLoads) {
       EXPECT_EQ(r.chunks_replayed, r.chunks_by_plan);
     }
     EXPECT_TRUE(r.pointers_stable);
-    EXPECT_EQ(data_ptrs(*model), ptrs);
+    EXPECT_EQ(parameter_addresses(*model), ptrs);
     expect_identical(kernel_state(*model), kernel_state(*load_model(next.string(), "cuda", quant)));
   }
 }

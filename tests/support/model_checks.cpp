@@ -7,6 +7,7 @@
 #include <random>
 
 #include "loadkit/causal_lm.h"
+#include "loadkit/error.h"
 #include "loadkit/runtime/engine.h"
 #include "loadkit/runtime/registry.h"
 #include "device.h"
@@ -149,6 +150,16 @@ fs::path write_next_step(const Fixture& f, const fs::path& dir, int seed) {
   }
   save_tensors((dir / "model.safetensors").string(), next);
   return dir;
+}
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  ADD_FAILURE() << "no error thrown";
+  return "";
 }
 
 std::map<std::string, const void*> parameter_addresses(LoadedModel& m) {

@@ -67,6 +67,9 @@ at::Tensor fixture_cli_logits(const Fixture& f, const fs::path& out, std::vector
 /// `f`'s logits on two ranks (Gloo, through the CLI) equal transformers' and one rank's.
 void expect_two_ranks_match_one_and_transformers(const Fixture& f);
 
+/// The message of the loadkit::Error `f` throws (fails the test when it throws none).
+std::string error_of(const std::function<void()>& f);
+
 /// Every parameter's storage address by name (a reload or update in place must keep them).
 std::map<std::string, const void*> parameter_addresses(LoadedModel& m);
 

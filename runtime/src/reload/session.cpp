@@ -67,6 +67,15 @@ class PlanRecordingStream final : public WeightStream {
   at::Tensor current_;
 };
 
+/// `w` at once, as copy_weight() / zero_weight() write without a recorder.
+void write_now(const WeightWrite& w) {
+  if (w.src.defined()) {
+    at::Tensor(w.dst).copy_(w.src);
+  } else {
+    at::Tensor(w.dst).zero_();
+  }
+}
+
 void note_shard(ParamRecord& rec, std::string id) {
   if (std::find(rec.shards.begin(), rec.shards.end(), id) == rec.shards.end()) rec.shards.push_back(std::move(id));
 }
@@ -230,14 +239,7 @@ void Session::apply_by_plan(WeightStream& stream) {
       ModuleRecord& mod = modules_[plan.feeds[feed].module];
       if (written_.insert(&mod).second) journal_.keep(mod);  // before its first write
     }
-    for (; write < e.writes_end; ++write) {
-      const WeightWrite x = plan.writes[write].for_source(w.tensor);
-      if (x.src.defined()) {
-        at::Tensor(x.dst).copy_(x.src);
-      } else {
-        at::Tensor(x.dst).zero_();
-      }
-    }
+    for (; write < e.writes_end; ++write) write_now(plan.writes[write].for_source(w.tensor));
     for (size_t f = first_feed; f < e.feeds_end; ++f)
       note_applied(modules_[plan.feeds[f].module], plan.feeds[f].param, plan.feeds[f].n);
   }
@@ -313,11 +315,7 @@ void Session::record_reload_writes(ReloadPlan& plan, size_t first) {
     } else {
       plan.replayable = false;
     }
-    if (w.src.defined()) {
-      at::Tensor(w.dst).copy_(w.src);
-    } else {
-      at::Tensor(w.dst).zero_();
-    }
+    write_now(w);
   }
   writes_.resize(first);
 }
