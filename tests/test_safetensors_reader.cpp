@@ -159,6 +159,86 @@ TEST_F(ReaderTest, ControlCharactersInANameStayOnOneLine) {
   expect_rejected(write(safetensors_bytes(header, std::string(4, '\0'))), {"tensor 'a\\x0ab'", "unknown dtype 'F7'"});
 }
 
+// The header's contract (formats/safetensors_header.h): what one pass over the JSON must still see.
+
+TEST_F(ReaderTest, TheFirstBadEntryInTheHeaderIsNamed) {
+  json h = good_header();
+  h["a"]["dtype"] = "F7";
+  h["b"]["shape"] = {-2};
+  expect_rejected(write(h, good_data()), {"tensor 'a'", "unknown dtype 'F7'"});
+  json reversed{{"b", h["b"]}, {"a", h["a"]}};
+  expect_rejected(write(reversed, good_data()), {"tensor 'b'", "negative or out-of-range dimension -2"});
+}
+
+TEST_F(ReaderTest, TextThatIsNotJsonIsNamedSoWhateverElseIsWrong) {
+  json h = good_header();
+  h["a"]["dtype"] = "F7";
+  std::string text = h.dump();
+  text.back() = ',';  // the object never closes
+  expect_rejected(write(safetensors_bytes(text, good_data())), {"header is not valid JSON"});
+}
+
+TEST_F(ReaderTest, AFieldGivenTwiceCountsAsItsLastValue) {
+  // As a JSON document keeps it: the last "dtype" and "shape" are the ones read.
+  std::string header = R"({"a":{"dtype":"F7","shape":[9],"dtype":"F32","data_offsets":[0,8],"shape":[2]}})";
+  auto file = SafetensorsFile::open(write(safetensors_bytes(header, std::string(8, '\0'))).string());
+  ASSERT_EQ(file->tensors().size(), 1u);
+  EXPECT_EQ(file->tensors()[0].dtype, safetensors::DType::F32);
+  EXPECT_EQ(file->tensors()[0].shape, (std::vector<int64_t>{2}));
+  header = R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8],"dtype":5}})";
+  expect_rejected(write(safetensors_bytes(header, std::string(8, '\0'))), {"tensor 'a'", "missing string 'dtype'"});
+}
+
+TEST_F(ReaderTest, OtherFieldsAreSkippedWhateverTheyHold) {
+  std::string header =
+      R"({"x":{"extra":{"dtype":"F7","shape":[-1]},"dtype":"I32","more":[[1,{"data_offsets":[9]}]],"shape":[1],)"
+      R"("data_offsets":[0,4]},"__metadata__":{"format":"pt"}})";
+  auto file = SafetensorsFile::open(write(safetensors_bytes(header, std::string(4, '\0'))).string());
+  ASSERT_EQ(file->tensors().size(), 1u);
+  EXPECT_EQ(file->tensors()[0].dtype, safetensors::DType::I32);
+  EXPECT_EQ(file->tensors()[0].shape, (std::vector<int64_t>{1}));
+  EXPECT_EQ(file->metadata().at("format"), "pt");
+}
+
+TEST_F(ReaderTest, EveryMalformedFieldIsNamed) {
+  const std::string data(4, '\0');
+  auto entry = [](const std::string& fields) { return "{\"t\":{" + fields + "}}"; };
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {R"({"t":5})", "tensor 't': entry must be an object"},
+      {R"({"t":[1]})", "tensor 't': entry must be an object"},
+      {R"({"":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})", "a tensor has an empty name"},
+      {entry(R"("shape":[1],"data_offsets":[0,4])"), "tensor 't': missing string 'dtype'"},
+      {entry(R"("dtype":["F32"],"shape":[1],"data_offsets":[0,4])"), "tensor 't': missing string 'dtype'"},
+      {entry(R"("dtype":"F32","shape":{"0":1},"data_offsets":[0,4])"), "tensor 't': missing array 'shape'"},
+      {entry(R"("dtype":"F32","shape":[1.0],"data_offsets":[0,4])"), "shape entries must be integers"},
+      {entry(R"("dtype":"F32","shape":[[1]],"data_offsets":[0,4])"), "shape entries must be integers"},
+      {entry(R"("dtype":"F32","shape":[9223372036854775808],"data_offsets":[0,4])"),
+       "negative or out-of-range dimension 9223372036854775808"},
+      {entry(R"("dtype":"F32","shape":[1],"data_offsets":[0,4,4])"), "'data_offsets' must be two non-negative integers"},
+      {entry(R"("dtype":"F32","shape":[1],"data_offsets":[-0,4])"), "'data_offsets' must be two non-negative integers"},
+      {entry(R"("dtype":"F32","shape":[1],"data_offsets":"0,4")"), "'data_offsets' must be two non-negative integers"},
+      {entry(R"("dtype":"F32","shape":[1])"), "'data_offsets' must be two non-negative integers"},
+      {R"([{"t":{}}])", "header is not a JSON object"},
+      {R"({"__metadata__":{"format":{"pt":1}}})", "__metadata__ key 'format' must be a string"},
+      {R"({"__metadata__":"pt"})", "__metadata__ must be an object of strings"},
+      {R"({"__metadata__":{},"__metadata__":{}})", "tensor '__metadata__' is defined twice in the header"},
+  };
+  for (const auto& [header, fragment] : cases) {
+    SCOPED_TRACE(header);
+    expect_rejected(write(safetensors_bytes(header, data)), {fragment});
+  }
+}
+
+TEST_F(ReaderTest, EmptyTensorsAtOneOffsetAreInNameOrder) {
+  std::string header = R"({"z":{"dtype":"F32","shape":[0],"data_offsets":[0,0]},)"
+                       R"("a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},)"
+                       R"("m":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}})";
+  auto file = SafetensorsFile::open(write(safetensors_bytes(header, std::string(4, '\0'))).string());
+  std::vector<std::string> order;
+  for (const auto& t : file->tensors()) order.push_back(t.name);
+  EXPECT_EQ(order, (std::vector<std::string>{"m", "z", "a"}));
+}
+
 // ---------------------------------------------------------------- index
 
 class IndexTest : public ReaderTest {

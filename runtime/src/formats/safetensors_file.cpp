@@ -6,16 +6,13 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
-#include <nlohmann/json.hpp>
-#include <unordered_set>
 
 #include "formats/change_hook.h"
 #include "formats/regular_file.h"
+#include "formats/safetensors_header.h"
 #include "loadkit/error.h"
 
 namespace loadkit::safetensors {
-
-using nlohmann::json;
 
 namespace {
 
@@ -60,36 +57,6 @@ uint64_t read_u64_le(const uint8_t* p) {
 }
 
 }  // namespace
-
-/// The first top-level key of `text` seen before (empty when none); throws json::parse_error for
-/// text that is no JSON, with the message json::parse gives. Keys below the top level are skipped.
-std::string first_duplicate_key(std::string_view text) {
-  struct Keys : nlohmann::json_sax<json> {
-    int depth = 0;
-    std::unordered_set<std::string> seen;
-    std::string duplicate;
-    bool null() override { return true; }
-    bool boolean(bool) override { return true; }
-    bool number_integer(number_integer_t) override { return true; }
-    bool number_unsigned(number_unsigned_t) override { return true; }
-    bool number_float(number_float_t, const string_t&) override { return true; }
-    bool string(string_t&) override { return true; }
-    bool binary(binary_t&) override { return true; }
-    bool start_object(std::size_t) override { return ++depth, true; }
-    bool end_object() override { return --depth, true; }
-    bool start_array(std::size_t) override { return ++depth, true; }
-    bool end_array() override { return --depth, true; }
-    bool key(string_t& k) override {
-      if (depth == 1 && duplicate.empty() && !seen.insert(k).second) duplicate = k;
-      return true;
-    }
-    bool parse_error(std::size_t, const std::string&, const nlohmann::detail::exception& ex) override {
-      throw ex;  // as json::parse reports it
-    }
-  } keys;
-  json::sax_parse(text.begin(), text.end(), &keys);
-  return keys.duplicate;
-}
 
 std::optional<DType> parse_dtype(std::string_view name) {
   for (const auto& e : kDTypes)
@@ -159,50 +126,30 @@ void SafetensorsFile::validate(std::string_view header_text) {
   const std::string& origin = path_;
   const uint64_t data_len = size_ - data_start_;
 
-  // Parse, rejecting duplicate top-level names (nlohmann would keep the last silently). Two
-  // linear passes: nlohmann's callback parser costs time quadratic in the number of keys (seconds
-  // for a 20 000-tensor header), so the duplicate check is its own SAX pass that keeps only names.
-  std::string duplicate;
-  json header;
-  try {
-    duplicate = first_duplicate_key(header_text);
-    if (duplicate.empty()) header = json::parse(header_text.begin(), header_text.end());
-  } catch (const json::exception& e) {
-    bad(origin, cat("header is not valid JSON (", e.what(), ")"));
-  }
-  if (!duplicate.empty()) bad(origin, cat("tensor '", duplicate, "' is defined twice in the header"));
-  if (!header.is_object()) bad(origin, "header is not a JSON object");
-
-  for (auto it = header.begin(); it != header.end(); ++it) {
-    const std::string& name = it.key();
-    const json& entry = it.value();
-    if (name == "__metadata__") {
-      if (!entry.is_object()) bad(origin, "__metadata__ must be an object of strings");
-      for (auto m = entry.begin(); m != entry.end(); ++m) {
-        if (!m.value().is_string()) bad(origin, cat("__metadata__ key '", m.key(), "' must be a string"));
-        metadata_[m.key()] = m.value().get<std::string>();
-      }
-      continue;
-    }
+  // Each entry is checked as the one pass over the JSON reaches its end (safetensors_header.h):
+  // the first problem named is the first in the header.
+  read_header(header_text, origin, metadata_, [&](const HeaderEntry& entry) {
+    const std::string& name = entry.name;
     auto where = [&] { return cat("tensor '", name, "': "); };
     if (name.empty()) bad(origin, "a tensor has an empty name");
-    if (!entry.is_object()) bad(origin, where() + "entry must be an object");
-    auto dtype_it = entry.find("dtype");
-    if (dtype_it == entry.end() || !dtype_it->is_string()) bad(origin, where() + "missing string 'dtype'");
-    auto dtype = parse_dtype(dtype_it->get<std::string>());
-    if (!dtype) bad(origin, where() + cat("unknown dtype '", dtype_it->get<std::string>(), "'"));
+    if (!entry.is_object) bad(origin, where() + "entry must be an object");
+    if (!entry.has_dtype) bad(origin, where() + "missing string 'dtype'");
+    auto dtype = parse_dtype(entry.dtype);
+    if (!dtype) bad(origin, where() + cat("unknown dtype '", entry.dtype, "'"));
 
     TensorInfo info;
     info.name = name;
     info.dtype = *dtype;
-    auto shape_it = entry.find("shape");
-    if (shape_it == entry.end() || !shape_it->is_array()) bad(origin, where() + "missing array 'shape'");
+    if (!entry.has_shape) bad(origin, where() + "missing array 'shape'");
     uint64_t numel = 1;
-    for (const json& d : *shape_it) {
-      if (!d.is_number_integer()) bad(origin, where() + "shape entries must be integers");
-      if (d.is_number_unsigned() ? d.get<uint64_t>() > static_cast<uint64_t>(INT64_MAX) : d.get<int64_t>() < 0)
-        bad(origin, where() + cat("shape has a negative or out-of-range dimension ", d.dump()));
-      const auto dim = d.get<int64_t>();
+    for (const HeaderEntry::Dim& d : entry.shape) {
+      if (d.kind == HeaderEntry::Dim::Kind::NotInteger) bad(origin, where() + "shape entries must be integers");
+      if (d.kind == HeaderEntry::Dim::Kind::Unsigned ? d.unsigned_value > static_cast<uint64_t>(INT64_MAX)
+                                                      : d.signed_value < 0)
+        bad(origin, where() + cat("shape has a negative or out-of-range dimension ",
+                                  d.kind == HeaderEntry::Dim::Kind::Unsigned ? std::to_string(d.unsigned_value)
+                                                                             : std::to_string(d.signed_value)));
+      const auto dim = d.kind == HeaderEntry::Dim::Kind::Unsigned ? static_cast<int64_t>(d.unsigned_value) : d.signed_value;
       if (__builtin_mul_overflow(numel, static_cast<uint64_t>(dim), &numel))
         bad(origin, where() + "shape's element count overflows");
       info.shape.push_back(dim);
@@ -212,12 +159,9 @@ void SafetensorsFile::validate(std::string_view header_text) {
     if (__builtin_mul_overflow(numel, static_cast<uint64_t>(dtype_size(*dtype)), &bytes) || numel > (1ull << 62))
       bad(origin, where() + "shape's byte size overflows");
 
-    auto off_it = entry.find("data_offsets");
-    if (off_it == entry.end() || !off_it->is_array() || off_it->size() != 2 || !(*off_it)[0].is_number_unsigned() ||
-        !(*off_it)[1].is_number_unsigned())
-      bad(origin, where() + "'data_offsets' must be two non-negative integers");
-    info.begin = (*off_it)[0].get<uint64_t>();
-    info.end = (*off_it)[1].get<uint64_t>();
+    if (!entry.has_offsets) bad(origin, where() + "'data_offsets' must be two non-negative integers");
+    info.begin = entry.offsets[0];
+    info.end = entry.offsets[1];
     if (info.end < info.begin)
       bad(origin, where() + cat("data_offsets [", info.begin, ", ", info.end, "] are reversed"));
     if (info.end - info.begin != bytes)
@@ -227,10 +171,11 @@ void SafetensorsFile::validate(std::string_view header_text) {
       bad(origin, where() + cat("data ends at byte ", info.end, " but the data section holds only ", data_len,
                                 " bytes (file truncated?)"));
     tensors_.push_back(std::move(info));
-  }
+  });
 
   std::sort(tensors_.begin(), tensors_.end(), [](const TensorInfo& a, const TensorInfo& b) {
-    return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
+    if (a.begin != b.begin) return a.begin < b.begin;
+    return a.end != b.end ? a.end < b.end : a.name < b.name;  // empty tensors at one offset: by name
   });
   uint64_t expected = 0;
   const TensorInfo* previous = nullptr;
