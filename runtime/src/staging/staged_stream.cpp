@@ -80,7 +80,8 @@ std::string StagingProfile::summary() const {
     << (limit_bytes >> 20) << " MiB), " << readers << " readers; open " << open_ms << " ms, first tensor after "
     << first_tensor_ms << " ms; consumer waited " << consumer_wait_ms << " ms (" << consumer_waits
     << " waits), worked " << consumer_work_ms << " ms (" << consumer_work_after_reserved_ms
-    << " after tensors of rebuilt modules); readers (summed): pread " << read_ms << " ms, window waits "
+    << " after tensors of rebuilt modules; " << consumer_free_ms << " freeing tensors, " << consumer_event_ms
+    << " queuing waits); readers (summed): pread " << read_ms << " ms, window waits "
     << window_wait_ms << " ms, ring waits " << ring_wait_ms << " ms, pinning " << pinning_ms << " ms";
   if (!longest_work.empty()) {
     o << "; longest consumer gaps:";
@@ -112,8 +113,8 @@ struct Member {
 /// Small tensors ride with the tensor before them: a tensor under kSmallBytes that follows it in
 /// the file (and in the order) joins its item, up to kSmallPerItem bytes of such tensors per item.
 /// Each item costs the readers an allocation, an event on the consumer's stream and the mutex,
-/// and the consumer the waits for its events: a block-fp8 MoE checkpoint puts a 704-byte scale
-/// after each of its 1015 weights.
+/// and the consumer the waits for its events: a block-fp8 MoE checkpoint has 1002 scales, most
+/// of them 704 bytes.
 constexpr uint64_t kSmallBytes = 64 << 10;
 constexpr uint64_t kSmallPerItem = 2 << 20;
 
@@ -225,6 +226,7 @@ class StagedStream final : public WeightStream {
   }
 
   bool next(NamedWeight& out) override {
+    const auto freeing = Clock::now();
     out.tensor = at::Tensor();  // the previous tensor is consumed: free it before reading further ahead
     // The consumer alone moves next_ and member_; an item's members never change.
     const bool more_members = next_ > 0 && member_ < items_[next_ - 1].members.size();
@@ -232,6 +234,9 @@ class StagedStream final : public WeightStream {
     const auto called = Clock::now();
     std::unique_lock<std::mutex> lock(mutex_);
     if (applying_) note_work(ms_between(handed_out_, called));
+    profile_.consumer_free_ms += ms_between(freeing, called);
+    profile_.consumer_event_ms += consumer_event_ms_;
+    consumer_event_ms_ = 0;
     applying_ = false;
     if (more_members) {  // read and waited for with the item's first tensor
       hand_out(items_[next_ - 1], out, lock);
@@ -257,7 +262,7 @@ class StagedStream final : public WeightStream {
       profile_.bypassed_tensors += item.members.size();
     } else {
       profile_.staged_bytes += item.bytes;
-      if (item.pieces == 0) item.device = allocate(item);
+      if (item.pieces == 0) item.device = item_storage(item);  // no bytes: nothing to read, no reuse hazard
       // Every piece is queued: no reader records these events again until the consumer moves on.
       consumer_events_.clear();
       for (auto& [reader, e] : item.copied) consumer_events_.push_back(e);
@@ -267,8 +272,10 @@ class StagedStream final : public WeightStream {
     const bool staged = !item.bypassed;
     hand_out(item, out, lock);
     // CUDA calls outside the mutex (see work()), before the consumer queues anything that reads it.
-    if (staged)
+    if (staged) {
       for (cudaEvent_t e : consumer_events_) check_cuda(cudaStreamWaitEvent(consumer_, e, 0), "cudaStreamWaitEvent");
+      consumer_event_ms_ += ms_between(handed_out_, Clock::now());  // counted in the profile at the next call
+    }
     return true;
   }
 
@@ -304,11 +311,16 @@ class StagedStream final : public WeightStream {
     if (first) profile_.first_tensor_ms = ms_between(opened_, handed_out_);
   }
 
-  /// Member `m` of an item held as bytes: its dtype and shape at its offset.
+  /// Member `m` of an item held as bytes: its dtype and shape at its offset (element-aligned,
+  /// see joins()). Made as ATen makes an alias, without dispatching three view operations.
   static at::Tensor member_view(const at::Tensor& bytes, const Member& m) {
-    return bytes.narrow(0, static_cast<int64_t>(m.offset), static_cast<int64_t>(m.info->bytes()))
-        .view(to_scalar_type(m.info->dtype))
-        .view(m.info->shape);
+    const caffe2::TypeMeta dtype = c10::scalarTypeToTypeMeta(to_scalar_type(m.info->dtype));
+    at::Tensor view = at::detail::make_tensor<c10::TensorImpl>(c10::TensorImpl::VIEW, c10::Storage(bytes.storage()),
+                                                               bytes.key_set(), dtype);
+    c10::TensorImpl* impl = view.unsafeGetTensorImpl();
+    impl->set_storage_offset(static_cast<int64_t>((bytes.storage_offset() + m.offset) / dtype.itemsize()));
+    impl->set_sizes_contiguous(m.info->shape);
+    return view;
   }
 
   /// The device tensor an item is read into: the tensor itself, or the bytes of its members.
@@ -318,16 +330,15 @@ class StagedStream final : public WeightStream {
     return at::empty({static_cast<int64_t>(item.bytes)}, at::TensorOptions().dtype(at::kByte).device(device_));
   }
 
-  /// Bytes [begin, begin + n) of `item` into `dst`, member by member: "" or why not.
+  /// Bytes [begin, begin + n) of `item` into `dst`, one read (its members are contiguous in the
+  /// file): "" or why not.
   std::string read_piece(const Item& item, uint64_t begin, uint8_t* dst, uint64_t n) const {
-    const auto& file = *files_[item.file];
-    for (const Member& m : item.members) {
-      const uint64_t from = std::max(begin, m.offset), to = std::min(begin + n, m.offset + m.info->bytes());
-      if (from >= to) continue;
-      std::string why = file.try_read(*m.info, from - m.offset, dst + (from - begin), to - from);
-      if (!why.empty()) return why;
-    }
-    return {};
+    if (item.members.size() == 1) return files_[item.file]->try_read(*item.info, begin, dst, n);
+    safetensors::TensorInfo span;  // the members' bytes as one range of the data section
+    span.dtype = safetensors::DType::U8;
+    span.begin = item.info->begin;
+    span.end = span.begin + item.bytes;
+    return files_[item.file]->try_read(span, begin, dst, n);
   }
 
   /// The consumer moved past `index`: its bytes leave the read-ahead window.
@@ -365,32 +376,13 @@ class StagedStream final : public WeightStream {
   }
 
   void close_profile() {
+    profile_.consumer_event_ms += consumer_event_ms_;  // the last tensor's (readers are joined)
     profile_.opened_at = opened_;
     profile_.closed_at = Clock::now();
     profile_.open_ms = ms_between(opened_, profile_.closed_at);
     profile_.pinning_ms = (pinning_nanoseconds().load() - pinning_at_open_) / 1e6;
     log::debug(profile_.summary());
     keep_profile(profile_);
-  }
-
-  cudaEvent_t event() {
-    if (!spare_events_.empty()) {
-      cudaEvent_t e = spare_events_.back();
-      spare_events_.pop_back();
-      return e;
-    }
-    cudaEvent_t e = nullptr;
-    check_cuda(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
-    return e;
-  }
-
-  at::Tensor allocate(Item& item) {
-    at::Tensor t = item_storage(item);
-    // A block the consumer just freed may still be read by its queued copies:
-    // the readers' streams wait for the consumer's stream up to this point.
-    item.allocated = event();
-    check_cuda(cudaEventRecord(item.allocated, consumer_), "cudaEventRecord");
-    return t;
   }
 
   /// Next piece to read: (item, piece index); the window is charged when an item's first piece is
@@ -605,6 +597,7 @@ class StagedStream final : public WeightStream {
   StagingProfile profile_;  ///< guarded by the mutex
   const Clock::time_point opened_ = Clock::now();
   Clock::time_point handed_out_;  ///< when the consumer got its current tensor
+  double consumer_event_ms_ = 0;  ///< its waits' queuing, not yet in the profile (consumer only)
   int64_t pinning_at_open_ = 0;
 };
 

@@ -45,10 +45,11 @@
 /// Why small tensors ride with the one before them: each staged item costs
 /// the readers an allocation, an event recorded on the consumer's stream and
 /// the mutex, and the consumer a wait per event; a block-fp8 MoE checkpoint
-/// has a 704-byte scale after each of its 1015 weights. A tensor under 64 KiB
-/// that follows another in the file and in the order (same reserve) is read
-/// into the same device allocation, up to 2 MiB of such tensors per item, and
-/// handed out as a view of it.
+/// has 1002 float32 scales, 960 of them of 704 bytes, stored together (as
+/// safetensors.save_file writes a file) or each after its weight. A tensor
+/// under 64 KiB that follows another in the file and in the order (same
+/// reserve) is read into the same device allocation (one read per piece), up
+/// to 2 MiB of such tensors per item, and handed out as a view of it.
 ///
 /// Why not hand pinned host tensors straight to the loaders: a loader's
 /// `copy_` from host memory blocks the consumer per tensor and splits poorly
@@ -99,6 +100,9 @@ struct StagingProfile {
   int consumer_waits = 0;       ///< how many next() calls blocked
   double consumer_work_ms = 0;  ///< the consumer between next() calls: loaders, processing (host time)
   double consumer_work_after_reserved_ms = 0;  ///< part of it after tensors with a reserve (quantized modules)
+  /// Parts of consumer_work_ms spent in the stream: letting go of the tensor applied last (the
+  /// caching allocator's free), and queuing the consumer's waits for the readers' copies.
+  double consumer_free_ms = 0, consumer_event_ms = 0;
   std::vector<std::pair<std::string, double>> longest_work;  ///< the longest such gaps (ms), after which tensor
   double read_ms = 0;          ///< readers in pread
   double window_wait_ms = 0;   ///< readers waiting for the consumer to free the window
