@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <optional>
 #include <sstream>
@@ -17,6 +18,8 @@
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
 #endif
 
 namespace loadkit::device {
@@ -63,6 +66,18 @@ void synchronize(const c10::Device& device) {
 #else
   (void)device;
 #endif
+}
+
+void copy_bytes(const c10::Device& device, void* dst, const void* src, uint64_t n) {
+#if LOADKIT_CUDA
+  if (device.is_cuda()) {
+    const cudaError_t status = cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToDevice,
+                                               c10::cuda::getCurrentCUDAStream(device.index()).stream());
+    if (status != cudaSuccess) fail(ErrorKind::Other, "CUDA copy of ", n, " bytes failed: ", cudaGetErrorString(status));
+    return;
+  }
+#endif
+  std::memcpy(dst, src, n);
 }
 
 void reset_peak(const c10::Device& device) {

@@ -28,6 +28,10 @@ int cuda_device_count();
 void reproducible_cpu_math();
 /// Waits for queued work on `device` (no-op on the CPU).
 void synchronize(const c10::Device& device);
+/// `n` bytes from `src` to `dst`, both memory of `device`: on CUDA one cudaMemcpyAsync queued on
+/// the device's current stream (where `copy_` would queue it, without its dispatch and checks),
+/// on the CPU a memcpy.
+void copy_bytes(const c10::Device& device, void* dst, const void* src, uint64_t n);
 /// Caching-allocator statistics (CUDA only; 0 elsewhere).
 void reset_peak(const c10::Device& device);
 uint64_t allocated_bytes(const c10::Device& device);

@@ -37,6 +37,8 @@ struct StreamPlan {
   /// Device bytes the staged path may read ahead, reserves included; 0: the
   /// largest tensor (one tensor ahead at most).
   uint64_t window_bytes = 0;
+
+  bool operator==(const StreamPlan&) const = default;
 };
 
 /// The one place that picks how data reaches `device`: the staged path

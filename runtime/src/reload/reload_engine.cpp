@@ -20,10 +20,15 @@ ReloadStats ReloadEngine::reload(const safetensors::CheckpointFiles& files, cons
     //    order), the stream opens first and its readers fill the window while step 1 runs. That
     //    is staging memory only: nothing reaches the model before step 2, and a failed validation
     //    drops the stream. (Not for another data source: a fan-out stream is collective.)
+    //    So does a stream whose modules are rebuilt, in the order the last validated reload of
+    //    the same layout used (stream_plan_): validation's own plan is checked against it below.
     std::unique_ptr<WeightStream> stream;
     const bool in_file_order = !data && !reload::plan_needs_validation(session.modules());
+    const bool kept_order = !data && !in_file_order && stream_plan_ && stream_plan_->layout.matches(files);
     if (in_file_order)
       stream = open_weight_stream(files, ctx_.device, reload::plan_apply(session.modules(), {}, ctx_));
+    else if (kept_order)
+      stream = open_weight_stream(files, ctx_.device, stream_plan_->plan);
     // 1-2 by plan: a checkpoint laid out as the last recorded reload's takes that reload's writes
     //    (reload_plan.h), tensor by tensor as they arrive: no validation, no loader.
     std::unique_ptr<reload::ReloadPlan> record;
@@ -36,11 +41,15 @@ ReloadStats ReloadEngine::reload(const safetensors::CheckpointFiles& files, cons
       fail_if_missing(session.incomplete_after_validation());
       // 2. Its data, each transformed module's weights together, within the largest layer's size;
       //    in file order, recorded for the next reload.
-      if (!stream) {
-        const StreamPlan plan = reload::plan_apply(session.modules(), seen, ctx_);
-        stream = data ? data(plan) : open_weight_stream(files, ctx_.device, plan);
-      } else {
+      if (in_file_order) {
         record = reload::ReloadPlan::start(files);
+      } else {
+        StreamPlan plan = reload::plan_apply(session.modules(), seen, ctx_);
+        if (!kept_order || !(plan == stream_plan_->plan)) {
+          stream.reset();  // one stream's window at a time
+          stream = data ? data(plan) : open_weight_stream(files, ctx_.device, plan);
+          if (!data) stream_plan_ = KeptStreamPlan{reload::CheckpointLayout::of(files), std::move(plan)};
+        }
       }
       session.apply(*stream, load_weights, record.get());
     }

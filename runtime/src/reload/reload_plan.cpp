@@ -2,41 +2,47 @@
 
 namespace loadkit::reload {
 
-std::unique_ptr<ReloadPlan> ReloadPlan::start(const safetensors::CheckpointFiles& files) {
-  auto plan = std::make_unique<ReloadPlan>();
-  plan->layout.reserve(files.total_tensors);
+CheckpointLayout CheckpointLayout::of(const safetensors::CheckpointFiles& files) {
+  CheckpointLayout out;
+  out.tensors.reserve(files.total_tensors);
   for (const auto& file : files.files)
-    for (const auto& info : file->tensors()) plan->layout.push_back({info.name, info.dtype, info.shape});
-  return plan;
+    for (const auto& info : file->tensors()) out.tensors.push_back({info.name, info.dtype, info.shape});
+  return out;
 }
 
-bool ReloadPlan::matches(const safetensors::CheckpointFiles& files) const {
-  if (files.total_tensors != layout.size()) return false;
+bool CheckpointLayout::matches(const safetensors::CheckpointFiles& files) const {
+  if (files.total_tensors != tensors.size()) return false;
   size_t k = 0;
   for (const auto& file : files.files)
     for (const auto& info : file->tensors()) {
-      if (k >= layout.size()) return false;
-      const Entry& e = layout[k++];
-      if (e.dtype != info.dtype || e.shape != info.shape || e.name != info.name) return false;
+      if (k >= tensors.size()) return false;
+      const Tensor& t = tensors[k++];
+      if (t.dtype != info.dtype || t.shape != info.shape || t.name != info.name) return false;
     }
-  return k == layout.size();
+  return k == tensors.size();
+}
+
+std::unique_ptr<ReloadPlan> ReloadPlan::start(const safetensors::CheckpointFiles& files) {
+  auto plan = std::make_unique<ReloadPlan>();
+  plan->layout = CheckpointLayout::of(files);
+  plan->ends.resize(plan->layout.tensors.size());
+  return plan;
 }
 
 void ReloadPlan::close_current() {
-  if (arrived_ == 0 || arrived_ > layout.size()) return;
-  layout[arrived_ - 1].feeds_end = feeds.size();
-  layout[arrived_ - 1].writes_end = writes.size();
+  if (arrived_ == 0 || arrived_ > ends.size()) return;
+  ends[arrived_ - 1] = {feeds.size(), writes.size()};
 }
 
 void ReloadPlan::arrived(const std::string& name) {
   close_current();
-  if (arrived_ >= layout.size() || layout[arrived_].name != name) replayable = false;
+  if (arrived_ >= layout.tensors.size() || layout.tensors[arrived_].name != name) replayable = false;
   ++arrived_;
 }
 
 void ReloadPlan::ended() {
   close_current();
-  if (arrived_ != layout.size()) replayable = false;
+  if (arrived_ != layout.tensors.size()) replayable = false;
 }
 
 }  // namespace loadkit::reload

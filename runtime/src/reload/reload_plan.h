@@ -5,7 +5,7 @@
 /// step, and for a MoE model in block fp8 (2030 tensors, half of them 704-byte
 /// scales) resolving the names and running the loaders, on meta stand-ins and
 /// then for real, cost the consumer more host time than the transfer took
-/// (bench/README.md has the profile).
+/// (README.md, "Benchmarks", has the profile).
 ///
 /// What a plan holds, recorded while a reload takes the full path:
 ///   - the checkpoint's layout: every tensor's name, dtype and shape, file by
@@ -32,6 +32,15 @@
 /// (an Other error, the reload undone or its written layers named as for any
 /// error). What is read, and how a read error or a file changing mid-stream
 /// fails, is the full path's.
+///
+/// A write whose destination and source are contiguous, of one dtype and
+/// shape, on one CUDA device (every write of a plain tensor, a block-fp8
+/// weight and its scale) is replayed as a copy of bytes (device::copy_bytes):
+/// the same bytes as its `copy_`, without the dispatch and the source's view.
+/// Such writes of small tensors that share one staged allocation (a file's
+/// scales, stored together) are held and issued as one multi-tensor copy
+/// (SmallCopies, update_plan.h), before the next write of another storage and
+/// before the reload returns or fails.
 
 #include <cstddef>
 #include <cstdint>
@@ -44,23 +53,35 @@
 
 namespace loadkit::reload {
 
-struct ReloadPlan {
-  /// One tensor of the layout, and where its calls and writes end in `feeds` and `writes`.
-  struct Entry {
+/// A checkpoint's layout: every tensor's name, dtype and shape, file by file in data order. It is
+/// all that a validation on meta stand-ins sees of a checkpoint, and so all that the plans below
+/// depend on.
+struct CheckpointLayout {
+  struct Tensor {
     std::string name;
     safetensors::DType dtype;
     std::vector<int64_t> shape;
-    size_t feeds_end = 0, writes_end = 0;
   };
-  std::vector<Entry> layout;
+  std::vector<Tensor> tensors;
+
+  static CheckpointLayout of(const safetensors::CheckpointFiles& files);
+  /// Whether `files` has exactly this layout.
+  bool matches(const safetensors::CheckpointFiles& files) const;
+};
+
+struct ReloadPlan {
+  CheckpointLayout layout;
+  /// Per tensor of the layout: where its calls and writes end in `feeds` and `writes`.
+  struct Ends {
+    size_t feeds = 0, writes = 0;
+  };
+  std::vector<Ends> ends;
   std::vector<PlanFeed> feeds;    ///< tensor by tensor, in layout order
   std::vector<PlanWrite> writes;  ///< tensor by tensor; `tensor` is the layout index
   bool replayable = true;
 
   /// A plan to record for `files`: the layout filled in, nothing else yet.
   static std::unique_ptr<ReloadPlan> start(const safetensors::CheckpointFiles& files);
-  /// Whether `files` has exactly this layout.
-  bool matches(const safetensors::CheckpointFiles& files) const;
   /// Recording: the stream's next tensor arrived, named `name`; the calls and writes noted from
   /// now on are its. A name out of the layout's order voids the plan.
   void arrived(const std::string& name);

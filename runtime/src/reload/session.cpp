@@ -217,7 +217,7 @@ void Session::apply(WeightStream& stream, const Loader& load_weights, ReloadPlan
 }
 
 bool Session::fits_reload_plan(const safetensors::CheckpointFiles& files) const {
-  if (!reload_plan_ || !reload_plan_->matches(files)) return false;
+  if (!reload_plan_ || !reload_plan_->layout.matches(files)) return false;
   for (const auto& f : reload_plan_->feeds) {
     const ModuleRecord& mod = modules_[f.module];
     if (mod.transforms || mod.params[f.param].original->data.data_ptr() != f.kernel_ptr) return false;
@@ -228,23 +228,42 @@ bool Session::fits_reload_plan(const safetensors::CheckpointFiles& files) const 
 void Session::apply_by_plan(WeightStream& stream) {
   const ReloadPlan& plan = *reload_plan_;
   NamedWeight w;
+  SmallCopies held;  // issued before the writes of another storage's tensors, and at the end
   size_t k = 0, feed = 0, write = 0;
-  while (stream.next(w)) {
-    if (k >= plan.layout.size() || w.name != plan.layout[k].name)
-      fail(ErrorKind::Other, w.origin, ": tensor '", w.name, "' arrived where the reload plan expects ",
-           k < plan.layout.size() ? cat("'", plan.layout[k].name, "'") : std::string("none"));
-    const ReloadPlan::Entry& e = plan.layout[k++];
-    const size_t first_feed = feed;
-    for (; feed < e.feeds_end; ++feed) {
-      ModuleRecord& mod = modules_[plan.feeds[feed].module];
-      if (written_.insert(&mod).second) journal_.keep(mod);  // before its first write
+  try {
+    while (stream.next(w)) {
+      const auto& layout = plan.layout.tensors;
+      if (k >= layout.size() || w.name != layout[k].name)
+        fail(ErrorKind::Other, w.origin, ": tensor '", w.name, "' arrived where the reload plan expects ",
+             k < layout.size() ? cat("'", layout[k].name, "'") : std::string("none"));
+      const ReloadPlan::Ends& e = plan.ends[k++];
+      const size_t first_feed = feed;
+      for (; feed < e.feeds; ++feed) {
+        ModuleRecord& mod = modules_[plan.feeds[feed].module];
+        if (written_.insert(&mod).second) journal_.keep(mod);  // before its first write
+      }
+      for (; write < e.writes; ++write) {
+        const PlanWrite& pw = plan.writes[write];
+        if (held.hold(pw, w.tensor)) continue;
+        held.issue();
+        if (held.hold(pw, w.tensor)) continue;
+        if (!pw.copy_bytes_from(w.tensor)) write_now(pw.for_source(w.tensor));
+      }
+      for (size_t f = first_feed; f < e.feeds; ++f)
+        note_applied(modules_[plan.feeds[f].module], plan.feeds[f].param, plan.feeds[f].n);
     }
-    for (; write < e.writes_end; ++write) write_now(plan.writes[write].for_source(w.tensor));
-    for (size_t f = first_feed; f < e.feeds_end; ++f)
-      note_applied(modules_[plan.feeds[f].module], plan.feeds[f].param, plan.feeds[f].n);
+    held.issue();
+  } catch (...) {
+    // Modules noted as written hold what was written so far, the held writes too (their sources
+    // are alive); the error is the one that stopped the stream.
+    try {
+      held.issue();
+    } catch (...) {
+    }
+    throw;
   }
-  if (k != plan.layout.size())
-    fail(ErrorKind::Other, "the reload's stream ended after ", k, " of the plan's ", plan.layout.size(), " tensors");
+  if (k != plan.ends.size())
+    fail(ErrorKind::Other, "the reload's stream ended after ", k, " of the plan's ", plan.ends.size(), " tensors");
   stats_.reload_by_plan = true;
 }
 

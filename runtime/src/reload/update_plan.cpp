@@ -4,6 +4,8 @@
 
 #include <functional>
 
+#include "device.h"
+
 namespace loadkit::reload {
 
 bool TensorSignature::matches(const NamedWeight& w) const {
@@ -35,12 +37,43 @@ bool PlanWrite::record(const WeightWrite& w, const at::Tensor& from, int64_t ten
     out.sizes = w.src.sizes().vec();
     out.strides = w.src.strides().vec();
   }
+  out.byte_copy = w.dst.is_cuda() && w.src.device() == w.dst.device() && w.src.scalar_type() == w.dst.scalar_type() &&
+                  w.src.sizes() == w.dst.sizes() && w.src.is_contiguous() && w.dst.is_contiguous();
+  out.nbytes = static_cast<int64_t>(w.dst.nbytes());
   return true;
+}
+
+bool SmallCopies::hold(const PlanWrite& pw, const at::Tensor& from) {
+  if (!pw.byte_copy || pw.nbytes > kSmallBytes || !from.is_contiguous() || from.device() != pw.dst.device() ||
+      static_cast<int64_t>(from.storage().nbytes()) > kHeldBytes)
+    return false;
+  if (!src_.empty() && (!from.is_alias_of(src_.front()) || from.scalar_type() != src_.front().scalar_type()))
+    return false;
+  dst_.push_back(pw.dst);
+  src_.push_back(pw.for_source(from).src);
+  return true;
+}
+
+void SmallCopies::issue() {
+  if (src_.size() == 1) {
+    at::Tensor(dst_.front()).copy_(src_.front());
+  } else if (!src_.empty()) {
+    at::_foreach_copy_(dst_, src_);
+  }
+  dst_.clear();
+  src_.clear();
 }
 
 WeightWrite PlanWrite::for_source(const at::Tensor& from) const {
   if (tensor < 0) return {dst, at::Tensor()};
   return {dst, whole ? from : from.as_strided(sizes, strides, from.storage_offset() + offset)};
+}
+
+bool PlanWrite::copy_bytes_from(const at::Tensor& from) const {
+  if (!byte_copy || !from.is_contiguous() || from.device() != dst.device()) return false;
+  const auto* src = static_cast<const char*>(from.const_data_ptr()) + offset * static_cast<int64_t>(from.itemsize());
+  device::copy_bytes(dst.device(), dst.mutable_data_ptr(), src, static_cast<uint64_t>(nbytes));
+  return true;
 }
 
 void UpdatePlan::note_write(const WeightWrite& w, const std::vector<NamedWeight>& chunk, int64_t tensor) {

@@ -59,12 +59,42 @@ struct PlanWrite {
   bool whole = false;   ///< the source is that tensor itself
   int64_t offset = 0;   ///< storage offset relative to the tensor's own
   std::vector<int64_t> sizes, strides;
+  /// A copy of bytes: destination and source contiguous, of one dtype and shape, on one CUDA
+  /// device, `nbytes` long from `offset` elements into the tensor.
+  bool byte_copy = false;
+  int64_t nbytes = 0;
 
   /// `w`, made while `from` (the `tensor`-th of its source) was applied; false (`out` unset) when
   /// w's source is not a view of `from` in its element type (a temporary: never replayable).
   static bool record(const WeightWrite& w, const at::Tensor& from, int64_t tensor, PlanWrite& out);
   /// The write for `from`, a tensor of the recorded one's sizes, strides and dtype.
   WeightWrite for_source(const at::Tensor& from) const;
+  /// For a byte copy whose `from` is contiguous on the destination's device: queues it
+  /// (device::copy_bytes, no dispatch) and returns true. Otherwise false, nothing done: issue
+  /// for_source(from) instead.
+  bool copy_bytes_from(const at::Tensor& from) const;
+};
+
+/// Replayed byte copies of small tensors that share one source storage (the tensors a staged
+/// stream reads into one allocation: a block-fp8 file's scales, stored together), issued as one
+/// multi-tensor copy: a copy issued on its own costs ~4 us of host time on the GPU machine
+/// whatever its size (bench raw_probe), and a block-fp8 MoE checkpoint has 1002 scales, most of
+/// them 704 bytes. Holds its source storage until issue(): at most kHeldBytes, past the stream's next()
+/// that moved to another one at the latest (the caller issues then).
+class SmallCopies {
+ public:
+  static constexpr int64_t kSmallBytes = 64 << 10;  ///< a write this small or smaller may be held
+  static constexpr int64_t kHeldBytes = 4 << 20;    ///< the largest source storage held
+
+  /// Holds `pw`'s write for `from` when it is a byte copy of at most kSmallBytes out of a storage
+  /// of at most kHeldBytes, the storage and dtype of those already held (if any). False: nothing
+  /// held, and the caller issues what is held (issue()) before another storage's write.
+  bool hold(const PlanWrite& pw, const at::Tensor& from);
+  /// Issues what is held (one `_foreach_copy_`) and lets go of its storage.
+  void issue();
+
+ private:
+  std::vector<at::Tensor> dst_, src_;
 };
 
 struct UpdatePlan {
