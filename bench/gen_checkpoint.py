@@ -25,7 +25,10 @@ Shapes:
 tests' reference quantizer (tests/fixtures/fp8_quant.py): every linear weight as float8_e4m3fn plus
 its float32 `weight_scale_inv`, config.json's quantization_config saying so; embeddings, norms,
 lm_head and MoE routers stay bf16 (DeepSeek's kv_b_proj is quantized, as DeepSeek-V3 ships it). So a
-block-fp8 checkpoint of seed S is the bf16 checkpoint of seed S quantized offline.
+block-fp8 checkpoint of seed S is the bf16 checkpoint of seed S quantized offline. Its files are laid
+out as safetensors.save_file lays out the fp8 checkpoints users have (the scales of a file together,
+then the bf16 tensors, then the fp8 weights, each by name); the bf16 checkpoints keep the model's
+order.
 
 Random values are drawn on the GPU where there is one; files are written tensor by tensor
 (safetensors layout: 8-byte header length, JSON header, data), so memory stays one tensor.
@@ -163,10 +166,36 @@ def moe_model(s):
 ELEMENT_BYTES = {"BF16": 2, "F8_E4M3": 1, "F32": 4}
 
 
-def write_shard(path, entries, draw):
-    """One safetensors file, tensor by tensor: the header first (every offset is known from the
-    shapes), then each tensor's bytes as it is drawn. `entries`: (name, shape, dtype); an F8_E4M3
-    weight is a bf16 draw quantized in blocks, and its F32 scales (the next entry) come with it."""
+# safetensors.save_file's order within a file: larger elements first (F32 > BF16 > F8_E4M3), then by
+# name, checked against safetensors 0.7. A real block-fp8 checkpoint therefore stores every scale of
+# a file together at its start, and its fp8 weights together at the end.
+SAVE_FILE_RANK = {"F32": 0, "BF16": 1, "F8_E4M3": 2}
+
+
+def drawn(entries, draw):
+    """(name, tensor) of each entry, drawn in entries' order: an F8_E4M3 weight is a bf16 draw
+    quantized in blocks, and its F32 scales (the next entry) come with it."""
+    scales = None
+    for name, shape, dtype in entries:
+        if dtype == "F32":
+            t, scales = scales, None
+        elif dtype == "F8_E4M3":
+            t, scales = quantize_block_fp8(draw(shape), BLOCK)
+        else:
+            t = draw(shape)
+        yield name, t
+
+
+def write_shard(path, entries, draw, save_file_order=False):
+    """One safetensors file: the header first (every offset is known from the shapes), then each
+    tensor's bytes as it is drawn (memory: one tensor). With `save_file_order` the file is laid out
+    as safetensors.save_file lays it out (SAVE_FILE_RANK); the values are the same draws, held
+    until written (memory: the shard)."""
+    tensors = drawn(entries, draw)
+    if save_file_order:
+        held = dict(tensors)
+        entries = sorted(entries, key=lambda e: (SAVE_FILE_RANK[e[2]], e[0]))
+        tensors = ((name, held.pop(name)) for name, _, _ in entries)
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, shape, dtype in entries:
         n = ELEMENT_BYTES[dtype]
@@ -176,17 +205,10 @@ def write_shard(path, entries, draw):
         offset += n
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # data starts 8-byte aligned, as safetensors writes it
-    scales = None
     with open(path + ".tmp", "wb") as f:
         f.write(struct.pack("<Q", len(text)))
         f.write(text)
-        for name, shape, dtype in entries:
-            if dtype == "F32":
-                t, scales = scales, None
-            elif dtype == "F8_E4M3":
-                t, scales = quantize_block_fp8(draw(shape), BLOCK)
-            else:
-                t = draw(shape)
+        for name, t in tensors:
             t.cpu().contiguous().view(torch.uint8).numpy().tofile(f)
     os.replace(path + ".tmp", path)
 
@@ -208,7 +230,8 @@ def main():
         value = getattr(a, key, None)
         if value is not None:
             sizes[key] = value
-    settings = {"shape": a.shape, "sizes": sizes, "shard_gb": a.shard_gb, "seed": a.seed, "block_fp8": a.block_fp8}
+    settings = {"shape": a.shape, "sizes": sizes, "shard_gb": a.shard_gb, "seed": a.seed, "block_fp8": a.block_fp8,
+                "order": "save_file" if a.block_fp8 else "model"}
     stamp = os.path.join(a.out, "bench_settings.json")
     if os.path.exists(stamp) and json.load(open(stamp)) == settings:
         return
@@ -239,7 +262,7 @@ def main():
     weight_map = {}
     for i, shard in enumerate(shards):
         file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        write_shard(os.path.join(a.out, file), shard, draw)
+        write_shard(os.path.join(a.out, file), shard, draw, save_file_order=a.block_fp8)
         weight_map.update({name: file for name, _, _ in shard})
     if a.block_fp8:
         config["quantization_config"] = block_quantization_config(BLOCK)

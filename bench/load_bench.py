@@ -154,10 +154,13 @@ def reload_profile(r):
     stages = r.get("stages", [])
     return {
         "before_stream_ms": median_of(stages, "before_stream_ms"),
+        "open_checkpoint_ms": median_of(stages, "open_checkpoint_ms"),
         "stream_open_ms": median_of(stages, "staging", "open_ms"),
         "consumer_wait_ms": median_of(stages, "staging", "consumer_wait_ms"),
         "consumer_work_ms": median_of(stages, "staging", "consumer_work_ms"),
         "consumer_work_after_rebuilt_ms": median_of(stages, "staging", "consumer_work_after_reserved_ms"),
+        "consumer_free_ms": median_of(stages, "staging", "consumer_free_ms"),
+        "consumer_event_ms": median_of(stages, "staging", "consumer_event_ms"),
         "after_stream_ms": median_of(stages, "after_stream_ms"),
         "validate_ms": r["validate"]["seconds_min"] * 1e3,
         "bypassed_tensors": median_of(stages, "staging", "bypassed_tensors"),

@@ -117,7 +117,8 @@ json staging_json() {
           {"readers", p->readers}, {"open_ms", p->open_ms}, {"first_tensor_ms", p->first_tensor_ms},
           {"consumer_wait_ms", p->consumer_wait_ms}, {"consumer_waits", p->consumer_waits},
           {"consumer_work_ms", p->consumer_work_ms},
-          {"consumer_work_after_reserved_ms", p->consumer_work_after_reserved_ms}, {"longest_work", longest},
+          {"consumer_work_after_reserved_ms", p->consumer_work_after_reserved_ms},
+          {"consumer_free_ms", p->consumer_free_ms}, {"consumer_event_ms", p->consumer_event_ms}, {"longest_work", longest},
           {"read_ms", p->read_ms}, {"window_wait_ms", p->window_wait_ms}, {"ring_wait_ms", p->ring_wait_ms},
           {"pinning_ms", p->pinning_ms}};
 }
@@ -197,6 +198,8 @@ int run(const Args& a) {
       if (const auto p = last_staging_profile(); p && p->opened_at > called) {
         stage["before_stream_ms"] = ms_between(called, p->opened_at);  // open files, validate, plan
         stage["after_stream_ms"] = ms_between(p->closed_at, returned);  // finish, checks, final sync
+        for (const auto& [name, ms] : r.stage_ms)
+          if (name == "open_checkpoint") stage["open_checkpoint_ms"] = ms;  // part of before_stream
       }
       stages.push_back(stage);
     }

@@ -78,6 +78,7 @@ struct LoadReport {
   bool reload_by_plan = false;
   /// Loads and reloads that streamed their checkpoint through the staged readers (a CUDA device):
   /// where the time went, in milliseconds, in this order — "before_stream" (open, validate, plan),
+  /// for reloads "open_checkpoint" (its part that opened the files and checked their headers),
   /// "pinning" (new pinned buffers), "first_tensor", "consumer_wait" (the loaders waiting for data),
   /// "consumer_work" (loaders and processing), "consumer_work_after_reserved" (its part after
   /// quantized modules' tensors), "readers_read", "readers_window_wait", "readers_ring_wait"
