@@ -68,6 +68,11 @@ void change(std::string_view how, const std::string& path, uint64_t data_start) 
 
 }  // namespace
 
+bool enabled() {
+  const char* spec = std::getenv("LOADKIT_TEST_CHANGE_FILE");
+  return spec && *spec;
+}
+
 void change_after_checks(const std::string& path, uint64_t data_start, uint64_t checks) {
   const char* spec = std::getenv("LOADKIT_TEST_CHANGE_FILE");
   if (!spec || !*spec) return;

@@ -21,14 +21,18 @@
 ///   rename    write a copy with every data byte inverted beside it and
 ///             rename it over the name (the safe way to replace a file)
 ///
-/// Each opened file changes at most once. Unset, the hook costs one getenv
-/// per opened file and per tensor read.
+/// Each opened file changes at most once. The variable is read when a file is
+/// opened: unset then, the hook costs that file one getenv and nothing per
+/// tensor read (a reload checks its files after each of thousands of tensors).
 
 #include <cstdint>
 #include <string>
 
 namespace loadkit::safetensors::testing {
 
+/// Whether the environment asks for a change (LOADKIT_TEST_CHANGE_FILE set): read when a file is
+/// opened, which then calls change_after_checks() after its reads.
+bool enabled();
 /// Called when `checks` tensors of the file at `path` (data section from `data_start`) have been
 /// read and checked; makes the change the environment asks for at this point, if any.
 void change_after_checks(const std::string& path, uint64_t data_start, uint64_t checks);

@@ -124,6 +124,7 @@ class SafetensorsFile {
   std::map<std::string, size_t, std::less<>> by_name_;
   std::map<std::string, std::string> metadata_;
   mutable std::atomic<uint64_t> checks_{0};  ///< check_unchanged() calls that passed (the test hook counts them)
+  bool change_hook_ = false;  ///< the test hook was asked for when the file was opened (change_hook.h)
 };
 
 }  // namespace loadkit::safetensors
