@@ -198,6 +198,12 @@ TEST_F(ReaderTest, OtherFieldsAreSkippedWhateverTheyHold) {
   EXPECT_EQ(file->tensors()[0].dtype, safetensors::DType::I32);
   EXPECT_EQ(file->tensors()[0].shape, (std::vector<int64_t>{1}));
   EXPECT_EQ(file->metadata().at("format"), "pt");
+  // Nested a hundred thousand levels deep: skipped whatever its depth.
+  const std::string deep = std::string(100000, '[') + std::string(100000, ']');
+  header = R"({"x":{"extra":)" + deep + R"(,"dtype":"I32","shape":[1],"data_offsets":[0,4]}})";
+  file = SafetensorsFile::open(write(safetensors_bytes(header, std::string(4, '\0'))).string());
+  ASSERT_EQ(file->tensors().size(), 1u);
+  EXPECT_EQ(file->tensors()[0].shape, (std::vector<int64_t>{1}));
 }
 
 TEST_F(ReaderTest, EveryMalformedFieldIsNamed) {

@@ -12,9 +12,11 @@ namespace {
 
 using nlohmann::json;
 
-/// JSON events to entries. Every open object or array is one context on a stack; a value's event
-/// is read by the context it lands in. The first problem is kept (not thrown) so that the rest of
-/// the text is still parsed: a syntax error anywhere wins (contract 1).
+/// JSON events to entries. Every open object or array that is read is a context on a stack (at
+/// most three: the top level, an entry or __metadata__, a shape or offsets array); a value's event
+/// is read by the context it lands in. What lies inside a value that is skipped is only counted,
+/// so a deeply nested header costs no memory per level. The first problem is kept (not thrown) so
+/// that the rest of the text is still parsed: a syntax error anywhere wins (contract 1).
 class HeaderReader final : public nlohmann::json_sax<json> {
  public:
   HeaderReader(const std::string& origin, std::map<std::string, std::string>& metadata,
@@ -47,6 +49,7 @@ class HeaderReader final : public nlohmann::json_sax<json> {
   }
 
   bool key(string_t& k) override {
+    if (skipped_ > 0) return true;
     if (in(Ctx::Top)) {
       if (!names_.insert(k).second) problem("tensor '", k, "' is defined twice in the header");
       name_ = k;
@@ -59,7 +62,9 @@ class HeaderReader final : public nlohmann::json_sax<json> {
   }
 
   bool start_object(std::size_t) override {
-    if (stack_.empty()) {
+    if (skipped_ > 0) {
+      ++skipped_;
+    } else if (stack_.empty()) {
       stack_.push_back(Ctx::Top);
     } else if (in(Ctx::Top) && name_ == "__metadata__") {
       stack_.push_back(Ctx::Metadata);
@@ -70,19 +75,25 @@ class HeaderReader final : public nlohmann::json_sax<json> {
       stack_.push_back(Ctx::Entry);
     } else {
       scalar();  // where a scalar is wrong, so is an object
-      stack_.push_back(Ctx::Skip);
+      skipped_ = 1;
     }
     return true;
   }
 
   bool end_object() override {
+    if (skipped_ > 0) {
+      --skipped_;
+      return true;
+    }
     if (in(Ctx::Entry)) deliver();
     stack_.pop_back();
     return true;
   }
 
   bool start_array(std::size_t) override {
-    if (in(Ctx::Entry) && field_ == Field::Shape) {
+    if (skipped_ > 0) {
+      ++skipped_;
+    } else if (in(Ctx::Entry) && field_ == Field::Shape) {
       entry_.has_shape = true;
       entry_.shape.clear();
       stack_.push_back(Ctx::Shape);
@@ -92,12 +103,16 @@ class HeaderReader final : public nlohmann::json_sax<json> {
       stack_.push_back(Ctx::Offsets);
     } else {
       scalar();
-      stack_.push_back(Ctx::Skip);
+      skipped_ = 1;
     }
     return true;
   }
 
   bool end_array() override {
+    if (skipped_ > 0) {
+      --skipped_;
+      return true;
+    }
     if (in(Ctx::Offsets)) entry_.has_offsets = offsets_seen_ == 2 && offsets_unsigned_;
     stack_.pop_back();
     return true;
@@ -108,14 +123,15 @@ class HeaderReader final : public nlohmann::json_sax<json> {
   }
 
  private:
-  enum class Ctx { Top, Entry, Metadata, Shape, Offsets, Skip };
+  enum class Ctx { Top, Entry, Metadata, Shape, Offsets };
   enum class Field { DType, Shape, Offsets, Other };
 
-  bool in(Ctx c) const { return !stack_.empty() && stack_.back() == c; }
+  bool in(Ctx c) const { return skipped_ == 0 && !stack_.empty() && stack_.back() == c; }
 
   /// A value other than a string or an integer, read where it lands (also an object's or an
   /// array's start where only a scalar belongs).
   bool scalar() {
+    if (skipped_ > 0) return true;
     if (stack_.empty()) {
       problem("header is not a JSON object");
     } else if (in(Ctx::Top)) {
@@ -177,6 +193,7 @@ class HeaderReader final : public nlohmann::json_sax<json> {
   std::map<std::string, std::string>& metadata_;
   const std::function<void(const HeaderEntry&)>& on_entry_;
   std::vector<Ctx> stack_;
+  uint64_t skipped_ = 0;  ///< open objects and arrays inside a value that is skipped
   std::unordered_set<std::string> names_;
   std::string name_, key_;  ///< the last key read at the top level, and in __metadata__
   Field field_ = Field::Other;
