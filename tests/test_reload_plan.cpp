@@ -21,7 +21,9 @@ struct Case {
   const char* fixture;
   const char* quant;
   const char* device;
-  bool replays;  ///< every module plain, every loader describing its writes: reloads go by plan
+  /// Every module plain, every loader describing its writes: reloads go by plan. Otherwise modules
+  /// are rebuilt, and reloads keep the stream order of the one before.
+  bool replays;
 };
 
 void PrintTo(const Case& c, std::ostream* os) { *os << c.fixture << " " << c.quant << " " << c.device; }  // not bytes
@@ -55,11 +57,13 @@ TEST_P(ReloadPlan, RepeatedReloadsByPlanEqualFreshLoads) {
   const auto ptrs = parameter_addresses(*model);
   const LoadReport first = model->reload(next1.string());
   EXPECT_FALSE(first.reload_by_plan);
+  EXPECT_FALSE(first.reload_order_kept);
   expect_identical(kernel_state(*model), kernel_state(*load(next1)));
   for (const fs::path& dir : {next2, next1}) {
     SCOPED_TRACE(dir.string());
     const LoadReport r = model->reload(dir.string());
     EXPECT_EQ(r.reload_by_plan, GetParam().replays);
+    EXPECT_EQ(r.reload_order_kept, !GetParam().replays);  // rebuilt modules: the order of the reload before
     EXPECT_TRUE(r.pointers_stable);
     EXPECT_EQ(r.layers_processed, first.layers_processed);
     EXPECT_EQ(r.untouched_modules, first.untouched_modules);
@@ -101,6 +105,7 @@ TEST_P(ReloadPlan, OtherLayoutsAreValidatedAgain) {
 
   const LoadReport r = model->reload(cast.string());
   EXPECT_FALSE(r.reload_by_plan);
+  EXPECT_FALSE(r.reload_order_kept);
   EXPECT_TRUE(r.pointers_stable);
   expect_identical(kernel_state(*model), kernel_state(*load(cast)));
 }

@@ -65,6 +65,7 @@ py::dict report_dict(const LoadReport& r) {
   d["chunks_by_plan"] = r.chunks_by_plan;
   d["chunks_replayed"] = r.chunks_replayed;
   d["reload_by_plan"] = r.reload_by_plan;
+  d["reload_order_kept"] = r.reload_order_kept;
   py::dict stages;
   for (const auto& [stage, ms] : r.stage_ms) stages[py::str(stage)] = ms;
   d["stage_ms"] = stages;

@@ -361,6 +361,7 @@ void finish_measuring(LoadReport& report, const c10::Device& device, uint64_t al
   report.chunks_by_plan = stats.chunks_by_plan;
   report.chunks_replayed = stats.chunks_replayed;
   report.reload_by_plan = stats.reload_by_plan;
+  report.reload_order_kept = stats.reload_order_kept;
   report.written_modules.clear();
   report.error.clear();
 }
@@ -514,6 +515,7 @@ std::string LoadReport::to_json() const {
   j["chunks_by_plan"] = chunks_by_plan;
   j["chunks_replayed"] = chunks_replayed;
   j["reload_by_plan"] = reload_by_plan;
+  j["reload_order_kept"] = reload_order_kept;
   nlohmann::ordered_json stages = nlohmann::ordered_json::object();
   for (const auto& [stage, ms] : stage_ms) stages[stage] = ms;
   j["stage_ms"] = stages;

@@ -32,6 +32,7 @@ ReloadStats ReloadEngine::reload(const safetensors::CheckpointFiles& files, cons
     // 1-2 by plan: a checkpoint laid out as the last recorded reload's takes that reload's writes
     //    (reload_plan.h), tensor by tensor as they arrive: no validation, no loader.
     std::unique_ptr<reload::ReloadPlan> record;
+    bool order_kept = false;
     if (in_file_order && session.fits_reload_plan(files)) {
       session.apply_by_plan(*stream);
     } else {
@@ -45,7 +46,8 @@ ReloadStats ReloadEngine::reload(const safetensors::CheckpointFiles& files, cons
         record = reload::ReloadPlan::start(files);
       } else {
         StreamPlan plan = reload::plan_apply(session.modules(), seen, ctx_);
-        if (!kept_order || !(plan == stream_plan_->plan)) {
+        order_kept = kept_order && plan == stream_plan_->plan;
+        if (!order_kept) {
           stream.reset();  // one stream's window at a time
           stream = data ? data(plan) : open_weight_stream(files, ctx_.device, plan);
           if (!data) stream_plan_ = KeptStreamPlan{reload::CheckpointLayout::of(files), std::move(plan)};
@@ -55,6 +57,7 @@ ReloadStats ReloadEngine::reload(const safetensors::CheckpointFiles& files, cons
     }
     // 3. Attention-like modules, and every module back to its own loaders.
     ReloadStats stats = session.finish();
+    stats.reload_order_kept = order_kept;
     session.journal().clear();  // a reload is not undone later: its copies go at once
     session.keep_reload_plan(std::move(record));
     return stats;

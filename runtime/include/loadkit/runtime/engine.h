@@ -76,6 +76,9 @@ struct LoadReport {
   int chunks_replayed = 0;
   /// Reloads: laid out as the last recorded reload, whose writes were replayed (see ReloadStats).
   bool reload_by_plan = false;
+  /// Reloads that rebuild modules: the stream opened before validation, in the order the last
+  /// reload of the same layout used (see ReloadStats).
+  bool reload_order_kept = false;
   /// Loads and reloads that streamed their checkpoint through the staged readers (a CUDA device):
   /// where the time went, in milliseconds, in this order — "before_stream" (open, validate, plan),
   /// for reloads "open_checkpoint" (its part that opened the files and checked their headers),

@@ -54,6 +54,9 @@ struct ReloadStats {
   /// Reloads: the checkpoint was laid out as the last recorded reload's (names, dtypes, shapes,
   /// file by file) and that reload's writes were replayed: no validation pass, no loader called.
   bool reload_by_plan = false;
+  /// Reloads that rebuild modules: laid out as the last such reload, whose stream order was kept;
+  /// the stream opened with it before validation, and validation's own order matched it.
+  bool reload_order_kept = false;
 };
 
 }  // namespace loadkit
