@@ -62,38 +62,29 @@ class HeaderReader final : public nlohmann::json_sax<json> {
   }
 
   bool start_object(std::size_t) override {
-    if (skipped_ > 0) {
-      ++skipped_;
-    } else if (stack_.empty()) {
+    if (skipped_ > 0 || (!stack_.empty() && !in(Ctx::Top))) return skip_container();
+    if (stack_.empty()) {
       stack_.push_back(Ctx::Top);
-    } else if (in(Ctx::Top) && name_ == "__metadata__") {
+    } else if (name_ == "__metadata__") {
       stack_.push_back(Ctx::Metadata);
-    } else if (in(Ctx::Top)) {
+    } else {  // a tensor's entry
       entry_.name = name_;
       entry_.is_object = true;
       entry_.has_dtype = entry_.has_shape = entry_.has_offsets = false;
       stack_.push_back(Ctx::Entry);
-    } else {
-      scalar();  // where a scalar is wrong, so is an object
-      skipped_ = 1;
     }
     return true;
   }
 
   bool end_object() override {
-    if (skipped_ > 0) {
-      --skipped_;
-      return true;
-    }
+    if (leave_skipped()) return true;
     if (in(Ctx::Entry)) deliver();
     stack_.pop_back();
     return true;
   }
 
   bool start_array(std::size_t) override {
-    if (skipped_ > 0) {
-      ++skipped_;
-    } else if (in(Ctx::Entry) && field_ == Field::Shape) {
+    if (in(Ctx::Entry) && field_ == Field::Shape) {
       entry_.has_shape = true;
       entry_.shape.clear();
       stack_.push_back(Ctx::Shape);
@@ -102,17 +93,13 @@ class HeaderReader final : public nlohmann::json_sax<json> {
       offsets_unsigned_ = true;
       stack_.push_back(Ctx::Offsets);
     } else {
-      scalar();
-      skipped_ = 1;
+      return skip_container();
     }
     return true;
   }
 
   bool end_array() override {
-    if (skipped_ > 0) {
-      --skipped_;
-      return true;
-    }
+    if (leave_skipped()) return true;
     if (in(Ctx::Offsets)) entry_.has_offsets = offsets_seen_ == 2 && offsets_unsigned_;
     stack_.pop_back();
     return true;
@@ -154,6 +141,21 @@ class HeaderReader final : public nlohmann::json_sax<json> {
       ++offsets_seen_;
       offsets_unsigned_ = false;
     }
+    return true;
+  }
+
+  /// An object or array that is not read: counted as a scalar where it lands (where a scalar is
+  /// wrong, so is a container), then only its nesting is counted until it closes.
+  bool skip_container() {
+    scalar();
+    ++skipped_;
+    return true;
+  }
+
+  /// Whether the closing object or array was inside (or was) a skipped value.
+  bool leave_skipped() {
+    if (skipped_ == 0) return false;
+    --skipped_;
     return true;
   }
 
