@@ -161,6 +161,8 @@ def reload_profile(r):
         "consumer_work_after_rebuilt_ms": median_of(stages, "staging", "consumer_work_after_reserved_ms"),
         "consumer_free_ms": median_of(stages, "staging", "consumer_free_ms"),
         "consumer_event_ms": median_of(stages, "staging", "consumer_event_ms"),
+        "reader_cuda_calls": median_of(stages, "staging", "reader_cuda_calls"),
+        "consumer_stream_waits": median_of(stages, "staging", "consumer_stream_waits"),
         "after_stream_ms": median_of(stages, "after_stream_ms"),
         "validate_ms": r["validate"]["seconds_min"] * 1e3,
         "bypassed_tensors": median_of(stages, "staging", "bypassed_tensors"),
@@ -419,7 +421,7 @@ def main():
         if os.path.exists(probe):
             first = dirs[shapes[0]][0]
             p = subprocess.run([probe, "--out", os.path.join(a.out, "raw_probe.json"), "--sections",
-                                "pinning,copies,smallcopies,alloc,reads"] + files_of(first),
+                                "pinning,copies,smallcopies,contention,alloc,reads"] + files_of(first),
                                stdout=open(os.path.join(a.out, "raw_probe.txt"), "w"), stderr=subprocess.PIPE, text=True)
             out["raw_probe"] = (json.load(open(os.path.join(a.out, "raw_probe.json"))) if p.returncode == 0 else
                                 f"failed: exit {p.returncode}: {p.stderr.strip()[-300:]}")
@@ -558,7 +560,7 @@ def report(out):
         for k, v in d["profile"].items():
             if k.startswith("loadkit_reload"):
                 parts = [f"{n} {x:.1f}" for n, x in v.items() if isinstance(x, (int, float))]
-                lines.append(f"  profile {k} (ms, median of repeats): " + ", ".join(parts))
+                lines.append(f"  profile {k} (median of repeats; times in ms): " + ", ".join(parts))
             elif k == "fresh_load":
                 lines.append("  profile fresh load (ms): " +
                              ", ".join(f"{n} {x:.1f}" for n, x in v["stages_ms"].items()))

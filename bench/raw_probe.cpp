@@ -16,6 +16,8 @@
 //     process's set-up);
 //   - copies: the pinned host-to-device ceiling and the device-to-device rate;
 //   - alloc: cudaMalloc of the files' bytes as one block and as a model's tensors;
+//   - contention: what the consumer's copies and stream waits cost its thread while 12 readers
+//     stream the files in (their calls per piece as the staged stream made them, and two);
 //   - smallcopies: what a copy per tensor costs the host, device to device, one
 //     cudaMemcpyAsync per tensor against one cudaMemcpyBatchAsync for them all
 //     (20 000 tensors of 32 KiB, and 1028 of 5.5 MiB: an update's floor per tensor);
@@ -485,6 +487,117 @@ void measure_small_copies(int count, size_t bytes) {
   cudaFree(dst);
 }
 
+// ------------------------------------------------------------ contention
+
+/// Host microseconds per call: median and mean of `us`.
+std::string call_costs(std::vector<double> us) {
+  if (us.empty()) return "no calls";
+  double sum = 0;
+  for (double u : us) sum += u;
+  std::sort(us.begin(), us.end());
+  char text[160];
+  std::snprintf(text, sizeof text, "median %.2f us, mean %.2f us, p90 %.2f us", us[us.size() / 2], sum / us.size(),
+                us[us.size() * 9 / 10]);
+  return text;
+}
+
+/// What a consumer's CUDA calls cost its thread while readers stream the files onto the device,
+/// the staged stream's case (runtime/src/staging/staged_stream.cpp): `readers` threads run the
+/// pipeline over the files again and again, in 2 MiB pieces through 3 pinned buffers each, making
+/// per piece either the calls the stream made before (`heavy`: an event recorded on the consumer's
+/// stream, a wait for it, the copy and two events) or two (the copy and its buffer's event), while
+/// this thread issues 1028 device-to-device copies of 2.75 MiB (an fp8 expert of the MoE shape)
+/// and a stream wait after each, every call timed on its own. readers = 0 is the idle host.
+void measure_contention(const std::vector<File>& files, char* device, int readers, bool heavy) {
+  constexpr uint64_t kPiece = 2 << 20;
+  constexpr int kDepth = 3, kCopies = 1028;
+  constexpr size_t kExpert = 1408 * 2048;
+  char* scratch = nullptr;
+  if (cudaMalloc(reinterpret_cast<void**>(&scratch), 2 * kExpert) != cudaSuccess) {
+    cudaGetLastError();
+    std::printf("contention: not enough device memory\n");
+    return;
+  }
+  cudaStream_t consumer;
+  cudaEvent_t mark;
+  check(cudaStreamCreateWithFlags(&consumer, cudaStreamNonBlocking), "cudaStreamCreate");
+  check(cudaEventCreateWithFlags(&mark, cudaEventDisableTiming), "cudaEventCreate");
+  check(cudaEventRecord(mark, consumer), "cudaEventRecord");
+  const auto pieces = pieces_of(files, kPiece);
+  std::atomic<bool> stop{false};
+  std::atomic<uint64_t> calls{0};
+  std::vector<std::thread> pool;
+  for (int r = 0; r < readers; ++r)
+    pool.emplace_back([&, r] {
+      cudaStream_t stream;
+      check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+      std::vector<char*> host(kDepth);
+      std::vector<cudaEvent_t> done(kDepth);
+      cudaEvent_t allocated, item;
+      for (int d = 0; d < kDepth; ++d) {
+        check(cudaHostAlloc(reinterpret_cast<void**>(&host[d]), kPiece, cudaHostAllocDefault), "cudaHostAlloc");
+        check(cudaEventCreateWithFlags(&done[d], cudaEventDisableTiming), "cudaEventCreate");
+      }
+      check(cudaEventCreateWithFlags(&allocated, cudaEventDisableTiming), "cudaEventCreate");
+      check(cudaEventCreateWithFlags(&item, cudaEventDisableTiming), "cudaEventCreate");
+      std::vector<bool> used(kDepth, false);
+      uint64_t made = 0;
+      for (size_t i = static_cast<size_t>(r), k = 0; !stop.load(std::memory_order_relaxed);
+           i = (i + static_cast<size_t>(readers)) % pieces.size(), k = (k + 1) % kDepth) {
+        const Piece& p = pieces[i];
+        if (used[k]) check(cudaEventSynchronize(done[k]), "cudaEventSynchronize");
+        read_fully(files[p.file].fd, host[k], p.bytes, p.offset);
+        if (heavy) {
+          check(cudaEventRecord(allocated, consumer), "cudaEventRecord");
+          check(cudaStreamWaitEvent(stream, allocated, 0), "cudaStreamWaitEvent");
+          made += 2;
+        }
+        check(cudaMemcpyAsync(device + p.dst, host[k], p.bytes, cudaMemcpyHostToDevice, stream), "H2D");
+        check(cudaEventRecord(done[k], stream), "cudaEventRecord");
+        made += 2;
+        if (heavy) {
+          check(cudaEventRecord(item, stream), "cudaEventRecord");
+          ++made;
+        }
+        used[k] = true;
+      }
+      check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+      calls += made;
+      for (int d = 0; d < kDepth; ++d) {
+        cudaFreeHost(host[d]);
+        cudaEventDestroy(done[d]);
+      }
+      cudaEventDestroy(allocated);
+      cudaEventDestroy(item);
+      cudaStreamDestroy(stream);
+    });
+  if (readers) std::this_thread::sleep_for(std::chrono::milliseconds(20));  // the readers under way
+  std::vector<double> copy_us, wait_us;
+  const auto start = Clock::now();
+  for (int i = 0; i < kCopies; ++i) {
+    auto t = Clock::now();
+    check(cudaMemcpyAsync(scratch + (i % 2) * kExpert, scratch + ((i + 1) % 2) * kExpert, kExpert,
+                          cudaMemcpyDeviceToDevice, consumer),
+          "D2D");
+    auto u = Clock::now();
+    check(cudaStreamWaitEvent(consumer, mark, 0), "cudaStreamWaitEvent");
+    copy_us.push_back(std::chrono::duration<double, std::micro>(u - t).count());
+    wait_us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - u).count());
+  }
+  const double span = seconds_since(start);
+  stop = true;
+  for (auto& th : pool) th.join();
+  check(cudaStreamSynchronize(consumer), "sync");
+  const std::string who = readers ? std::to_string(readers) + " readers making " + (heavy ? "5" : "2") + " calls per piece"
+                                  : std::string("an idle host");
+  record("consumer calls beside " + who, static_cast<uint64_t>(kCopies) * kExpert, span,
+         "cudaMemcpyAsync D2D: " + call_costs(copy_us) + "; cudaStreamWaitEvent: " + call_costs(wait_us) +
+             (readers ? "; readers' calls in all: " + std::to_string(calls.load()) : std::string()));
+  cudaEventDestroy(mark);
+  cudaStreamDestroy(consumer);
+  cudaFree(scratch);
+}
+
 std::set<std::string> sections;  ///< empty: all
 bool wanted(const std::string& section) { return sections.empty() || sections.count(section); }
 
@@ -549,6 +662,11 @@ void measure_warm(const std::vector<File>& files, uint64_t total, char*& device)
   if (wanted("smallcopies")) {
     measure_small_copies(20000, 32 << 10);
     measure_small_copies(1028, 1408 * 2048 * 2);
+  }
+
+  if (wanted("contention")) {
+    measure_contention(files, device, 0, false);
+    for (bool heavy : {true, false}) measure_contention(files, device, 12, heavy);
   }
 
   // Device allocation: one block, and a 10-layer Llama-3-8B's tensors one by one.

@@ -13,6 +13,7 @@
 #include "loadkit/runtime/engine.h"
 #include "loadkit/runtime/tensor_files.h"
 #include "model_checks.h"
+#include "reload/update_plan.h"
 
 namespace loadkit::test {
 namespace {
@@ -137,6 +138,83 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{"deepseek_v2_bf16_qlora", "fp8", "cuda", false},
                       Case{"llama_blockfp8", "auto", "cuda", true}, Case{"qwen3_moe_blockfp8", "auto", "cuda", true}),
     case_name);
+
+// SmallCopies (runtime/src/reload/update_plan.h), which holds a reload by plan's small byte copies
+// out of one staged allocation and issues them together. Its logic is the same on every device,
+// and the CPU runs it here (a reload reaches it only on CUDA, where replayed copies are byte
+// copies). Each destination is compared with its source's bytes, read before anything is issued.
+
+/// A replayed byte copy of the whole of a `bytes`-long source into a fresh zeroed destination.
+reload::PlanWrite byte_copy(at::ScalarType dtype, int64_t elements) {
+  reload::PlanWrite pw;
+  pw.dst = at::zeros({elements}, at::TensorOptions().dtype(dtype));
+  pw.tensor = 0;
+  pw.whole = true;
+  pw.byte_copy = true;
+  pw.nbytes = static_cast<int64_t>(pw.dst.nbytes());
+  return pw;
+}
+
+/// `elements` of `dtype` at `offset` bytes into `storage` (a byte tensor), as a stream hands out
+/// a member of an item.
+at::Tensor member(const at::Tensor& storage, at::ScalarType dtype, int64_t offset, int64_t elements) {
+  return storage.narrow(0, offset, elements * c10::elementSize(dtype)).view(dtype);
+}
+
+/// Bytes compared (random bytes viewed as floats hold NaNs, which equal() tells apart).
+bool written(const reload::PlanWrite& pw, const at::Tensor& expected) {
+  return pw.dst.view(at::kByte).equal(expected.view(at::kByte));
+}
+
+TEST(SmallCopies, HoldsOneStorageAndIssuesItBeforeAnythingElse) {
+  at::manual_seed(5);
+  auto bytes = [](int64_t n) { return at::randint(0, 256, {n}, at::TensorOptions().dtype(at::kByte)); };
+  const at::Tensor a = bytes(4096), b = bytes(1 << 20), c = bytes(4096), huge = bytes(5 << 20);
+  const at::Tensor a1 = member(a, at::kFloat, 0, 176), a2 = member(a, at::kBFloat16, 704, 64);
+  const at::Tensor b1 = member(b, at::kFloat, 0, 176), b_large = member(b, at::kFloat, 1024, 32768);
+  const at::Tensor c1 = member(c, at::kFloat, 512, 100), in_huge = member(huge, at::kFloat, 0, 16);
+  // The references, before anything is issued.
+  const at::Tensor ra1 = a1.clone(), ra2 = a2.clone(), rb1 = b1.clone(), rc1 = c1.clone();
+
+  reload::SmallCopies held;
+  reload::PlanWrite w1 = byte_copy(at::kFloat, 176), w2 = byte_copy(at::kBFloat16, 64);
+  EXPECT_TRUE(held.hold(w1, a1));
+  EXPECT_TRUE(held.hold(w2, a2));  // same storage, another dtype
+  EXPECT_FALSE(written(w1, ra1));
+  EXPECT_FALSE(written(w2, ra2));
+
+  // A small write out of another storage: the first storage's writes are issued, this one held.
+  reload::PlanWrite w3 = byte_copy(at::kFloat, 176);
+  EXPECT_TRUE(held.hold(w3, b1));
+  EXPECT_TRUE(written(w1, ra1));
+  EXPECT_TRUE(written(w2, ra2));
+  EXPECT_FALSE(written(w3, rb1));
+
+  // Writes it does not hold: more than kSmallBytes, out of a storage over kHeldBytes, not a byte
+  // copy. Each returns false with what was held issued first, and writes nothing of its own.
+  reload::PlanWrite large = byte_copy(at::kFloat, 32768);
+  ASSERT_GT(large.nbytes, reload::SmallCopies::kSmallBytes);
+  EXPECT_FALSE(held.hold(large, b_large));
+  EXPECT_TRUE(written(w3, rb1));
+  EXPECT_EQ(large.dst.count_nonzero().item<int64_t>(), 0);
+  reload::PlanWrite from_huge = byte_copy(at::kFloat, 16);
+  EXPECT_FALSE(held.hold(from_huge, in_huge));
+  EXPECT_EQ(from_huge.dst.count_nonzero().item<int64_t>(), 0);
+  reload::PlanWrite plain = byte_copy(at::kFloat, 100);
+  plain.byte_copy = false;
+  EXPECT_FALSE(held.hold(plain, c1));
+  EXPECT_EQ(plain.dst.count_nonzero().item<int64_t>(), 0);
+
+  // What is held at the end is issued by issue(), once.
+  reload::PlanWrite w5 = byte_copy(at::kFloat, 100);
+  EXPECT_TRUE(held.hold(w5, c1));
+  EXPECT_FALSE(written(w5, rc1));
+  held.issue();
+  EXPECT_TRUE(written(w5, rc1));
+  w5.dst.zero_();
+  held.issue();  // nothing held any more
+  EXPECT_EQ(w5.dst.count_nonzero().item<int64_t>(), 0);
+}
 
 }  // namespace
 }  // namespace loadkit::test

@@ -228,7 +228,7 @@ bool Session::fits_reload_plan(const safetensors::CheckpointFiles& files) const 
 void Session::apply_by_plan(WeightStream& stream) {
   const ReloadPlan& plan = *reload_plan_;
   NamedWeight w;
-  SmallCopies held;  // issued before the writes of another storage's tensors, and at the end
+  SmallCopies held;  // issued before any write it does not hold, and at the end
   size_t k = 0, feed = 0, write = 0;
   try {
     while (stream.next(w)) {
@@ -244,9 +244,7 @@ void Session::apply_by_plan(WeightStream& stream) {
       }
       for (; write < e.writes; ++write) {
         const PlanWrite& pw = plan.writes[write];
-        if (held.hold(pw, w.tensor)) continue;
-        held.issue();
-        if (held.hold(pw, w.tensor)) continue;
+        if (held.hold(pw, w.tensor)) continue;  // else what it held is issued: this write comes after
         if (!pw.copy_bytes_from(w.tensor)) write_now(pw.for_source(w.tensor));
       }
       for (size_t f = first_feed; f < e.feeds; ++f)

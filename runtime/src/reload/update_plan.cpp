@@ -44,24 +44,18 @@ bool PlanWrite::record(const WeightWrite& w, const at::Tensor& from, int64_t ten
 }
 
 bool SmallCopies::hold(const PlanWrite& pw, const at::Tensor& from) {
-  if (!pw.byte_copy || pw.nbytes > kSmallBytes || !from.is_contiguous() || from.device() != pw.dst.device() ||
-      static_cast<int64_t>(from.storage().nbytes()) > kHeldBytes)
-    return false;
-  if (!src_.empty() && (!from.is_alias_of(src_.front()) || from.scalar_type() != src_.front().scalar_type()))
-    return false;
-  dst_.push_back(pw.dst);
-  src_.push_back(pw.for_source(from).src);
+  const bool small = pw.byte_copy && pw.nbytes <= kSmallBytes && from.is_contiguous() &&
+                     from.device() == pw.dst.device() && static_cast<int64_t>(from.storage().nbytes()) <= kHeldBytes;
+  if (!held_.empty() && (!small || !from.is_alias_of(held_.front().src))) issue();
+  if (!small) return false;
+  held_.push_back(pw.for_source(from));
   return true;
 }
 
 void SmallCopies::issue() {
-  if (src_.size() == 1) {
-    at::Tensor(dst_.front()).copy_(src_.front());
-  } else if (!src_.empty()) {
-    at::_foreach_copy_(dst_, src_);
-  }
-  dst_.clear();
-  src_.clear();
+  const std::vector<WeightWrite> writes = std::move(held_);
+  held_.clear();  // let go even if issuing fails: the caller's error path issues again
+  apply_writes(writes);
 }
 
 WeightWrite PlanWrite::for_source(const at::Tensor& from) const {

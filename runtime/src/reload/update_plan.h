@@ -76,25 +76,26 @@ struct PlanWrite {
 };
 
 /// Replayed byte copies of small tensors that share one source storage (the tensors a staged
-/// stream reads into one allocation: a block-fp8 file's scales, stored together), issued as one
-/// multi-tensor copy: a copy issued on its own costs ~4 us of host time on the GPU machine
-/// whatever its size (bench raw_probe), and a block-fp8 MoE checkpoint has 1002 scales, most of
-/// them 704 bytes. Holds its source storage until issue(): at most kHeldBytes, past the stream's next()
-/// that moved to another one at the latest (the caller issues then).
+/// stream reads into one allocation: a block-fp8 file's scales, stored together), issued together
+/// (apply_writes: one `_foreach_copy_`): a copy issued on its own costs ~4 us of host time on the
+/// GPU machine whatever its size (bench raw_probe), and a block-fp8 MoE checkpoint has 1002
+/// scales, most of them 704 bytes. At most one source storage is held, of at most kHeldBytes, and
+/// only until a write of anything else: the stream's window does not count what is held.
 class SmallCopies {
  public:
   static constexpr int64_t kSmallBytes = 64 << 10;  ///< a write this small or smaller may be held
   static constexpr int64_t kHeldBytes = 4 << 20;    ///< the largest source storage held
 
   /// Holds `pw`'s write for `from` when it is a byte copy of at most kSmallBytes out of a storage
-  /// of at most kHeldBytes, the storage and dtype of those already held (if any). False: nothing
-  /// held, and the caller issues what is held (issue()) before another storage's write.
+  /// of at most kHeldBytes, and returns true. What is held from another storage is issued first;
+  /// when it returns false, everything held has been issued, so the caller's own write of `pw`
+  /// comes after them, in the plan's order.
   bool hold(const PlanWrite& pw, const at::Tensor& from);
-  /// Issues what is held (one `_foreach_copy_`) and lets go of its storage.
+  /// Issues what is held and lets go of its storage.
   void issue();
 
  private:
-  std::vector<at::Tensor> dst_, src_;
+  std::vector<WeightWrite> held_;
 };
 
 struct UpdatePlan {
