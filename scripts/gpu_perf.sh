@@ -18,7 +18,8 @@
 # Environment: OUT (default ./gpu-out), BENCH_WORK (checkpoints; default /dev/shm/loadkit-bench
 # when /dev/shm has 48 GB free, else /tmp/loadkit-bench), BENCH_ARGS (more load_bench.py flags,
 # e.g. "--shapes moe,dense8 --repeats 2"), BENCH_BUDGET_S, TEST_REGEX, TEST_EXCLUDE (ctest -E), CTEST_JOBS
-# (default 4).
+# (default 4), BENCH_PIECES (e.g. "3072 4096": after the bench, its shapes again at each staged piece
+# size in KiB, rows BENCH_PIECE_ROWS, default "reload,blockfp8"; each run's files in logs/piece-KB/).
 #
 # What comes back under $OUT (the tool returns at most 8 files): summary.txt (printed last),
 # bench.txt, bench.json, bench.png, raw_probe.txt, logs.tar.gz (build, ctest and bench logs,
@@ -90,6 +91,19 @@ bench() {
     --budget-s "$budget" ${BENCH_ARGS:-} >"$OUT/logs/bench.log" 2>&1 ||
     { status=1; tail -30 "$OUT/logs/bench.log"; }
   summary "bench: $(( $(date +%s) - start )) s"
+  # Then the same shapes again at each of BENCH_PIECES (KiB per staged piece), rows BENCH_PIECE_ROWS.
+  local kb
+  for kb in ${BENCH_PIECES:-}; do
+    mkdir -p "$OUT/logs/piece-$kb"
+    # shellcheck disable=SC2086
+    LOADKIT_STAGING_PIECE_KB=$kb "$PY" bench/load_bench.py --build build-gpu --work "$work" --out "$OUT/logs/piece-$kb" \
+      ${BENCH_ARGS:-} --rows "${BENCH_PIECE_ROWS:-reload,blockfp8}" >"$OUT/logs/piece-$kb/bench.log" 2>&1 || status=1
+    rm -f "$OUT/logs/piece-$kb/bench.png"
+    summary "pieces of $kb KiB ($(( $(date +%s) - start )) s):"
+    [ -e "$OUT/logs/piece-$kb/bench.txt" ] &&
+      grep -E "^(loadkit_reload|  [a-z_0-9]+_vs_[a-z_0-9]+: |  profile loadkit_reload)" "$OUT/logs/piece-$kb/bench.txt" |
+      cut -c1-600 >>"$OUT/summary.txt"
+  done
   for f in bench.txt bench.json bench.png raw_probe.txt; do [ -e "$OUT/bench/$f" ] && mv "$OUT/bench/$f" "$OUT/"; done
   mv "$OUT"/bench/* "$OUT/logs/" 2>/dev/null
   rmdir "$OUT/bench" 2>/dev/null
