@@ -74,31 +74,6 @@ Victim copy_with_victim(const Fixture& f, const TempDir& tmp, const std::string&
 }
 
 /// The layer (module) a kernel tensor's dotted name belongs to.
-std::string module_of(const std::string& name) {
-  const size_t dot = name.rfind('.');
-  return dot == std::string::npos ? std::string() : name.substr(0, dot);
-}
-
-/// What the report claims against the model itself: every layer not listed kept its previous
-/// tensors bit for bit, and every listed layer holds something new.
-void expect_written_as_reported(const std::map<std::string, at::Tensor>& before,
-                                const std::map<std::string, at::Tensor>& after,
-                                const std::vector<std::string>& written) {
-  const std::set<std::string> listed(written.begin(), written.end());
-  std::set<std::string> changed;
-  ASSERT_EQ(before.size(), after.size());
-  for (const auto& [name, t] : before) {
-    const at::Tensor& now = after.at(name);
-    const bool same = now.sizes() == t.sizes() && now.scalar_type() == t.scalar_type() &&
-                      at::equal(now.cpu().view(at::kByte), t.cpu().view(at::kByte));
-    if (!same) changed.insert(module_of(name));
-    if (!listed.count(module_of(name))) {
-      EXPECT_TRUE(same) << name << " changed, but its layer is not reported written";
-    }
-  }
-  for (const auto& m : listed) EXPECT_TRUE(changed.count(m)) << "layer " << m << " is reported written but unchanged";
-}
-
 // ------------------------------------------------------------------ the C++ API, in process
 
 using Param = std::tuple<std::string /*device*/, std::string /*quant*/>;

@@ -1,6 +1,7 @@
 // Reloads by plan (runtime/src/reload/reload_plan.h): a checkpoint laid out as the last recorded
 // reload's (a trainer's next step, written the same way) replays that reload's writes without the
-// validation pass or the loaders. Every result is compared with an independent reference: fresh
+// validation pass or the loaders, also into the load format of modules that are rebuilt (online
+// quantization), which are then processed as the full path processes them. Every result is compared with an independent reference: fresh
 // loads of the same checkpoints, and a model that never recorded a plan given the same bad
 // checkpoint, whose error the model with a plan must repeat word for word, its weights untouched.
 
@@ -22,9 +23,10 @@ struct Case {
   const char* fixture;
   const char* quant;
   const char* device;
-  /// Every module plain, every loader describing its writes: reloads go by plan. Otherwise modules
-  /// are rebuilt, and reloads keep the stream order of the one before.
+  /// Every loader describes its writes: reloads go by plan.
   bool replays;
+  /// Some modules are rebuilt (online quantization): reloads keep the stream order of the one before.
+  bool rebuilds;
 };
 
 void PrintTo(const Case& c, std::ostream* os) { *os << c.fixture << " " << c.quant << " " << c.device; }  // not bytes
@@ -64,7 +66,7 @@ TEST_P(ReloadPlan, RepeatedReloadsByPlanEqualFreshLoads) {
     SCOPED_TRACE(dir.string());
     const LoadReport r = model->reload(dir.string());
     EXPECT_EQ(r.reload_by_plan, GetParam().replays);
-    EXPECT_EQ(r.reload_order_kept, !GetParam().replays);  // rebuilt modules: the order of the reload before
+    EXPECT_EQ(r.reload_order_kept, GetParam().rebuilds);  // the order of the reload before
     EXPECT_TRUE(r.pointers_stable);
     EXPECT_EQ(r.layers_processed, first.layers_processed);
     EXPECT_EQ(r.untouched_modules, first.untouched_modules);
@@ -128,15 +130,40 @@ TEST_P(ReloadPlan, JournalUndoesAReloadByPlanThatFailsMidway) {
   EXPECT_TRUE(model->report().written_modules.empty());
 }
 
+// The same without a journal: the reload fails naming the file, every layer it names as written
+// changed, each byte of theirs is either its previous one or what a fresh load of the checkpoint
+// gives (a rebuilt module is processed whole or put back; a plain one written as tensors arrive),
+// and every other layer kept its bytes.
+TEST_P(ReloadPlan, WithoutAJournalAReloadByPlanThatFailsMidwayListsExactlyTheLayersItWrote) {
+  auto model = load(a.dir);
+  model->reload(next1.string());
+  ASSERT_EQ(model->reload(next2.string()).reload_by_plan, GetParam().replays);
+  const auto before = kernel_state(*model);
+  const auto expected = kernel_state(*load(next1));  // what the reload reads, before the file is cut
+  const fs::path victim = next1 / "model.safetensors";
+  const size_t half = read_checkpoint(next1).size() / 2;
+  setenv("LOADKIT_TEST_CHANGE_FILE", ("truncate:" + std::to_string(half) + ":" + victim.string()).c_str(), 1);
+  const std::string error = error_of([&] { model->reload(next1.string()); });
+  unsetenv("LOADKIT_TEST_CHANGE_FILE");
+  EXPECT_NE(error.find(victim.string()), std::string::npos) << error;
+  const std::vector<std::string> written = model->report().written_modules;
+  EXPECT_FALSE(written.empty()) << "half the tensors came before the cut";
+  expect_written_as_reported(before, kernel_state(*model), written, &expected);
+}
+
 INSTANTIATE_TEST_SUITE_P(
     Fixtures, ReloadPlan,
-    ::testing::Values(Case{"llama_fp32_gqa_sharded", "none", "cpu", true},
-                      Case{"deepseek_v2_bf16_qlora", "none", "cpu", true},
-                      Case{"deepseek_v2_bf16_qlora", "fp8", "cpu", false},  // online fp8: modules rebuilt
-                      Case{"llama_blockfp8", "auto", "cpu", true}, Case{"qwen3_moe_blockfp8", "auto", "cpu", true},
-                      Case{"deepseek_v2_bf16_qlora", "none", "cuda", true},
-                      Case{"deepseek_v2_bf16_qlora", "fp8", "cuda", false},
-                      Case{"llama_blockfp8", "auto", "cuda", true}, Case{"qwen3_moe_blockfp8", "auto", "cuda", true}),
+    ::testing::Values(Case{"llama_fp32_gqa_sharded", "none", "cpu", true, false},
+                      Case{"deepseek_v2_bf16_qlora", "none", "cpu", true, false},
+                      Case{"deepseek_v2_bf16_qlora", "fp8", "cpu", true, true},  // online fp8: modules rebuilt
+                      Case{"qwen3_moe_bf16", "int8", "cpu", true, true},
+                      Case{"llama_blockfp8", "auto", "cpu", true, false},
+                      Case{"qwen3_moe_blockfp8", "auto", "cpu", true, false},
+                      Case{"deepseek_v2_bf16_qlora", "none", "cuda", true, false},
+                      Case{"deepseek_v2_bf16_qlora", "fp8", "cuda", true, true},
+                      Case{"qwen3_moe_bf16", "fp8", "cuda", true, true},
+                      Case{"llama_blockfp8", "auto", "cuda", true, false},
+                      Case{"qwen3_moe_blockfp8", "auto", "cuda", true, false}),
     case_name);
 
 // SmallCopies (runtime/src/reload/update_plan.h), which holds a reload by plan's small byte copies
@@ -178,14 +205,14 @@ TEST(SmallCopies, HoldsOneStorageAndIssuesItBeforeAnythingElse) {
 
   reload::SmallCopies held;
   reload::PlanWrite w1 = byte_copy(at::kFloat, 176), w2 = byte_copy(at::kBFloat16, 64);
-  EXPECT_TRUE(held.hold(w1, a1));
-  EXPECT_TRUE(held.hold(w2, a2));  // same storage, another dtype
+  EXPECT_TRUE(held.hold(w1, a1, w1.dst));
+  EXPECT_TRUE(held.hold(w2, a2, w2.dst));  // same storage, another dtype
   EXPECT_FALSE(written(w1, ra1));
   EXPECT_FALSE(written(w2, ra2));
 
   // A small write out of another storage: the first storage's writes are issued, this one held.
   reload::PlanWrite w3 = byte_copy(at::kFloat, 176);
-  EXPECT_TRUE(held.hold(w3, b1));
+  EXPECT_TRUE(held.hold(w3, b1, w3.dst));
   EXPECT_TRUE(written(w1, ra1));
   EXPECT_TRUE(written(w2, ra2));
   EXPECT_FALSE(written(w3, rb1));
@@ -194,20 +221,20 @@ TEST(SmallCopies, HoldsOneStorageAndIssuesItBeforeAnythingElse) {
   // copy. Each returns false with what was held issued first, and writes nothing of its own.
   reload::PlanWrite large = byte_copy(at::kFloat, 32768);
   ASSERT_GT(large.nbytes, reload::SmallCopies::kSmallBytes);
-  EXPECT_FALSE(held.hold(large, b_large));
+  EXPECT_FALSE(held.hold(large, b_large, large.dst));
   EXPECT_TRUE(written(w3, rb1));
   EXPECT_EQ(large.dst.count_nonzero().item<int64_t>(), 0);
   reload::PlanWrite from_huge = byte_copy(at::kFloat, 16);
-  EXPECT_FALSE(held.hold(from_huge, in_huge));
+  EXPECT_FALSE(held.hold(from_huge, in_huge, from_huge.dst));
   EXPECT_EQ(from_huge.dst.count_nonzero().item<int64_t>(), 0);
   reload::PlanWrite plain = byte_copy(at::kFloat, 100);
   plain.byte_copy = false;
-  EXPECT_FALSE(held.hold(plain, c1));
+  EXPECT_FALSE(held.hold(plain, c1, plain.dst));
   EXPECT_EQ(plain.dst.count_nonzero().item<int64_t>(), 0);
 
   // What is held at the end is issued by issue(), once.
   reload::PlanWrite w5 = byte_copy(at::kFloat, 100);
-  EXPECT_TRUE(held.hold(w5, c1));
+  EXPECT_TRUE(held.hold(w5, c1, w5.dst));
   EXPECT_FALSE(written(w5, rc1));
   held.issue();
   EXPECT_TRUE(written(w5, rc1));

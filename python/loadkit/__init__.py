@@ -313,8 +313,9 @@ class Model:
         peak_extra_device_bytes (CUDA only, else None), pointers_stable (every kernel tensor kept its
         storage), layers_processed, layers_delayed, untouched_modules (modules that received nothing),
         journal_bytes, chunks_by_plan and chunks_replayed (updates), reload_by_plan (the writes of
-        the last reload of the same layout replayed) and reload_order_kept (modules rebuilt, the
-        stream opened before validation in the last same-layout reload's order), stage_ms (the
+        the last reload of the same layout replayed, rebuilt modules' load format included) and
+        reload_order_kept (modules rebuilt: the stream opened, before validation or a replay, in
+        the last same-layout reload's order), stage_ms (the
         staged stream's stages, CUDA), and for a reload that failed: error (its message, else None) and
         written_modules (the layers it had written, now mixed with the others' previous weights;
         empty when the model is as before)."""

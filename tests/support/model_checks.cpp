@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <random>
+#include <set>
 
 #include "loadkit/causal_lm.h"
 #include "loadkit/error.h"
@@ -75,6 +76,38 @@ bool identical(const std::map<std::string, at::Tensor>& a, const std::map<std::s
     if (!at::equal(t.contiguous().view(at::kByte), it->second.contiguous().view(at::kByte))) return false;
   }
   return true;
+}
+
+std::string module_of(const std::string& name) {
+  const size_t dot = name.rfind('.');
+  return dot == std::string::npos ? std::string() : name.substr(0, dot);
+}
+
+void expect_written_as_reported(const std::map<std::string, at::Tensor>& before,
+                                const std::map<std::string, at::Tensor>& after, const std::vector<std::string>& written,
+                                const std::map<std::string, at::Tensor>* expected) {
+  auto same = [](const at::Tensor& a, const at::Tensor& b) {
+    return a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type() &&
+           at::equal(a.cpu().view(at::kByte), b.cpu().view(at::kByte));
+  };
+  const std::set<std::string> listed(written.begin(), written.end());
+  std::set<std::string> changed;
+  ASSERT_EQ(before.size(), after.size());
+  for (const auto& [name, t] : before) {
+    const at::Tensor& now = after.at(name);
+    const bool kept = same(now, t);
+    if (!kept) changed.insert(module_of(name));
+    if (!listed.count(module_of(name))) {
+      EXPECT_TRUE(kept) << name << " changed, but its layer is not reported written";
+    } else if (expected && !kept) {
+      const at::Tensor bytes = now.cpu().contiguous().view(at::kByte), old = t.cpu().contiguous().view(at::kByte);
+      const at::Tensor fresh = expected->at(name).cpu().contiguous().view(at::kByte);
+      ASSERT_EQ(fresh.sizes(), bytes.sizes()) << name;
+      EXPECT_TRUE(at::logical_or(bytes == old, bytes == fresh).all().item<bool>())
+          << name << " holds bytes that are neither its previous ones nor the new ones";
+    }
+  }
+  for (const auto& m : listed) EXPECT_TRUE(changed.count(m)) << "layer " << m << " is reported written but unchanged";
 }
 
 void expect_identical(const std::map<std::string, at::Tensor>& a, const std::map<std::string, at::Tensor>& b) {

@@ -44,6 +44,18 @@ void expect_identical(const std::map<std::string, at::Tensor>& a, const std::map
 /// The same comparison as a value (for "this differs" checks).
 bool identical(const std::map<std::string, at::Tensor>& a, const std::map<std::string, at::Tensor>& b);
 
+/// The module (layer) a dotted tensor name belongs to: all but its last component.
+std::string module_of(const std::string& name);
+/// What a failed reload's report claims (`written`, its written_modules) against the model itself:
+/// every layer not listed kept its `before` tensors bit for bit, and every listed one holds
+/// something new; with `expected` (a fresh load of what the reload read), every byte of a listed
+/// layer's tensors is its `before` byte or its `expected` one (a plain layer is written as its
+/// checkpoint tensors arrive, so a cut may fall between its weight and its scale, or between two
+/// experts of a stacked tensor).
+void expect_written_as_reported(const std::map<std::string, at::Tensor>& before,
+                                const std::map<std::string, at::Tensor>& after, const std::vector<std::string>& written,
+                                const std::map<std::string, at::Tensor>* expected = nullptr);
+
 /// Every tensor of a checkpoint directory (all its safetensors files), by name.
 std::map<std::string, at::Tensor> read_checkpoint(const fs::path& dir);
 

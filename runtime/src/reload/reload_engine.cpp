@@ -29,19 +29,23 @@ ReloadStats ReloadEngine::reload(const safetensors::CheckpointFiles& files, cons
       stream = open_weight_stream(files, ctx_.device, reload::plan_apply(session.modules(), {}, ctx_));
     else if (kept_order)
       stream = open_weight_stream(files, ctx_.device, stream_plan_->plan);
-    // 1-2 by plan: a checkpoint laid out as the last recorded reload's takes that reload's writes
-    //    (reload_plan.h), tensor by tensor as they arrive: no validation, no loader.
+    // 1-2 by plan: a checkpoint laid out as the last recorded reload's, coming in its order, takes
+    //    that reload's writes (reload_plan.h), tensor by tensor as they arrive: no validation, no
+    //    loader (rebuilt modules are materialised and processed as step 2 does).
     std::unique_ptr<reload::ReloadPlan> record;
     bool order_kept = false;
-    if (in_file_order && session.fits_reload_plan(files)) {
+    static const std::vector<std::string> files_order;
+    if ((in_file_order || kept_order) &&
+        session.fits_reload_plan(files, in_file_order ? files_order : stream_plan_->plan.order)) {
       session.apply_by_plan(*stream);
+      order_kept = kept_order;
     } else {
       // 1. The whole checkpoint through the loaders on meta stand-ins: nothing written yet.
       reload::ValidationRecord seen;
       session.validate(*safetensors_header_stream(files), load_weights, &seen);
       fail_if_missing(session.incomplete_after_validation());
       // 2. Its data, each transformed module's weights together, within the largest layer's size;
-      //    in file order, recorded for the next reload.
+      //    recorded for the next reload (not a tensor-parallel group's collective stream).
       if (in_file_order) {
         record = reload::ReloadPlan::start(files);
       } else {
@@ -52,6 +56,7 @@ ReloadStats ReloadEngine::reload(const safetensors::CheckpointFiles& files, cons
           stream = data ? data(plan) : open_weight_stream(files, ctx_.device, plan);
           if (!data) stream_plan_ = KeptStreamPlan{reload::CheckpointLayout::of(files), std::move(plan)};
         }
+        if (!data) record = reload::ReloadPlan::start(files, stream_plan_->plan.order);
       }
       session.apply(*stream, load_weights, record.get());
     }

@@ -22,9 +22,14 @@ bool CheckpointLayout::matches(const safetensors::CheckpointFiles& files) const 
   return k == tensors.size();
 }
 
-std::unique_ptr<ReloadPlan> ReloadPlan::start(const safetensors::CheckpointFiles& files) {
+std::unique_ptr<ReloadPlan> ReloadPlan::start(const safetensors::CheckpointFiles& files, std::vector<std::string> order) {
   auto plan = std::make_unique<ReloadPlan>();
   plan->layout = CheckpointLayout::of(files);
+  if (order.size() == plan->layout.tensors.size()) {
+    plan->order = std::move(order);
+  } else if (!order.empty()) {
+    plan->replayable = false;  // not every tensor once: never replayed (the stream refuses such an order)
+  }
   plan->ends.resize(plan->layout.tensors.size());
   return plan;
 }
@@ -36,7 +41,7 @@ void ReloadPlan::close_current() {
 
 void ReloadPlan::arrived(const std::string& name) {
   close_current();
-  if (arrived_ >= layout.tensors.size() || layout.tensors[arrived_].name != name) replayable = false;
+  if (arrived_ >= layout.tensors.size() || delivered(arrived_) != name) replayable = false;
   ++arrived_;
 }
 

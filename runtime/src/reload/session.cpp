@@ -216,11 +216,13 @@ void Session::apply(WeightStream& stream, const Loader& load_weights, ReloadPlan
   record->ended();
 }
 
-bool Session::fits_reload_plan(const safetensors::CheckpointFiles& files) const {
-  if (!reload_plan_ || !reload_plan_->layout.matches(files)) return false;
+bool Session::fits_reload_plan(const safetensors::CheckpointFiles& files, const std::vector<std::string>& order) const {
+  if (!reload_plan_ || reload_plan_->order != order || !reload_plan_->layout.matches(files)) return false;
   for (const auto& f : reload_plan_->feeds) {
     const ModuleRecord& mod = modules_[f.module];
-    if (mod.transforms || mod.params[f.param].original->data.data_ptr() != f.kernel_ptr) return false;
+    if (f.rebuilt ? !mod.transforms || mod.attention_like
+                  : mod.transforms || mod.params[f.param].original->data.data_ptr() != f.kernel_ptr)
+      return false;
   }
   return true;
 }
@@ -228,27 +230,40 @@ bool Session::fits_reload_plan(const safetensors::CheckpointFiles& files) const 
 void Session::apply_by_plan(WeightStream& stream) {
   const ReloadPlan& plan = *reload_plan_;
   NamedWeight w;
-  SmallCopies held;  // issued before any write it does not hold, and at the end
+  SmallCopies held;  // issued before any write it does not hold, before processing, and at the end
   size_t k = 0, feed = 0, write = 0;
   try {
     while (stream.next(w)) {
-      const auto& layout = plan.layout.tensors;
-      if (k >= layout.size() || w.name != layout[k].name)
+      const size_t count = plan.ends.size();
+      if (k >= count || w.name != plan.delivered(k))
         fail(ErrorKind::Other, w.origin, ": tensor '", w.name, "' arrived where the reload plan expects ",
-             k < layout.size() ? cat("'", layout[k].name, "'") : std::string("none"));
+             k < count ? cat("'", plan.delivered(k), "'") : std::string("none"));
       const ReloadPlan::Ends& e = plan.ends[k++];
       const size_t first_feed = feed;
-      for (; feed < e.feeds; ++feed) {
+      for (; feed < e.feeds; ++feed) {  // as apply_one() prepares a module for its loaders
         ModuleRecord& mod = modules_[plan.feeds[feed].module];
-        if (written_.insert(&mod).second) journal_.keep(mod);  // before its first write
+        if (mod.transforms) {
+          if (!mod.materialized) materialize(mod, ctx_.device);  // its load format, written below
+        } else if (written_.insert(&mod).second) {
+          journal_.keep(mod);  // before its first write
+        }
       }
       for (; write < e.writes; ++write) {
         const PlanWrite& pw = plan.writes[write];
-        if (held.hold(pw, w.tensor)) continue;  // else what it held is issued: this write comes after
-        if (!pw.copy_bytes_from(w.tensor)) write_now(pw.for_source(w.tensor));
+        const at::Tensor to =
+            pw.into ? pw.destination(modules_[pw.into->module].params[pw.into->param].original->data) : pw.dst;
+        if (held.hold(pw, w.tensor, to)) continue;  // else what it held is issued: this write comes after
+        if (!pw.copy_bytes(w.tensor, to)) write_now({to, pw.source(w.tensor)});
       }
-      for (size_t f = first_feed; f < e.feeds; ++f)
-        note_applied(modules_[plan.feeds[f].module], plan.feeds[f].param, plan.feeds[f].n);
+      for (size_t f = first_feed; f < e.feeds; ++f) {
+        ModuleRecord& mod = modules_[plan.feeds[f].module];
+        note_applied(mod, plan.feeds[f].param, plan.feeds[f].n);
+        if (mod.transforms && !mod.done && mod.applied >= mod.total) {  // complete: processed now, as apply_one() does
+          held.issue();  // writes into its load format
+          process(mod);
+          ++stats_.layers_processed;
+        }
+      }
     }
     held.issue();
   } catch (...) {
@@ -322,12 +337,18 @@ bool Session::apply_planned(const std::vector<NamedWeight>& chunk, const Loader&
   return true;
 }
 
-void Session::record_reload_writes(ReloadPlan& plan, size_t first) {
+void Session::record_reload_writes(ReloadPlan& plan, size_t first, const ModuleRecord& mod, size_t i) {
   // Issued at once, as the loader would have: a reload frees each tensor at the stream's next().
+  PlanWrite::Into into;
+  into.module = static_cast<uint32_t>(&mod - modules_.data());
+  into.param = static_cast<uint32_t>(i);
   for (size_t k = first; k < writes_.size(); ++k) {
     const WeightWrite& w = writes_[k];
     PlanWrite pw;
-    if (PlanWrite::record(w, *reload_source_, plan.current(), pw)) {
+    const bool recorded = mod.transforms ? PlanWrite::record_into(w, *reload_source_, plan.current(), into,
+                                                                  mod.params[i].original->data, pw)
+                                         : PlanWrite::record(w, *reload_source_, plan.current(), pw);
+    if (recorded) {
       plan.writes.push_back(std::move(pw));
     } else {
       plan.replayable = false;
@@ -365,7 +386,11 @@ int64_t Session::apply_one(ModuleRecord& mod, size_t i, Parameter& param, const 
   // Kernel storage; for transformed modules the materialised load format, or meta (calls kept).
   int64_t n = 0;
   ReloadPlan* const recording = reload_recording_ && reload_recording_->replayable ? reload_recording_ : nullptr;
-  if ((batching_ || recording) && !mod.transforms && describes_writes(rec.loader, loaded.scalar_type())) {
+  // Described writes are collected: an update's into plain modules (issued together), and a
+  // recorded reload's into plain modules or a rebuilt module's load format written now (a plan's).
+  const bool collect = describes_writes(rec.loader, loaded.scalar_type()) &&
+                       ((batching_ && !mod.transforms) || (recording && (!mod.transforms || write_now)));
+  if (collect) {
     const size_t first = writes_.size();
     {
       WriteRecorder recorder(writes_);  // issued together at the end of apply_chunk(), or below
@@ -373,7 +398,7 @@ int64_t Session::apply_one(ModuleRecord& mod, size_t i, Parameter& param, const 
     }
     if (planning_)
       for (size_t k = first; k < writes_.size(); ++k) planning_->note_write(writes_[k], *chunk_, tensor_);
-    if (recording) record_reload_writes(*recording, first);
+    if (recording) record_reload_writes(*recording, first, mod, i);
   } else {
     n = rec.loader(param, loaded, shard);
     if (planning_) planning_->replayable = false;
@@ -381,7 +406,8 @@ int64_t Session::apply_one(ModuleRecord& mod, size_t i, Parameter& param, const 
   }
   if (recording)
     recording->feeds.push_back({static_cast<uint32_t>(&mod - modules_.data()), static_cast<uint32_t>(i), n,
-                                std::string(), rec.original->data.data_ptr()});
+                                std::string(), mod.transforms ? nullptr : rec.original->data.data_ptr(),
+                                mod.transforms});
   note_applied(mod, i, n);
   if (!mod.transforms) return n;
   if (!write_now) mod.calls.push_back({i, loaded, shard});

@@ -84,8 +84,9 @@ class Session {
   /// With `record` (Phase::Reloading, a plan started for the stream's files), notes the loader
   /// calls and their writes in it (reload_plan.h); it stays replayable only if all of them qualify.
   void apply(WeightStream& stream, const Loader& load_weights, ReloadPlan* record = nullptr);
-  /// Whether a reload of `files` may go by the last kept reload plan (reload_plan.h 1. and 2.).
-  bool fits_reload_plan(const safetensors::CheckpointFiles& files) const;
+  /// Whether a reload of `files`, delivered in `order` (empty: the files' order), may go by the
+  /// last kept reload plan (reload_plan.h 1. and 2.).
+  bool fits_reload_plan(const safetensors::CheckpointFiles& files, const std::vector<std::string>& order) const;
   /// Phase::Reloading: `stream`, of files that fit_reload_plan(), applied by the plan's writes.
   void apply_by_plan(WeightStream& stream);
   /// Keeps `plan`, recorded by a reload that succeeded, for the next reload, if it is replayable.
@@ -116,9 +117,9 @@ class Session {
   WeightLoader wrap(size_t m, size_t i);
   int64_t validate_one(ModuleRecord& mod, ParamRecord& rec, size_t m, const at::Tensor& loaded, const ShardId& shard);
   int64_t apply_one(ModuleRecord& mod, size_t i, Parameter& param, const at::Tensor& loaded, const ShardId& shard);
-  /// Recording a reload: the writes a loader call left in writes_ from `first` on, noted in `plan`
-  /// and issued.
-  void record_reload_writes(ReloadPlan& plan, size_t first);
+  /// Recording a reload: the writes the loader of parameter `i` of `mod` left in writes_ from
+  /// `first` on, noted in `plan` (into a rebuilt module's load format: relative to it) and issued.
+  void record_reload_writes(ReloadPlan& plan, size_t first, const ModuleRecord& mod, size_t i);
   /// `n` more elements of parameter `i` of `mod` written: running sums, and a plain module done.
   void note_applied(ModuleRecord& mod, size_t i, int64_t n);
   /// The per-module step (module_step.h), the kernel tensors journaled first.

@@ -43,12 +43,30 @@ bool PlanWrite::record(const WeightWrite& w, const at::Tensor& from, int64_t ten
   return true;
 }
 
-bool SmallCopies::hold(const PlanWrite& pw, const at::Tensor& from) {
-  const bool small = pw.byte_copy && pw.nbytes <= kSmallBytes && from.is_contiguous() &&
-                     from.device() == pw.dst.device() && static_cast<int64_t>(from.storage().nbytes()) <= kHeldBytes;
+bool PlanWrite::record_into(const WeightWrite& w, const at::Tensor& from, int64_t tensor, Into into,
+                            const at::Tensor& param_data, PlanWrite& out) {
+  if (!param_data.has_storage() || !w.dst.is_alias_of(param_data) || w.dst.scalar_type() != param_data.scalar_type() ||
+      !record(w, from, tensor, out))
+    return false;
+  into.offset = w.dst.storage_offset() - param_data.storage_offset();
+  into.sizes = w.dst.sizes().vec();
+  into.strides = w.dst.strides().vec();
+  out.into = std::move(into);
+  out.dst = at::Tensor();  // this reload's load format: the next one materialises another
+  return true;
+}
+
+at::Tensor PlanWrite::destination(const at::Tensor& param_data) const {
+  if (!into) return dst;
+  return param_data.as_strided(into->sizes, into->strides, param_data.storage_offset() + into->offset);
+}
+
+bool SmallCopies::hold(const PlanWrite& pw, const at::Tensor& from, const at::Tensor& to) {
+  const bool small = pw.byte_copy && pw.nbytes <= kSmallBytes && from.is_contiguous() && from.device() == to.device() &&
+                     static_cast<int64_t>(from.storage().nbytes()) <= kHeldBytes;
   if (!held_.empty() && (!small || !from.is_alias_of(held_.front().src))) issue();
   if (!small) return false;
-  held_.push_back(pw.for_source(from));
+  held_.push_back({to, pw.source(from)});
   return true;
 }
 
@@ -58,15 +76,15 @@ void SmallCopies::issue() {
   apply_writes(writes);
 }
 
-WeightWrite PlanWrite::for_source(const at::Tensor& from) const {
-  if (tensor < 0) return {dst, at::Tensor()};
-  return {dst, whole ? from : from.as_strided(sizes, strides, from.storage_offset() + offset)};
+at::Tensor PlanWrite::source(const at::Tensor& from) const {
+  if (tensor < 0) return at::Tensor();
+  return whole ? from : from.as_strided(sizes, strides, from.storage_offset() + offset);
 }
 
-bool PlanWrite::copy_bytes_from(const at::Tensor& from) const {
-  if (!byte_copy || !from.is_contiguous() || from.device() != dst.device()) return false;
+bool PlanWrite::copy_bytes(const at::Tensor& from, const at::Tensor& to) const {
+  if (!byte_copy || !from.is_contiguous() || from.device() != to.device()) return false;
   const auto* src = static_cast<const char*>(from.const_data_ptr()) + offset * static_cast<int64_t>(from.itemsize());
-  device::copy_bytes(dst.device(), dst.mutable_data_ptr(), src, static_cast<uint64_t>(nbytes));
+  device::copy_bytes(to.device(), to.mutable_data_ptr(), src, static_cast<uint64_t>(nbytes));
   return true;
 }
 

@@ -26,6 +26,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -50,11 +51,22 @@ struct PlanFeed {
   int64_t n;
   std::string shard;      ///< ShardId::str(), noted as validation notes it
   const void* kernel_ptr;  ///< the parameter's data_ptr when recorded: a moved tensor voids the plan
+  /// Into a rebuilt module's load format, materialised afresh each time (kernel_ptr is not compared).
+  bool rebuilt = false;
 };
 
 /// A recorded write, its source relative to the chunk's `tensor`-th tensor.
 struct PlanWrite {
-  at::Tensor dst;
+  at::Tensor dst;  ///< kernel storage; undefined when `into` says where the write goes
+  /// A write into a rebuilt module's load format, which a reload materialises afresh (module_step.h):
+  /// the parameter (module and parameter index of the session's records), and the destination as
+  /// a view of its tensor, relative to that tensor's own storage offset.
+  struct Into {
+    uint32_t module = 0, param = 0;
+    int64_t offset = 0;
+    std::vector<int64_t> sizes, strides;
+  };
+  std::optional<Into> into;
   int64_t tensor = -1;  ///< -1: a zero write
   bool whole = false;   ///< the source is that tensor itself
   int64_t offset = 0;   ///< storage offset relative to the tensor's own
@@ -67,12 +79,23 @@ struct PlanWrite {
   /// `w`, made while `from` (the `tensor`-th of its source) was applied; false (`out` unset) when
   /// w's source is not a view of `from` in its element type (a temporary: never replayable).
   static bool record(const WeightWrite& w, const at::Tensor& from, int64_t tensor, PlanWrite& out);
-  /// The write for `from`, a tensor of the recorded one's sizes, strides and dtype.
-  WeightWrite for_source(const at::Tensor& from) const;
-  /// For a byte copy whose `from` is contiguous on the destination's device: queues it
-  /// (device::copy_bytes, no dispatch) and returns true. Otherwise false, nothing done: issue
-  /// for_source(from) instead.
-  bool copy_bytes_from(const at::Tensor& from) const;
+  /// record(), its destination kept as `into` relative to `param_data`, the tensor of parameter
+  /// `into.param` of module `into.module` (its other fields are filled in); false also when
+  /// w's destination is not a view of `param_data` in its element type.
+  static bool record_into(const WeightWrite& w, const at::Tensor& from, int64_t tensor, Into into,
+                          const at::Tensor& param_data, PlanWrite& out);
+  /// The destination for a plan replayed now: `dst`, or the view `into` names of `param_data`, the
+  /// tensor that parameter holds now.
+  at::Tensor destination(const at::Tensor& param_data) const;
+  /// The source for `from`, a tensor of the recorded one's sizes, strides and dtype (undefined:
+  /// a zero write).
+  at::Tensor source(const at::Tensor& from) const;
+  /// {dst, source(from)}.
+  WeightWrite for_source(const at::Tensor& from) const { return {dst, source(from)}; }
+  /// For a byte copy whose `from` is contiguous on the device of `to` (destination()): queues it
+  /// (device::copy_bytes, no dispatch) and returns true. Otherwise false, nothing done: write
+  /// source(from) into `to` instead.
+  bool copy_bytes(const at::Tensor& from, const at::Tensor& to) const;
 };
 
 /// Replayed byte copies of small tensors that share one source storage (the tensors a staged
@@ -86,11 +109,11 @@ class SmallCopies {
   static constexpr int64_t kSmallBytes = 64 << 10;  ///< a write this small or smaller may be held
   static constexpr int64_t kHeldBytes = 4 << 20;    ///< the largest source storage held
 
-  /// Holds `pw`'s write for `from` when it is a byte copy of at most kSmallBytes out of a storage
-  /// of at most kHeldBytes, and returns true. What is held from another storage is issued first;
-  /// when it returns false, everything held has been issued, so the caller's own write of `pw`
-  /// comes after them, in the plan's order.
-  bool hold(const PlanWrite& pw, const at::Tensor& from);
+  /// Holds `pw`'s write of `from` into `to` (its destination()) when it is a byte copy of at most
+  /// kSmallBytes out of a storage of at most kHeldBytes, and returns true. What is held from
+  /// another storage is issued first; when it returns false, everything held has been issued, so
+  /// the caller's own write comes after them, in the plan's order.
+  bool hold(const PlanWrite& pw, const at::Tensor& from, const at::Tensor& to);
   /// Issues what is held and lets go of its storage.
   void issue();
 
