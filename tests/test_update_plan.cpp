@@ -1,6 +1,7 @@
 // Updates by plan (runtime/src/reload/update_plan.h): a chunk with the names, shapes, strides,
-// dtypes and devices of one applied before skips the validation pass (and, for plain modules whose
-// loaders describe their writes, the loaders: the writes are replayed as multi-tensor copies).
+// dtypes and devices of one applied before skips the validation pass and, where loaders describe
+// their writes, the loaders: the writes are replayed as multi-tensor copies, those into a quantized
+// module's load format once the module is complete.
 // Every result is compared with an independent reference: a fresh load of the weights sent, and a
 // fresh model (no plan) given the same bad chunk, whose error the planned path must repeat word
 // for word while leaving the weights untouched. On the CPU: `_foreach_copy_` runs there too.
@@ -75,11 +76,7 @@ TEST_P(UpdatePlan, RepeatedSyncsByPlanEqualFreshLoads) {
   for (const auto* w : {&wn, &wa}) {
     LoadReport r = sync(*model, *w);
     EXPECT_EQ(r.chunks_by_plan, static_cast<int>(chunks));
-    if (quant == "none") {
-      EXPECT_EQ(r.chunks_replayed, static_cast<int>(chunks));  // every module plain
-    } else {
-      EXPECT_LT(r.chunks_replayed, static_cast<int>(chunks));  // quantized ones need their loaders
-    }
+    EXPECT_EQ(r.chunks_replayed, static_cast<int>(chunks));  // quantized modules' writes kept until complete
     EXPECT_TRUE(r.pointers_stable);
     EXPECT_EQ(r.layers_processed, first.layers_processed);
     expect_identical(kernel_state(*model), w == &wa ? fresh_a : fresh_n);

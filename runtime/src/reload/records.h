@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "loadkit/module.h"
+#include "reload/update_plan.h"
 
 namespace loadkit::reload {
 
@@ -43,6 +44,14 @@ struct KeptCall {
   ShardId shard;
 };
 
+/// A replayed write into a transformed module's load format that an update keeps until the module
+/// is complete, as it keeps calls (update_plan.h): the destination relative to the parameter's
+/// tensor, materialised then, and the source, a view of the caller's tensor.
+struct KeptWrite {
+  PlanWrite::Into into;
+  at::Tensor src;
+};
+
 /// A module's kernel format as the session found it: the very parameter objects, their
 /// tensors (same storage) and its buffers. Processing writes into these; they are put back.
 struct KernelTensors {
@@ -62,6 +71,7 @@ struct ModuleRecord {
   bool transforms = false;  ///< processing changes the parameters: load format restored on meta
   KernelTensors kernel;
   std::vector<KeptCall> calls;
+  std::vector<KeptWrite> writes;  ///< kept like `calls`, issued after them
   int64_t total = 0;    ///< elements a complete source writes
   int64_t applied = 0;  ///< elements written so far
   bool done = false;          ///< written (and processed) in full: no weight may follow

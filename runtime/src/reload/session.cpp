@@ -101,6 +101,7 @@ void Session::begin(Phase apply, Rollback rollback) {
   for (size_t m = 0; m < modules_.size(); ++m) {
     ModuleRecord& mod = modules_[m];
     mod.calls.clear();
+    mod.writes.clear();
     mod.total = mod.applied = 0;
     mod.done = false;
     mod.materialized = false;
@@ -174,7 +175,7 @@ int64_t Session::validate_one(ModuleRecord& mod, ParamRecord& rec, size_t m, con
   if (planning_) {
     const size_t i = static_cast<size_t>(&rec - mod.params.data());
     planning_->feeds.push_back({static_cast<uint32_t>(m), static_cast<uint32_t>(i), n, shard.str(),
-                                mod.transforms ? nullptr : rec.original->data.data_ptr()});
+                                mod.transforms ? nullptr : rec.original->data.data_ptr(), mod.transforms});
   }
   return n;
 }
@@ -317,23 +318,43 @@ bool Session::apply_planned(const std::vector<NamedWeight>& chunk, const Loader&
     ModuleRecord& mod = modules_[f.module];
     ParamRecord& rec = mod.params[f.param];
     if (mod.done) return false;
-    if (plan->replayable && (mod.transforms || rec.original->data.data_ptr() != f.kernel_ptr)) return false;
+    if (plan->replayable && (f.rebuilt ? !mod.transforms
+                                       : mod.transforms || rec.original->data.data_ptr() != f.kernel_ptr))
+      return false;
     rec.validated += f.n;
     if (rec.applied + rec.validated > rec.expected) return false;
   }
   for (const auto& f : plan->feeds) note_shard(modules_[f.module].params[f.param], f.shard);
   ++stats_.chunks_by_plan;
-  if (!plan->replayable) {  // the loaders must see it (a transformed module keeps its calls): no meta pass
+  if (!plan->replayable) {  // a loader that does not describe its writes must run: no meta pass
     apply_chunk(chunk, load_weights, nullptr);
     return true;
   }
   ++stats_.chunks_replayed;
   for (const auto& f : plan->feeds) {
     ModuleRecord& mod = modules_[f.module];
-    if (written_.insert(&mod).second) journal_.keep(mod);
+    if (!mod.transforms && written_.insert(&mod).second) journal_.keep(mod);  // rebuilt ones: at process()
   }
-  apply_writes(plan->writes_for(chunk));
-  for (const auto& f : plan->feeds) note_applied(modules_[f.module], f.param, f.n);
+  // Writes into kernel storage go now; those into a rebuilt module's load format are kept with it,
+  // as its calls would be, until it is complete (module_step.h issues them once it is materialised).
+  std::vector<WeightWrite> now;
+  for (const auto& w : plan->writes) {
+    at::Tensor src = w.tensor < 0 ? at::Tensor() : w.source(chunk[static_cast<size_t>(w.tensor)].tensor);
+    if (w.into) {
+      modules_[w.into->module].writes.push_back({*w.into, std::move(src)});
+    } else {
+      now.push_back({w.dst, std::move(src)});
+    }
+  }
+  apply_writes(now);
+  for (const auto& f : plan->feeds) {
+    ModuleRecord& mod = modules_[f.module];
+    note_applied(mod, f.param, f.n);
+    if (mod.transforms && !mod.done && !mod.attention_like && mod.applied >= mod.total) {  // as apply_one()
+      process(mod);
+      ++stats_.layers_processed;
+    }
+  }
   return true;
 }
 
@@ -388,9 +409,23 @@ int64_t Session::apply_one(ModuleRecord& mod, size_t i, Parameter& param, const 
   ReloadPlan* const recording = reload_recording_ && reload_recording_->replayable ? reload_recording_ : nullptr;
   // Described writes are collected: an update's into plain modules (issued together), and a
   // recorded reload's into plain modules or a rebuilt module's load format written now (a plan's).
-  const bool collect = describes_writes(rec.loader, loaded.scalar_type()) &&
-                       ((batching_ && !mod.transforms) || (recording && (!mod.transforms || write_now)));
-  if (collect) {
+  // An update's into a rebuilt module's load format (on meta: its call is kept) are only noted
+  // in the chunk's plan, for a replay to keep instead of the call.
+  const bool described = describes_writes(rec.loader, loaded.scalar_type());
+  const bool collect = described && ((batching_ && !mod.transforms) || (recording && (!mod.transforms || write_now)));
+  if (described && planning_ && mod.transforms && !write_now) {
+    const size_t first = writes_.size();
+    {
+      WriteRecorder recorder(writes_);
+      n = rec.loader(param, loaded, shard);  // against the meta load format: views, nothing written
+    }
+    PlanWrite::Into into;
+    into.module = static_cast<uint32_t>(&mod - modules_.data());
+    into.param = static_cast<uint32_t>(i);
+    for (size_t k = first; k < writes_.size(); ++k)
+      planning_->note_write_into(writes_[k], *chunk_, tensor_, into, rec.original->data);
+    writes_.resize(first);
+  } else if (collect) {
     const size_t first = writes_.size();
     {
       WriteRecorder recorder(writes_);  // issued together at the end of apply_chunk(), or below
@@ -481,12 +516,15 @@ void Session::own_borrowed(const std::vector<NamedWeight>& chunk) {
   for (const auto& w : chunk)
     if (w.tensor.has_storage()) borrowed.insert(w.tensor.storage().unsafeGetStorageImpl());
   uint64_t cloned = 0;
-  for (auto& mod : modules_)
-    for (KeptCall& call : mod.calls)
-      if (call.loaded.has_storage() && borrowed.count(call.loaded.storage().unsafeGetStorageImpl())) {
-        call.loaded = call.loaded.clone();
-        cloned += call.loaded.nbytes();
-      }
+  auto own = [&](at::Tensor& t) {
+    if (!t.has_storage() || !borrowed.count(t.storage().unsafeGetStorageImpl())) return;
+    t = t.clone();
+    cloned += t.nbytes();
+  };
+  for (auto& mod : modules_) {
+    for (KeptCall& call : mod.calls) own(call.loaded);
+    for (KeptWrite& write : mod.writes) own(write.src);
+  }
   if (cloned) log::debug(cat("kept ", cloned, " bytes of a borrowed chunk for modules it left incomplete"));
 }
 

@@ -56,9 +56,8 @@ bool PlanWrite::record_into(const WeightWrite& w, const at::Tensor& from, int64_
   return true;
 }
 
-at::Tensor PlanWrite::destination(const at::Tensor& param_data) const {
-  if (!into) return dst;
-  return param_data.as_strided(into->sizes, into->strides, param_data.storage_offset() + into->offset);
+at::Tensor PlanWrite::Into::view_of(const at::Tensor& param_data) const {
+  return param_data.as_strided(sizes, strides, param_data.storage_offset() + offset);
 }
 
 bool SmallCopies::hold(const PlanWrite& pw, const at::Tensor& from, const at::Tensor& to) {
@@ -92,6 +91,18 @@ void UpdatePlan::note_write(const WeightWrite& w, const std::vector<NamedWeight>
   const bool in_chunk = tensor >= 0 && tensor < static_cast<int64_t>(chunk.size());
   PlanWrite pw;
   if (!PlanWrite::record(w, in_chunk ? chunk[static_cast<size_t>(tensor)].tensor : at::Tensor(), tensor, pw)) {
+    replayable = false;
+    return;
+  }
+  writes.push_back(std::move(pw));
+}
+
+void UpdatePlan::note_write_into(const WeightWrite& w, const std::vector<NamedWeight>& chunk, int64_t tensor,
+                                 const PlanWrite::Into& into, const at::Tensor& param_data) {
+  const bool in_chunk = tensor >= 0 && tensor < static_cast<int64_t>(chunk.size());
+  PlanWrite pw;
+  if (!PlanWrite::record_into(w, in_chunk ? chunk[static_cast<size_t>(tensor)].tensor : at::Tensor(), tensor, into,
+                              param_data, pw)) {
     replayable = false;
     return;
   }

@@ -11,15 +11,25 @@
 ///     device, compared exactly (a hash only picks the candidate);
 ///   - the validation's feeds: which parameter each loader call went to, with
 ///     its element count and shard, in order;
-///   - when every tensor went to a plain module whose loader describes its
-///     writes (loadkit/weight_writes.h), those writes: the destination views
-///     (kernel storage) and each source as a view of the chunk's n-th tensor.
+///   - when every loader the chunk called describes its writes
+///     (loadkit/weight_writes.h), those writes: each source as a view of the
+///     chunk's n-th tensor, each destination a view of kernel storage (a plain
+///     module) or of a rebuilt module's load format, relative to the
+///     parameter's tensor (an update keeps a rebuilt module's calls until it is
+///     complete, its load format on meta meanwhile: the views are recorded
+///     there, and the loader runs only once, at process time).
 ///
-/// Replaying a plan (Session::replay) skips the loaders only: the element counts
-/// of every feed are checked against the session's state as validation checks
-/// them, and any doubt (a count over, a module done or transformed, a kernel
-/// tensor moved) sends the chunk down the full path, which words the error.
-/// A chunk whose signature differs in anything is validated from scratch.
+/// Replaying a plan (Session::apply_planned) skips the validation pass and the
+/// loaders: the element counts of every feed are checked against the
+/// session's state as validation checks them, and any doubt (a count over, a
+/// module done, a plain module now transformed or the other way round, a
+/// kernel tensor moved) sends the chunk down the full path, which words the
+/// error. Writes into kernel storage are issued at once; those into a rebuilt
+/// module's load format are kept with the module, as its calls would be
+/// (records.h KeptWrite: a borrowed source is copied as a call's is), and
+/// issued into the load format when it is materialised to be processed
+/// (module_step.h). A chunk whose signature differs in anything is validated
+/// from scratch.
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
@@ -65,6 +75,8 @@ struct PlanWrite {
     uint32_t module = 0, param = 0;
     int64_t offset = 0;
     std::vector<int64_t> sizes, strides;
+    /// The destination in `param_data`, the tensor that parameter holds now.
+    at::Tensor view_of(const at::Tensor& param_data) const;
   };
   std::optional<Into> into;
   int64_t tensor = -1;  ///< -1: a zero write
@@ -84,9 +96,8 @@ struct PlanWrite {
   /// w's destination is not a view of `param_data` in its element type.
   static bool record_into(const WeightWrite& w, const at::Tensor& from, int64_t tensor, Into into,
                           const at::Tensor& param_data, PlanWrite& out);
-  /// The destination for a plan replayed now: `dst`, or the view `into` names of `param_data`, the
-  /// tensor that parameter holds now.
-  at::Tensor destination(const at::Tensor& param_data) const;
+  /// The destination for a plan replayed now: `dst`, or into->view_of(param_data).
+  at::Tensor destination(const at::Tensor& param_data) const { return into ? into->view_of(param_data) : dst; }
   /// The source for `from`, a tensor of the recorded one's sizes, strides and dtype (undefined:
   /// a zero write).
   at::Tensor source(const at::Tensor& from) const;
@@ -132,6 +143,10 @@ struct UpdatePlan {
   /// Notes `w`, made by a loader while the chunk's `tensor`-th tensor was applied; clears
   /// `replayable` when its source is not a view of that tensor.
   void note_write(const WeightWrite& w, const std::vector<NamedWeight>& chunk, int64_t tensor);
+  /// The same for a write into a rebuilt module's load format, `param_data` (the parameter `into`
+  /// names, on meta while the module's calls are kept): its destination noted relative to it.
+  void note_write_into(const WeightWrite& w, const std::vector<NamedWeight>& chunk, int64_t tensor,
+                       const PlanWrite::Into& into, const at::Tensor& param_data);
   /// The writes for `chunk` (which matches()): sources as views of its tensors.
   std::vector<WeightWrite> writes_for(const std::vector<NamedWeight>& chunk) const;
 };

@@ -48,7 +48,8 @@ struct ReloadStats {
   int journaled_modules = 0;   ///< layers whose kernel tensors it copied
   /// Updates: chunks that matched an earlier chunk's plan (same names, shapes, strides, dtypes,
   /// devices) and so skipped the validation pass, their element counts checked instead; of
-  /// those, the ones whose recorded writes were replayed without calling the loaders.
+  /// those, the ones whose recorded writes were replayed without calling the loaders (a
+  /// quantized module's kept until it is complete, then processed).
   int chunks_by_plan = 0;
   int chunks_replayed = 0;
   /// Reloads: the checkpoint was laid out as the last recorded reload's (names, dtypes, shapes,
