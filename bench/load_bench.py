@@ -26,7 +26,9 @@ time budget cuts the peers of the last shapes rather than loadkit's own rows):
   reload   reload bf16 and fp8 (online quantization) in one long-lived process, with the peak
            extra device memory, the stream's profile and the time before and after the stream
   update   update from tensors already on the device (a colocated trainer's) against
-           device-to-device copies of the same bytes; host time per tensor; validation alone
+           device-to-device copies of the same bytes; host time per tensor; validation alone;
+           and (not for "many") the same bf16 tensors into the model quantized online to fp8
+           (the RL sync into an fp8 engine), against the bf16 update's rate
   blockfp8 pre-quantized 128x128 block-fp8 checkpoints of A and B (gen_checkpoint.py --block-fp8:
            the same values quantized): reload fp8 -> fp8 (rate against the bf16 reload's), and the
            RL sync: bf16 B's tensors on the device into the model loaded from fp8 A, quantized
@@ -270,18 +272,21 @@ def loadkit_rows(a, shape, A, B, nbytes, budget, results, profile, fp8_dirs=None
         if not suffix:
             profile[label] = reload_profile(r)
 
-    def update():
-        u = bench_tool(build, ["update", "--model", A, "--from", B, "--repeats", str(max(a.repeats, 3))])
+    def update(quant="none"):
+        u = bench_tool(build, ["update", "--model", A, "--from", B, "--quantization", quant,
+                               "--repeats", str(max(a.repeats, 3))])
         up, block = u["update"], u["d2d_copy_one_block"]
         per_tensor = (up["seconds_min"] - block["seconds_min"]) / up["tensors"] * 1e6
-        results.append(row("loadkit_update_from_device_bf16", up["bytes"], up["seconds"],
+        label = f"loadkit_update_from_device_{'bf16' if quant == 'none' else quant}"
+        results.append(row(label, up["bytes"], up["seconds"],
                            peak_extra_device_bytes=up["peak_extra_device_bytes"], pointers_stable=up["pointers_stable"],
                            tensors=up["tensors"], host_us_per_tensor=up["host_us_per_tensor"],
                            first_sync_host_us_per_tensor=up.get("host_us_per_tensor_first"),
                            replayed_by_plan=bool(up.get("last_chunks_replayed")),
                            overhead_us_per_tensor=per_tensor, validate_us_per_tensor=up["validate"]["us_per_tensor"]))
-        results.append(row("d2d_copy_per_tensor", u["d2d_copy_per_tensor"]["bytes"], u["d2d_copy_per_tensor"]["seconds"]))
-        results.append(row("d2d_copy_one_block", block["bytes"], block["seconds"]))
+        if quant == "none":
+            results.append(row("d2d_copy_per_tensor", u["d2d_copy_per_tensor"]["bytes"], u["d2d_copy_per_tensor"]["seconds"]))
+            results.append(row("d2d_copy_one_block", block["bytes"], block["seconds"]))
 
     if "load" in a.rows and shape != "many" and budget.allows(f"{shape} load"):
         guarded(results, "loadkit_load", loads)
@@ -301,6 +306,9 @@ def loadkit_rows(a, shape, A, B, nbytes, budget, results, profile, fp8_dirs=None
         log(shape, "reloads done")
     if "update" in a.rows and budget.allows(f"{shape} update"):
         guarded(results, "loadkit_update_from_device_bf16", update)
+        # A bf16 trainer's sync into an online-fp8 engine (its quantized modules' writes replayed too).
+        if shape != "many" and budget.allows(f"{shape} update fp8"):
+            guarded(results, "loadkit_update_from_device_fp8", lambda: update("fp8"))
         log(shape, "update done")
     if "blockfp8" in a.rows and fp8_dirs and budget.allows(f"{shape} blockfp8"):
         A8, B8 = fp8_dirs
@@ -500,6 +508,7 @@ def ratios_of(results):
         if h2d:
             out["bf16_reload_first_vs_pinned_h2d"] = first["loadkit_reload_bf16"] / h2d
     ratio("update_vs_d2d", "loadkit_update_from_device_bf16", d2d)
+    ratio("fp8_update_vs_bf16_update", "loadkit_update_from_device_fp8", by.get("loadkit_update_from_device_bf16", {}).get("gb_per_s"))
     ratio("in_process_load_vs_pinned_h2d", "loadkit_load_in_process", h2d)
     ratio("fresh_process_load_vs_pinned_h2d", "loadkit_load_fresh_process", h2d)
     if "loadkit_load_fresh_process" in by and h2d:
