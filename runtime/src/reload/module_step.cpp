@@ -77,7 +77,8 @@ void process_into_kernel(ModuleRecord& mod, const c10::Device& device) {
   mod.calls.clear();
   // An update's replayed writes (update_plan.h), kept like calls: into the load format now.
   std::vector<WeightWrite> writes;
-  for (KeptWrite& w : mod.writes) writes.push_back({w.into.view_of(mod.params[w.into.param].original->data), std::move(w.src)});
+  for (KeptWrite& w : mod.writes)
+    writes.push_back({w.into.view_of(mod.params[w.into.param].original->data), std::move(w.src)});
   mod.writes.clear();
   apply_writes(writes);
   KernelTargets targets(mod.kernel.data.begin(), mod.kernel.data.end());

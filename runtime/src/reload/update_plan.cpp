@@ -109,14 +109,6 @@ void UpdatePlan::note_write_into(const WeightWrite& w, const std::vector<NamedWe
   writes.push_back(std::move(pw));
 }
 
-std::vector<WeightWrite> UpdatePlan::writes_for(const std::vector<NamedWeight>& chunk) const {
-  std::vector<WeightWrite> out;
-  out.reserve(writes.size());
-  for (const auto& w : writes)
-    out.push_back(w.tensor < 0 ? w.for_source(at::Tensor()) : w.for_source(chunk[static_cast<size_t>(w.tensor)].tensor));
-  return out;
-}
-
 size_t PlanCache::hash(const std::vector<NamedWeight>& chunk) {
   size_t h = chunk.size();
   for (const auto& w : chunk) h = h * 1000003u ^ std::hash<std::string>{}(w.name);

@@ -101,8 +101,6 @@ struct PlanWrite {
   /// The source for `from`, a tensor of the recorded one's sizes, strides and dtype (undefined:
   /// a zero write).
   at::Tensor source(const at::Tensor& from) const;
-  /// {dst, source(from)}.
-  WeightWrite for_source(const at::Tensor& from) const { return {dst, source(from)}; }
   /// For a byte copy whose `from` is contiguous on the device of `to` (destination()): queues it
   /// (device::copy_bytes, no dispatch) and returns true. Otherwise false, nothing done: write
   /// source(from) into `to` instead.
@@ -147,8 +145,6 @@ struct UpdatePlan {
   /// names, on meta while the module's calls are kept): its destination noted relative to it.
   void note_write_into(const WeightWrite& w, const std::vector<NamedWeight>& chunk, int64_t tensor,
                        const PlanWrite::Into& into, const at::Tensor& param_data);
-  /// The writes for `chunk` (which matches()): sources as views of its tensors.
-  std::vector<WeightWrite> writes_for(const std::vector<NamedWeight>& chunk) const;
 };
 
 /// The plans of recent chunks, found by signature. Bounded: a trainer with more distinct buckets
