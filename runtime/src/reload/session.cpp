@@ -76,6 +76,12 @@ void write_now(const WeightWrite& w) {
   }
 }
 
+/// A rebuilt module whose every weight has arrived, to be processed now (attention-like ones wait
+/// for finish()): the full path's rule, which the plans' replays follow.
+bool due_for_processing(const ModuleRecord& mod) {
+  return mod.transforms && !mod.done && !mod.attention_like && mod.applied >= mod.total;
+}
+
 void note_shard(ParamRecord& rec, std::string id) {
   if (std::find(rec.shards.begin(), rec.shards.end(), id) == rec.shards.end()) rec.shards.push_back(std::move(id));
 }
@@ -259,7 +265,7 @@ void Session::apply_by_plan(WeightStream& stream) {
       for (size_t f = first_feed; f < e.feeds; ++f) {
         ModuleRecord& mod = modules_[plan.feeds[f].module];
         note_applied(mod, plan.feeds[f].param, plan.feeds[f].n);
-        if (mod.transforms && !mod.done && mod.applied >= mod.total) {  // complete: processed now, as apply_one() does
+        if (due_for_processing(mod)) {
           held.issue();  // writes into its load format
           process(mod);
           ++stats_.layers_processed;
@@ -350,7 +356,7 @@ bool Session::apply_planned(const std::vector<NamedWeight>& chunk, const Loader&
   for (const auto& f : plan->feeds) {
     ModuleRecord& mod = modules_[f.module];
     note_applied(mod, f.param, f.n);
-    if (mod.transforms && !mod.done && !mod.attention_like && mod.applied >= mod.total) {  // as apply_one()
+    if (due_for_processing(mod)) {
       process(mod);
       ++stats_.layers_processed;
     }
@@ -446,7 +452,7 @@ int64_t Session::apply_one(ModuleRecord& mod, size_t i, Parameter& param, const 
   note_applied(mod, i, n);
   if (!mod.transforms) return n;
   if (!write_now) mod.calls.push_back({i, loaded, shard});
-  if (mod.applied >= mod.total && !mod.attention_like) {
+  if (due_for_processing(mod)) {
     process(mod);
     ++stats_.layers_processed;
   }
