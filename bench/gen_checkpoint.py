@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes a bf16 checkpoint of random values in a real model's shapes (no network needed).
 
-    gen_checkpoint.py OUT_DIR [--shape dense|moe|v3|many] [--layers N] [--seed 0] [--shard-gb 2]
+    gen_checkpoint.py OUT_DIR [--shape dense|moe|v3|qwen3moe|many] [--layers N] [--seed 0] [--shard-gb 2]
                       [--block-fp8] [size flags of the shape, below]
 
 Shapes:
@@ -17,9 +17,15 @@ Shapes:
          chosen, each router with its e_score_correction_bias) and one multi-token-prediction layer
          (model.layers.<layers>.*: a decoder layer plus enorm/hnorm/eh_proj/shared_head) that a
          loader skips. With --block-fp8 every linear layer is fp8, as DeepSeek-V3 ships.
+  qwen3moe  Qwen3-30B-A3B (Qwen3MoeForCausalLM): hidden 2048, 32 query heads and 4 key/value heads
+         of head_dim 128 with per-head q_norm/k_norm, vocab 151936, every layer sparse: 128 routed
+         experts of intermediate 768 stored one tensor per projection (mlp.experts.{e}.gate_proj/
+         up_proj/down_proj), no shared experts, the router mlp.gate. --layers 4 (the default for
+         this shape): 1575 tensors, 6.23 GB; its experts (3.1 MB each) are half DeepSeek-V2-Lite's.
   many   the moe layout at small sizes for a 20 000-tensor update: hidden 256, 128 experts of
          intermediate 64, 4 heads, vocab 32000, --layers 52 (the default): 20 158 tensors, 0.68 GB.
-  --hidden, --intermediate, --moe-intermediate, --experts, --heads, --vocab override a shape's sizes.
+  --hidden, --intermediate, --moe-intermediate, --experts, --heads, --kv-heads, --head-dim, --vocab
+  override a shape's sizes.
 
 --block-fp8 writes the same values (same seed, same draws) quantized to 128x128 block fp8 by the
 tests' reference quantizer (tests/fixtures/fp8_quant.py): every linear weight as float8_e4m3fn plus
@@ -67,6 +73,8 @@ SHAPES = {
     "v3": dict(layers=6, hidden=2048, intermediate=10944, moe_intermediate=1408, experts=64, shared_experts=1,
                experts_per_token=6, heads=16, q_lora_rank=768, kv_lora_rank=512, qk_nope=128, qk_rope=64, v_head=128,
                vocab=102400, n_group=8, topk_group=4, mtp_layers=1),
+    "qwen3moe": dict(layers=4, hidden=2048, intermediate=6144, moe_intermediate=768, experts=128, experts_per_token=8,
+                     heads=32, kv_heads=4, head_dim=128, vocab=151936),
     "many": dict(layers=52, hidden=256, intermediate=512, moe_intermediate=64, experts=128, shared_experts=1,
                  experts_per_token=6, heads=4, kv_lora_rank=64, qk_nope=32, qk_rope=16, v_head=32, vocab=32000),
 }
@@ -163,6 +171,41 @@ def moe_model(s):
     return config, shapes
 
 
+def qwen3_moe_model(s):
+    """Qwen3-MoE's layout (transformers' and vLLM's names), as Qwen3-30B-A3B ships it: every layer sparse."""
+    h, hd, heads, kv = s["hidden"], s["head_dim"], s["heads"], s["kv_heads"]
+    config = {
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": h,
+        "intermediate_size": s["intermediate"], "moe_intermediate_size": s["moe_intermediate"],
+        "num_hidden_layers": s["layers"], "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": hd,
+        "num_experts": s["experts"], "num_experts_per_tok": s["experts_per_token"], "decoder_sparse_step": 1,
+        "mlp_only_layers": [], "norm_topk_prob": True, "vocab_size": s["vocab"], "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0, "max_position_embeddings": 40960, "tie_word_embeddings": False,
+        "attention_bias": False, "use_sliding_window": False, "hidden_act": "silu", "torch_dtype": "bfloat16",
+    }
+    w = s["moe_intermediate"]
+    shapes = [("model.embed_tokens.weight", (s["vocab"], h))]
+    for n in range(s["layers"]):
+        p = f"model.layers.{n}."
+        shapes += [
+            (p + "input_layernorm.weight", (h,)),
+            (p + "self_attn.q_proj.weight", (heads * hd, h)),
+            (p + "self_attn.k_proj.weight", (kv * hd, h)),
+            (p + "self_attn.v_proj.weight", (kv * hd, h)),
+            (p + "self_attn.o_proj.weight", (h, heads * hd)),
+            (p + "self_attn.q_norm.weight", (hd,)),
+            (p + "self_attn.k_norm.weight", (hd,)),
+            (p + "post_attention_layernorm.weight", (h,)),
+            (p + "mlp.gate.weight", (s["experts"], h)),
+        ]
+        for e in range(s["experts"]):
+            q = p + f"mlp.experts.{e}."
+            shapes += [(q + "gate_proj.weight", (w, h)), (q + "up_proj.weight", (w, h)), (q + "down_proj.weight", (h, w))]
+    shapes += [("model.norm.weight", (h,)), ("lm_head.weight", (s["vocab"], h))]
+    return config, shapes
+
+
+MODELS = {"dense": dense_model, "moe": moe_model, "v3": moe_model, "many": moe_model, "qwen3moe": qwen3_moe_model}
 ELEMENT_BYTES = {"BF16": 2, "F8_E4M3": 1, "F32": 4}
 
 
@@ -218,7 +261,8 @@ def main():
     ap.add_argument("out")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="dense")
     ap.add_argument("--layers", type=int)
-    for size in ("hidden", "intermediate", "moe-intermediate", "experts", "heads", "kv-heads", "vocab", "q-lora-rank",
+    for size in ("hidden", "intermediate", "moe-intermediate", "experts", "heads", "kv-heads", "head-dim", "vocab",
+                 "q-lora-rank",
                  "kv-lora-rank", "n-group", "topk-group"):
         ap.add_argument("--" + size, type=int)
     ap.add_argument("--shard-gb", type=float, default=2.0)
@@ -239,7 +283,7 @@ def main():
     for old in os.listdir(a.out):
         if old.endswith(".safetensors") or old == "bench_settings.json":
             os.remove(os.path.join(a.out, old))
-    config, shapes = dense_model(sizes) if a.shape == "dense" else moe_model(sizes)
+    config, shapes = MODELS[a.shape](sizes)
 
     # Random values drawn on the GPU where there is one (seconds instead of minutes for 8B parameters).
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -2,7 +2,7 @@
 """Load, reload and update throughput on a GPU, dense and MoE, against ceilings and other
 loaders measured in the same run.
 
-    load_bench.py --build BUILD --work DIR --out DIR [--shapes moe,dense32,many,dense8]
+    load_bench.py --build BUILD --work DIR --out DIR [--shapes moe,dense32,many,dense8,qwen3moe]
                   [--rows probe,load,reload,update,blockfp8,peers] [--peers LIST] [--repeats 3]
                   [--budget-s 500] [--plain-path] [--cold] [--sweep] [--smoke]
     load_bench.py --report-only bench.json --out DIR      (the tables and plot again)
@@ -12,6 +12,8 @@ Shapes (bench/gen_checkpoint.py, bf16 random values; checkpoints A and B of the 
   dense32  Llama-3-8B shapes, 32 layers (16.1 GB, 291 tensors); B = A (reloads re-read A) to
            spare the host memory a second 16 GB copy would take
   moe      DeepSeek-V2-Lite shapes, 6 layers (6.85 GB, 1028 tensors)
+  qwen3moe Qwen3-30B-A3B shapes, 4 layers (6.23 GB, 1575 tensors: 128 experts of 3.1 MB a layer);
+           not in the default --shapes
   many     the MoE layout at small sizes, 52 layers (20 158 tensors, 0.68 GB): the update row's
            host time per tensor
 
@@ -62,8 +64,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES = {
     "dense8": dict(args=["--shape", "dense", "--layers", "8"], title="Llama-3-8B shapes, 8 layers", twin=True),
     "dense32": dict(args=["--shape", "dense", "--layers", "32"], title="Llama-3-8B shapes, 32 layers", twin=False),
-    "moe": dict(args=["--shape", "moe", "--layers", "6"], title="DeepSeek-V2-Lite shapes, 6 layers", twin=True),
-    "many": dict(args=["--shape", "many"], title="DeepSeek-V2 layout at small sizes, 52 layers", twin=True),
+    "moe": dict(args=["--shape", "moe", "--layers", "6"], title="DeepSeek-V2-Lite shapes, 6 layers", twin=True,
+                moe=True),
+    "qwen3moe": dict(args=["--shape", "qwen3moe", "--layers", "4"], title="Qwen3-30B-A3B shapes, 4 layers", twin=True,
+                     moe=True),
+    "many": dict(args=["--shape", "many"], title="DeepSeek-V2 layout at small sizes, 52 layers", twin=True, moe=True),
 }
 ALL_PEERS = ["instanttensor", "fastsafetensors", "runai", "safetensors", "transformers"]
 START = time.time()
@@ -71,7 +76,7 @@ DEVICE = "cuda"  # --smoke: "cpu"
 # --smoke: every shape at toy sizes, on the CPU, without the ceilings and peers: a check of the
 # bench itself (generation, every loadkit row, the tables), in a minute, where there is no GPU.
 SMOKE_SIZES = ["--layers", "3", "--hidden", "64", "--intermediate", "96", "--heads", "4", "--kv-heads", "2", "--vocab", "500"]
-SMOKE_MOE = ["--moe-intermediate", "32", "--experts", "8"]
+SMOKE_MOE = ["--moe-intermediate", "32", "--experts", "8", "--head-dim", "16"]
 
 
 def log(*x):
@@ -404,7 +409,7 @@ def main():
         A = os.path.join(a.work, s, "a")
         B = os.path.join(a.work, s, "b") if spec["twin"] else A
         for d, seed in ((A, 0), (B, 1)) if spec["twin"] else ((A, 0),):
-            smoke = SMOKE_SIZES + (SMOKE_MOE if "moe" in spec["args"] else []) if a.smoke else []
+            smoke = SMOKE_SIZES + (SMOKE_MOE if spec.get("moe") else []) if a.smoke else []
             if a.smoke and s == "dense32":
                 smoke = [x if x != "3" else "4" for x in smoke]  # another size than dense8's
             subprocess.run([sys.executable, os.path.join(HERE, "gen_checkpoint.py"), d, "--seed", str(seed)] + spec["args"]
@@ -482,6 +487,13 @@ def main():
     open(os.path.join(a.out, "bench.txt"), "w").write(text)
     print(text)
     plot(out, os.path.join(a.out, "bench.png"))
+    if a.smoke:  # a check of the bench: every row ran, and what loadkit itself promises held
+        broken = [f"{s} {r['name']}: {r['status']}" for s, d in out["shapes"].items() for r in d["results"]
+                  if r.get("status", "").startswith("failed")]
+        broken += [f"{s} {r['name']}: pointers moved" for s, d in out["shapes"].items() for r in d["results"]
+                   if r.get("pointers_stable") is False]
+        if broken:
+            sys.exit("bench smoke: " + "; ".join(broken))
 
 
 def ratios_of(results):
@@ -533,6 +545,12 @@ TARGETS = [
     ("update >= 0.5 x D2D (MoE)", "moe", "update_vs_d2d", 0.5),
     ("first load, fresh process >= 0.8 x pinned H2D (dense 32 layers)", "dense32", "fresh_process_load_vs_pinned_h2d", 0.8),
     ("first load, fresh process >= 0.75 x pinned H2D (MoE)", "moe", "fresh_process_load_vs_pinned_h2d", 0.75),
+    # The same MoE targets on Qwen3-MoE's layout (with --shapes qwen3moe): more, smaller experts.
+    ("fp8 reload >= 0.9 x bf16 reload (Qwen3-MoE)", "qwen3moe", "fp8_reload_vs_bf16_reload", 0.9),
+    ("block-fp8 reload >= 0.9 x bf16 reload (Qwen3-MoE)", "qwen3moe", "block_fp8_reload_vs_bf16_reload", 0.9),
+    ("bf16 reload >= 0.85 x pinned H2D (Qwen3-MoE)", "qwen3moe", "bf16_reload_vs_pinned_h2d", 0.85),
+    ("update >= 0.5 x D2D (Qwen3-MoE)", "qwen3moe", "update_vs_d2d", 0.5),
+    ("first load, fresh process >= 0.75 x pinned H2D (Qwen3-MoE)", "qwen3moe", "fresh_process_load_vs_pinned_h2d", 0.75),
 ]
 
 
