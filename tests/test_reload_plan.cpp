@@ -11,6 +11,7 @@
 #include <cstdlib>
 
 #include "device_skip.h"
+#include "loadkit/error.h"
 #include "loadkit/runtime/engine.h"
 #include "loadkit/runtime/tensor_files.h"
 #include "model_checks.h"
@@ -241,6 +242,29 @@ TEST(SmallCopies, HoldsOneStorageAndIssuesItBeforeAnythingElse) {
   w5.dst.zero_();
   held.issue();  // nothing held any more
   EXPECT_EQ(w5.dst.count_nonzero().item<int64_t>(), 0);
+}
+
+// A replayed byte copy into a rebuilt module finds its destination by offset (PlanWrite::Into::
+// bytes_of) instead of building the view: the same first byte as the view (as_strided, the
+// independent path), and as_strided's bounds, checked before anything is written.
+TEST(PlanWriteInto, BytesOfIsTheViewsFirstByteWithinTheViewsBounds) {
+  const at::Tensor storage = at::zeros({256}, at::TensorOptions().dtype(at::kBFloat16));
+  const at::Tensor param = storage.narrow(0, 16, 200).view({20, 10});  // a parameter at a storage offset
+  reload::PlanWrite::Into into;
+  into.offset = 30;  // rows 3 to 7
+  into.sizes = {5, 10};
+  into.strides = {10, 1};
+  const at::Tensor view = into.view_of(param);
+  EXPECT_EQ(into.bytes_of(param, static_cast<int64_t>(view.nbytes())), view.data_ptr());
+
+  // The last element of the storage still fits; one past it, or a negative offset, does not.
+  into.offset = 256 - 16 - 50;
+  EXPECT_EQ(into.bytes_of(param, 100), into.view_of(param).data_ptr());
+  into.offset += 1;
+  EXPECT_THROW(into.view_of(param), c10::Error);
+  EXPECT_THROW(into.bytes_of(param, 100), Error);
+  into.offset = -17;
+  EXPECT_THROW(into.bytes_of(param, 2), Error);
 }
 
 }  // namespace

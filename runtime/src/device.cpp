@@ -77,7 +77,13 @@ void copy_bytes(const c10::Device& device, void* dst, const void* src, uint64_t 
     return;
   }
 #endif
-  std::memcpy(dst, src, n);
+  // As `copy_` splits a large contiguous copy over the intra-op threads; a small one stays on this one.
+  constexpr int64_t kGrain = 1 << 20;
+  auto* d = static_cast<char*>(dst);
+  const auto* s = static_cast<const char*>(src);
+  at::parallel_for(0, static_cast<int64_t>(n), kGrain, [&](int64_t begin, int64_t end) {
+    std::memcpy(d + begin, s + begin, static_cast<size_t>(end - begin));
+  });
 }
 
 void reset_peak(const c10::Device& device) {

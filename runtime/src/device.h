@@ -30,7 +30,7 @@ void reproducible_cpu_math();
 void synchronize(const c10::Device& device);
 /// `n` bytes from `src` to `dst`, both memory of `device`: on CUDA one cudaMemcpyAsync queued on
 /// the device's current stream (where `copy_` would queue it, without its dispatch and checks),
-/// on the CPU a memcpy.
+/// on the CPU memcpy (over the intra-op threads from 1 MiB on, as `copy_`). The two must not overlap.
 void copy_bytes(const c10::Device& device, void* dst, const void* src, uint64_t n);
 /// Caching-allocator statistics (CUDA only; 0 elsewhere).
 void reset_peak(const c10::Device& device);

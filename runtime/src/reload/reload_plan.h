@@ -45,14 +45,16 @@
 /// (module_step.h), put back if the reload fails first.
 ///
 /// A write whose destination and source are contiguous, of one dtype and
-/// shape, on one CUDA device (every write of a plain tensor, a block-fp8
-/// weight and its scale, an expert into its module's load format) is
-/// replayed as a copy of bytes (device::copy_bytes): the same bytes as its
-/// `copy_`, without the dispatch and the views. Such writes of small tensors
-/// that share one staged allocation (a file's scales, stored together) are
-/// held and issued as one multi-tensor copy (SmallCopies, update_plan.h),
-/// before the next write of another storage, before a module is processed
-/// and before the reload returns or fails.
+/// shape, on one device, in two storages (every write of a plain tensor, a
+/// block-fp8 weight and its scale, an expert into its module's load format)
+/// is replayed as a copy of bytes (device::copy_bytes): the same bytes as its
+/// `copy_`, without the dispatch and the views (a destination in a rebuilt
+/// module is found by offset, its bounds checked as a view's would be). On
+/// CUDA, such writes of small tensors that share one staged allocation (a
+/// file's scales, stored together) are held and issued as one multi-tensor
+/// copy (SmallCopies, update_plan.h), before the next write of another
+/// storage, before a module is processed and before the reload returns or
+/// fails.
 
 #include <cstddef>
 #include <cstdint>

@@ -238,6 +238,9 @@ void Session::apply_by_plan(WeightStream& stream) {
   const ReloadPlan& plan = *reload_plan_;
   NamedWeight w;
   SmallCopies held;  // issued before any write it does not hold, before processing, and at the end
+  // Held on CUDA, where a copy's issue costs more than its bytes; a memcpy on the CPU costs its
+  // bytes, and holding a tensor there would keep the host stream from reusing its buffer.
+  const bool hold_small = ctx_.device.is_cuda();
   size_t k = 0, feed = 0, write = 0;
   try {
     while (stream.next(w)) {
@@ -257,10 +260,9 @@ void Session::apply_by_plan(WeightStream& stream) {
       }
       for (; write < e.writes; ++write) {
         const PlanWrite& pw = plan.writes[write];
-        const at::Tensor to =
-            pw.into ? pw.destination(modules_[pw.into->module].params[pw.into->param].original->data) : pw.dst;
-        if (held.hold(pw, w.tensor, to)) continue;  // else what it held is issued: this write comes after
-        if (!pw.copy_bytes(w.tensor, to)) write_now({to, pw.source(w.tensor)});
+        const at::Tensor& param = pw.into ? modules_[pw.into->module].params[pw.into->param].original->data : pw.dst;
+        if (hold_small && held.hold(pw, w.tensor, param)) continue;  // else what it held is issued first
+        if (!pw.copy_bytes(w.tensor, param)) write_now({pw.destination(param), pw.source(w.tensor)});
       }
       for (size_t f = first_feed; f < e.feeds; ++f) {
         ModuleRecord& mod = modules_[plan.feeds[f].module];

@@ -5,6 +5,7 @@
 #include <functional>
 
 #include "device.h"
+#include "loadkit/error.h"
 
 namespace loadkit::reload {
 
@@ -37,8 +38,9 @@ bool PlanWrite::record(const WeightWrite& w, const at::Tensor& from, int64_t ten
     out.sizes = w.src.sizes().vec();
     out.strides = w.src.strides().vec();
   }
-  out.byte_copy = w.dst.is_cuda() && w.src.device() == w.dst.device() && w.src.scalar_type() == w.dst.scalar_type() &&
-                  w.src.sizes() == w.dst.sizes() && w.src.is_contiguous() && w.dst.is_contiguous();
+  out.byte_copy = w.src.device() == w.dst.device() && w.src.scalar_type() == w.dst.scalar_type() &&
+                  w.src.sizes() == w.dst.sizes() && w.src.is_contiguous() && w.dst.is_contiguous() &&
+                  !w.src.is_alias_of(w.dst);  // memcpy: never within one storage
   out.nbytes = static_cast<int64_t>(w.dst.nbytes());
   return true;
 }
@@ -60,12 +62,28 @@ at::Tensor PlanWrite::Into::view_of(const at::Tensor& param_data) const {
   return param_data.as_strided(sizes, strides, param_data.storage_offset() + offset);
 }
 
-bool SmallCopies::hold(const PlanWrite& pw, const at::Tensor& from, const at::Tensor& to) {
-  const bool small = pw.byte_copy && pw.nbytes <= kSmallBytes && from.is_contiguous() && from.device() == to.device() &&
+void* PlanWrite::Into::bytes_of(const at::Tensor& param_data, int64_t nbytes) const {
+  // view_of()'s bounds, which as_strided checks, checked here: a contiguous view `nbytes` long.
+  const auto item = static_cast<int64_t>(param_data.itemsize());
+  const int64_t begin = (param_data.storage_offset() + offset) * item;
+  if (!param_data.has_storage() || begin < 0 || begin + nbytes > static_cast<int64_t>(param_data.storage().nbytes()))
+    fail(ErrorKind::Other, "a replayed write of ", nbytes, " bytes at element ", offset,
+         " does not fit its parameter's storage (", param_data.has_storage() ? param_data.storage().nbytes() : 0,
+         " bytes)");
+  return static_cast<char*>(param_data.storage().mutable_data()) + begin;
+}
+
+bool SmallCopies::hold(const PlanWrite& pw, const at::Tensor& from, const at::Tensor& param_data) {
+  const bool small = pw.byte_copy && pw.nbytes <= kSmallBytes && from.is_contiguous() &&
                      static_cast<int64_t>(from.storage().nbytes()) <= kHeldBytes;
   if (!held_.empty() && (!small || !from.is_alias_of(held_.front().src))) issue();
   if (!small) return false;
-  held_.push_back({to, pw.source(from)});
+  at::Tensor to = pw.destination(param_data);
+  if (to.device() != from.device()) {
+    issue();
+    return false;
+  }
+  held_.push_back({std::move(to), pw.source(from)});
   return true;
 }
 
@@ -80,10 +98,12 @@ at::Tensor PlanWrite::source(const at::Tensor& from) const {
   return whole ? from : from.as_strided(sizes, strides, from.storage_offset() + offset);
 }
 
-bool PlanWrite::copy_bytes(const at::Tensor& from, const at::Tensor& to) const {
+bool PlanWrite::copy_bytes(const at::Tensor& from, const at::Tensor& param_data) const {
+  const at::Tensor& to = into ? param_data : dst;
   if (!byte_copy || !from.is_contiguous() || from.device() != to.device()) return false;
   const auto* src = static_cast<const char*>(from.const_data_ptr()) + offset * static_cast<int64_t>(from.itemsize());
-  device::copy_bytes(to.device(), to.mutable_data_ptr(), src, static_cast<uint64_t>(nbytes));
+  void* out = into ? into->bytes_of(param_data, nbytes) : dst.mutable_data_ptr();
+  device::copy_bytes(to.device(), out, src, static_cast<uint64_t>(nbytes));
   return true;
 }
 

@@ -77,14 +77,17 @@ struct PlanWrite {
     std::vector<int64_t> sizes, strides;
     /// The destination in `param_data`, the tensor that parameter holds now.
     at::Tensor view_of(const at::Tensor& param_data) const;
+    /// The same destination's first byte, for a contiguous one `nbytes` long (a byte copy's),
+    /// without building the view; an Other error when it does not fit param_data's storage.
+    void* bytes_of(const at::Tensor& param_data, int64_t nbytes) const;
   };
   std::optional<Into> into;
   int64_t tensor = -1;  ///< -1: a zero write
   bool whole = false;   ///< the source is that tensor itself
   int64_t offset = 0;   ///< storage offset relative to the tensor's own
   std::vector<int64_t> sizes, strides;
-  /// A copy of bytes: destination and source contiguous, of one dtype and shape, on one CUDA
-  /// device, `nbytes` long from `offset` elements into the tensor.
+  /// A copy of bytes: destination and source contiguous, of one dtype and shape, on one device,
+  /// in two storages, `nbytes` long from `offset` elements into the tensor.
   bool byte_copy = false;
   int64_t nbytes = 0;
 
@@ -101,10 +104,10 @@ struct PlanWrite {
   /// The source for `from`, a tensor of the recorded one's sizes, strides and dtype (undefined:
   /// a zero write).
   at::Tensor source(const at::Tensor& from) const;
-  /// For a byte copy whose `from` is contiguous on the device of `to` (destination()): queues it
-  /// (device::copy_bytes, no dispatch) and returns true. Otherwise false, nothing done: write
-  /// source(from) into `to` instead.
-  bool copy_bytes(const at::Tensor& from, const at::Tensor& to) const;
+  /// For a byte copy whose `from` is contiguous on the destination's device (destination(param_data),
+  /// never built): queues it (device::copy_bytes, no dispatch) and returns true. Otherwise false,
+  /// nothing done: write source(from) into destination(param_data) instead.
+  bool copy_bytes(const at::Tensor& from, const at::Tensor& param_data) const;
 };
 
 /// Replayed byte copies of small tensors that share one source storage (the tensors a staged
@@ -118,11 +121,11 @@ class SmallCopies {
   static constexpr int64_t kSmallBytes = 64 << 10;  ///< a write this small or smaller may be held
   static constexpr int64_t kHeldBytes = 4 << 20;    ///< the largest source storage held
 
-  /// Holds `pw`'s write of `from` into `to` (its destination()) when it is a byte copy of at most
-  /// kSmallBytes out of a storage of at most kHeldBytes, and returns true. What is held from
-  /// another storage is issued first; when it returns false, everything held has been issued, so
-  /// the caller's own write comes after them, in the plan's order.
-  bool hold(const PlanWrite& pw, const at::Tensor& from, const at::Tensor& to);
+  /// Holds `pw`'s write of `from` into its destination(param_data) when it is a byte copy of at
+  /// most kSmallBytes out of a storage of at most kHeldBytes on the destination's device, and
+  /// returns true. What is held from another storage is issued first; when it returns false,
+  /// everything held has been issued, so the caller's own write comes after them, in the plan's order.
+  bool hold(const PlanWrite& pw, const at::Tensor& from, const at::Tensor& param_data);
   /// Issues what is held and lets go of its storage.
   void issue();
 
