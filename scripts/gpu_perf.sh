@@ -5,6 +5,15 @@
 #   scripts/gpu_perf.sh tests    build, then the GPU tests of the fast paths (TEST_REGEX; ~2 min)
 #   scripts/gpu_perf.sh bench    build, then bench/load_bench.py        (~5-6 min after the build)
 #   scripts/gpu_perf.sh all      the three in a row (longer than one call of the device tool)
+#   scripts/gpu_perf.sh ab       a change measured against this tree in one call (below; ~8 min
+#                                when a `bench` call left the build and the checkpoints)
+#
+# ab: A is this tree, B this tree with AB_PATCH applied (default .device-deps/ab.patch, e.g.
+# `git format-patch main..BRANCH --stdout`). In one build folder, one after the other: A's bench
+# rows, the patch applied and an incremental build, B's tests (AB_TESTS, default the staged
+# stream's), B's rows, the patch undone and A's rows again (the drift between the two A runs
+# says how far B's difference can be trusted). Rows AB_ROWS (default reload,blockfp8), shapes
+# and repeats from BENCH_ARGS (default --shapes moe --repeats 3); each run's files in logs/ab-*/.
 #
 # The build is incremental (ninja, ccache) when the machine is still warm from the previous call,
 # so `tests` in one call and `bench` right after keeps each call under the tool's 10 minutes.
@@ -41,24 +50,24 @@ for f in .device-deps/*.deb; do [ -e "$f" ] && dpkg -x "$f" /; done
 ldconfig
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/logs/gpu.txt"
 
-build() {
-  local start=$(date +%s)
-  LOADKIT_BUILD_DIR=$PWD/build-gpu LOADKIT_JOBS=$(nproc) ./run.sh build >"$OUT/logs/build.log" 2>&1 ||
-    { tail -40 "$OUT/logs/build.log"; summary "BUILD FAILED (logs.tar.gz: build.log)"; pack; exit 1; }
-  summary "build: $(( $(date +%s) - start )) s"
+build() {  # [log name suffix]
+  local start=$(date +%s) log="$OUT/logs/build${1:+-$1}.log"
+  LOADKIT_BUILD_DIR=$PWD/build-gpu LOADKIT_JOBS=$(nproc) ./run.sh build >"$log" 2>&1 ||
+    { tail -40 "$log"; summary "BUILD FAILED (logs.tar.gz: $(basename "$log"))"; pack; exit 1; }
+  summary "build${1:+ $1}: $(( $(date +%s) - start )) s"
 }
 
-tests() {
-  local start=$(date +%s)
+tests() {  # [log name suffix]
+  local start=$(date +%s) sfx=${1:+-$1}
   local regex=${TEST_REGEX:-'QuantKernels|StagedMoE|StagedLoad|ReloadGpu|WeightSyncGpu\.Fsdp|Reload\..*_cuda|(fp8|int8)_cuda|UpdatePlanGpu|PinnedPool'}
   # shellcheck disable=SC2086
   (cd build-gpu && ctest -R "$regex" ${TEST_EXCLUDE:+-E "$TEST_EXCLUDE"} -j "${CTEST_JOBS:-4}" --output-on-failure \
-    --timeout 400) >"$OUT/logs/ctest.log" 2>&1 || status=1
-  grep -h "MEASURE" build-gpu/Testing/Temporary/LastTest.log 2>/dev/null | sort -u >"$OUT/logs/measure.txt"
-  cp build-gpu/Testing/Temporary/LastTest.log "$OUT/logs/" 2>/dev/null
-  summary "tests ($regex): $(grep -E 'tests passed|tests failed' "$OUT/logs/ctest.log" | tail -1) in $(( $(date +%s) - start )) s"
-  grep -E "^\s+[0-9]+ - .*\((Failed|Timeout|SEGFAULT|Exception)" "$OUT/logs/ctest.log" | tee -a "$OUT/summary.txt"
-  grep -E "MoE reload|fp8 (linear|experts)" "$OUT/logs/measure.txt" | tee -a "$OUT/summary.txt"
+    --timeout 400) >"$OUT/logs/ctest$sfx.log" 2>&1 || status=1
+  grep -h "MEASURE" build-gpu/Testing/Temporary/LastTest.log 2>/dev/null | sort -u >"$OUT/logs/measure$sfx.txt"
+  cp build-gpu/Testing/Temporary/LastTest.log "$OUT/logs/LastTest$sfx.log" 2>/dev/null
+  summary "tests${1:+ $1} ($regex): $(grep -E 'tests passed|tests failed' "$OUT/logs/ctest$sfx.log" | tail -1) in $(( $(date +%s) - start )) s"
+  grep -E "^\s+[0-9]+ - .*\((Failed|Timeout|SEGFAULT|Exception)" "$OUT/logs/ctest$sfx.log" | tee -a "$OUT/summary.txt"
+  grep -E "MoE reload|fp8 (linear|experts)" "$OUT/logs/measure$sfx.txt" | tee -a "$OUT/summary.txt"
 }
 
 install_peers() {
@@ -72,13 +81,19 @@ install_peers() {
   fi
 }
 
-bench() {
-  install_peers
+bench_work() {  # where the checkpoints go
   local work=${BENCH_WORK:-}
   if [ -z "$work" ]; then
     local free_kb=$(df -k --output=avail /dev/shm 2>/dev/null | tail -1)
     if [ "${free_kb:-0}" -gt $((48 * 1024 * 1024)) ]; then work=/dev/shm/loadkit-bench; else work=/tmp/loadkit-bench; fi
   fi
+  echo "$work"
+}
+
+bench() {
+  install_peers
+  local work
+  work=$(bench_work)
   summary "bench checkpoints in $work ($(df -h --output=avail "$(dirname "$work")" | tail -1 | tr -d ' ') free there)"
   local start=$(date +%s)
   # What is left of 9 minutes since this script started, less packing; at least 2 minutes.
@@ -112,6 +127,34 @@ bench() {
       /^(loadkit_|peer_|pinned_h2d|d2d_copy_one_block)/ || /^  profile/' "$OUT/bench.txt" >>"$OUT/summary.txt"
 }
 
+ab() {
+  local patch=${AB_PATCH:-.device-deps/ab.patch} work start=$(date +%s)
+  [ -e "$patch" ] || { summary "ab: no patch at $patch"; status=1; return; }
+  work=$(bench_work)
+  summary "ab: A = this tree, B = A + $patch; checkpoints in $work"
+  run_rows() {  # name
+    local dir="$OUT/logs/ab-$1"
+    mkdir -p "$dir"
+    # shellcheck disable=SC2086
+    "$PY" bench/load_bench.py --build build-gpu --work "$work" --out "$dir" ${BENCH_ARGS:---shapes moe --repeats 3} \
+      --rows "${AB_ROWS:-reload,blockfp8}" >"$dir/bench.log" 2>&1 || { status=1; tail -5 "$dir/bench.log"; }
+    rm -f "$dir/bench.png"
+    summary "== $1 ($(( $(date +%s) - start )) s):"
+    [ -e "$dir/bench.txt" ] && grep -E "^(loadkit_reload|loadkit_sync|  [a-z_0-9]+_vs_[a-z_0-9]+: |  profile loadkit_reload)" \
+      "$dir/bench.txt" | cut -c1-700 >>"$OUT/summary.txt"
+  }
+  run_rows a
+  git apply "$patch" 2>"$OUT/logs/ab-apply.log" || patch -p1 <"$patch" >>"$OUT/logs/ab-apply.log" 2>&1 ||
+    { summary "ab: the patch does not apply (logs.tar.gz: ab-apply.log)"; status=1; return; }
+  build b
+  TEST_REGEX=${AB_TESTS:-'StagedLoad|StagedMoE|ShardedStaged|PinnedPool'} tests b
+  run_rows b
+  git apply -R "$patch" 2>>"$OUT/logs/ab-apply.log" || patch -R -p1 <"$patch" >>"$OUT/logs/ab-apply.log" 2>&1 ||
+    { summary "ab: the patch does not come off again: no second A run"; status=1; return; }
+  build a-again
+  run_rows a-again
+}
+
 pack() {
   tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs 2>/dev/null && rm -rf "$OUT/logs"
 }
@@ -121,7 +164,8 @@ case "$MODE" in
   tests) build; tests ;;
   bench) build; bench ;;
   all) build; tests; bench ;;
-  *) echo "usage: scripts/gpu_perf.sh build|tests|bench|all" >&2; exit 2 ;;
+  ab) build; ab ;;
+  *) echo "usage: scripts/gpu_perf.sh build|tests|bench|all|ab" >&2; exit 2 ;;
 esac
 pack
 echo
