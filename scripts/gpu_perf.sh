@@ -59,7 +59,7 @@ build() {  # [log name suffix]
 
 tests() {  # [log name suffix]
   local start=$(date +%s) sfx=${1:+-$1}
-  local regex=${TEST_REGEX:-'QuantKernels|StagedMoE|StagedLoad|ReloadGpu|WeightSyncGpu\.Fsdp|Reload\..*_cuda|(fp8|int8)_cuda|UpdatePlanGpu|PinnedPool'}
+  local regex=${TEST_REGEX:-'QuantKernels|QuantScratch|StagedMoE|StagedLoad|ReloadGpu|WeightSyncGpu\.Fsdp|Reload\..*_cuda|(fp8|int8)_cuda|UpdatePlanGpu|PinnedPool'}
   # shellcheck disable=SC2086
   (cd build-gpu && ctest -R "$regex" ${TEST_EXCLUDE:+-E "$TEST_EXCLUDE"} -j "${CTEST_JOBS:-4}" --output-on-failure \
     --timeout 400) >"$OUT/logs/ctest$sfx.log" 2>&1 || status=1
@@ -67,7 +67,7 @@ tests() {  # [log name suffix]
   cp build-gpu/Testing/Temporary/LastTest.log "$OUT/logs/LastTest$sfx.log" 2>/dev/null
   summary "tests${1:+ $1} ($regex): $(grep -E 'tests passed|tests failed' "$OUT/logs/ctest$sfx.log" | tail -1) in $(( $(date +%s) - start )) s"
   grep -E "^\s+[0-9]+ - .*\((Failed|Timeout|SEGFAULT|Exception)" "$OUT/logs/ctest$sfx.log" | tee -a "$OUT/summary.txt"
-  grep -E "MoE reload|fp8 (linear|experts)" "$OUT/logs/measure$sfx.txt" | tee -a "$OUT/summary.txt"
+  grep -E "MoE reload|fp8 (linear|experts)|processing peak" "$OUT/logs/measure$sfx.txt" | tee -a "$OUT/summary.txt"
 }
 
 install_peers() {

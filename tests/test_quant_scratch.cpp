@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include <iostream>
 #include <string>
 
 #include "device.h"
@@ -82,6 +83,8 @@ TEST_P(QuantScratch, MoEProcessingStaysWithinItsStatedScratch) {
     const KernelTargets targets = targets_of(first);
     const uint64_t stated = second.method().process_scratch_bytes(second.shape(), ctx);
     const uint64_t peak = peak_of(ctx.device, [&] { second.process_weights_after_loading(targets); });
+    std::cout << "[ MEASURE  ] " << GetParam() << " experts " << experts << "x" << hidden << "x" << inter
+              << ": processing peak " << peak << " bytes, stated scratch " << stated << std::endl;
     EXPECT_LE(peak, stated + kSlack) << GetParam() << " " << experts << " experts: stated " << stated;
     EXPECT_LE(stated, peak + kSlack) << GetParam() << " " << experts << " experts: stated " << stated
                                      << " for a peak of " << peak;

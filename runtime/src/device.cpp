@@ -100,8 +100,28 @@ c10::CachingAllocator::Stat allocated(const c10::Device& device) {
   auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
   return stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)];
 }
+c10::CachingAllocator::Stat requested(const c10::Device& device) {
+  auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
+  return stats.requested_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)];
+}
 #endif
 }  // namespace
+
+uint64_t requested_bytes(const c10::Device& device) {
+#if LOADKIT_CUDA
+  if (device.is_cuda()) return static_cast<uint64_t>(requested(device).current);
+#endif
+  (void)device;
+  return 0;
+}
+
+uint64_t peak_requested_bytes(const c10::Device& device) {
+#if LOADKIT_CUDA
+  if (device.is_cuda()) return static_cast<uint64_t>(requested(device).peak);
+#endif
+  (void)device;
+  return 0;
+}
 
 uint64_t allocated_bytes(const c10::Device& device) {
 #if LOADKIT_CUDA

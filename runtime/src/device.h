@@ -36,6 +36,10 @@ void copy_bytes(const c10::Device& device, void* dst, const void* src, uint64_t 
 void reset_peak(const c10::Device& device);
 uint64_t allocated_bytes(const c10::Device& device);
 uint64_t peak_allocated_bytes(const c10::Device& device);
+/// The same in the bytes asked for: allocated_bytes less the allocator's rounding (blocks of 512
+/// bytes, and a cached block handed out whole when less than 1 MiB of it would be left over).
+uint64_t requested_bytes(const c10::Device& device);
+uint64_t peak_requested_bytes(const c10::Device& device);
 /// Bytes new tensors on `device` can still get: CUDA: the driver's free memory
 /// plus what the caching allocator holds unused; CPU: MemAvailable + free swap,
 /// bounded by the cgroup's (v2) limit. UINT64_MAX where unknown.
