@@ -34,17 +34,21 @@
 namespace loadkit {
 
 namespace {
-uint64_t env_number(const char* name, uint64_t fallback) {
+/// A knob's value: `fallback` when unset; a Usage error unless an integer from 1 to `max` (so that
+/// no setting makes a thread count, a ring or a shift out of range).
+uint64_t env_number(const char* name, uint64_t fallback, uint64_t max) {
   const char* text = std::getenv(name);
   if (!text || !*text) return fallback;
   char* end = nullptr;
+  errno = 0;
   const unsigned long long value = std::strtoull(text, &end, 10);
-  if (*end != '\0' || value == 0) fail(ErrorKind::Usage, name, "='", text, "' is not a positive integer");
+  if (*end != '\0' || errno != 0 || value == 0 || value > max || text[0] == '-')
+    fail(ErrorKind::Usage, name, "='", printable(text), "' is not an integer from 1 to ", max);
   return value;
 }
 }  // namespace
 
-uint64_t default_window_bytes() { return env_number("LOADKIT_STAGING_WINDOW_MB", 512) << 20; }
+uint64_t default_window_bytes() { return env_number("LOADKIT_STAGING_WINDOW_MB", 512, uint64_t{1} << 24) << 20; }
 
 bool staging_enabled(const c10::Device& device) {
 #if LOADKIT_CUDA
@@ -153,9 +157,9 @@ class StagedStream final : public WeightStream {
     const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
     const int threads = options.threads > 0 ? options.threads
                                             : static_cast<int>(env_number("LOADKIT_STAGING_THREADS",
-                                                                          std::clamp(cores * 3 / 4, 1, 16)));
-    piece_bytes_ = options.piece_bytes ? options.piece_bytes : env_number("LOADKIT_STAGING_PIECE_KB", 2 << 10) << 10;
-    depth_ = options.depth > 0 ? options.depth : static_cast<int>(env_number("LOADKIT_STAGING_DEPTH", 3));
+                                                                          std::clamp(cores * 3 / 4, 1, 16), 64));
+    piece_bytes_ = options.piece_bytes ? options.piece_bytes : env_number("LOADKIT_STAGING_PIECE_KB", 2 << 10, 1 << 20) << 10;
+    depth_ = options.depth > 0 ? options.depth : static_cast<int>(env_number("LOADKIT_STAGING_DEPTH", 3, 64));
     window_bytes_ = options.window_bytes ? options.window_bytes : default_window_bytes();
     limit_bytes_ = window_bytes_ + window_bytes_ / 20;  // the bound, see the header
     pinning_at_open_ = pinning_nanoseconds().load();

@@ -72,7 +72,7 @@
 namespace loadkit {
 
 struct StagingOptions {
-  int threads = 0;            ///< reader threads; 0: LOADKIT_STAGING_THREADS or 3/4 of the cores, 1 to 16
+  int threads = 0;            ///< reader threads; 0: LOADKIT_STAGING_THREADS (1 to 64) or 3/4 of the cores, 1 to 16
   uint64_t piece_bytes = 0;   ///< bytes per read and per copy; 0: LOADKIT_STAGING_PIECE_KB or 2 MiB
   int depth = 0;              ///< pinned buffers per reader; 0: LOADKIT_STAGING_DEPTH or 3
   uint64_t window_bytes = 0;  ///< device bytes read ahead of the consumer; 0: LOADKIT_STAGING_WINDOW_MB or 512 MiB
