@@ -2,7 +2,7 @@
 """Load, reload and update throughput on a GPU, dense and MoE, against ceilings and other
 loaders measured in the same run.
 
-    load_bench.py --build BUILD --work DIR --out DIR [--shapes moe,dense32,many,dense8,qwen3moe]
+    load_bench.py --build BUILD --work DIR --out DIR [--shapes moe,dense32,many,dense8,qwen3moe,v3]
                   [--rows probe,load,reload,update,blockfp8,peers] [--peers LIST] [--repeats 3]
                   [--budget-s 500] [--plain-path] [--cold] [--sweep] [--smoke]
     load_bench.py --report-only bench.json --out DIR      (the tables and plot again)
@@ -14,6 +14,9 @@ Shapes (bench/gen_checkpoint.py, bf16 random values; checkpoints A and B of the 
   moe      DeepSeek-V2-Lite shapes, 6 layers (6.85 GB, 1028 tensors)
   qwen3moe Qwen3-30B-A3B shapes, 4 layers (6.23 GB, 1575 tensors: 128 experts of 3.1 MB a layer);
            not in the default --shapes
+  v3       DeepSeek-V3's layout (q_lora, noaux_tc routers, a multi-token-prediction layer the loader
+           skips) at DeepSeek-V2-Lite's sizes, 6 layers; its block-fp8 twin quantizes every linear
+           layer, as DeepSeek-V3 and Kimi-K2 ship; not in the default --shapes
   many     the MoE layout at small sizes, 52 layers (20 158 tensors, 0.68 GB): the update row's
            host time per tensor
 
@@ -68,6 +71,8 @@ SHAPES = {
                 moe=True),
     "qwen3moe": dict(args=["--shape", "qwen3moe", "--layers", "4"], title="Qwen3-30B-A3B shapes, 4 layers", twin=True,
                      moe=True),
+    "v3": dict(args=["--shape", "v3", "--layers", "6"], title="DeepSeek-V3 layout, DeepSeek-V2-Lite sizes, 6 layers",
+               twin=True, moe=True, smoke=["--n-group", "2", "--topk-group", "2"]),
     "many": dict(args=["--shape", "many"], title="DeepSeek-V2 layout at small sizes, 52 layers", twin=True, moe=True),
 }
 ALL_PEERS = ["instanttensor", "fastsafetensors", "runai", "safetensors", "transformers"]
@@ -409,7 +414,7 @@ def main():
         A = os.path.join(a.work, s, "a")
         B = os.path.join(a.work, s, "b") if spec["twin"] else A
         for d, seed in ((A, 0), (B, 1)) if spec["twin"] else ((A, 0),):
-            smoke = SMOKE_SIZES + (SMOKE_MOE if spec.get("moe") else []) if a.smoke else []
+            smoke = SMOKE_SIZES + (SMOKE_MOE if spec.get("moe") else []) + spec.get("smoke", []) if a.smoke else []
             if a.smoke and s == "dense32":
                 smoke = [x if x != "3" else "4" for x in smoke]  # another size than dense8's
             subprocess.run([sys.executable, os.path.join(HERE, "gen_checkpoint.py"), d, "--seed", str(seed)] + spec["args"]
@@ -545,12 +550,15 @@ TARGETS = [
     ("update >= 0.5 x D2D (MoE)", "moe", "update_vs_d2d", 0.5),
     ("first load, fresh process >= 0.8 x pinned H2D (dense 32 layers)", "dense32", "fresh_process_load_vs_pinned_h2d", 0.8),
     ("first load, fresh process >= 0.75 x pinned H2D (MoE)", "moe", "fresh_process_load_vs_pinned_h2d", 0.75),
-    # The same MoE targets on Qwen3-MoE's layout (with --shapes qwen3moe): more, smaller experts.
+    # The same MoE targets on Qwen3-MoE's and DeepSeek-V3's layouts (--shapes qwen3moe,v3).
     ("fp8 reload >= 0.9 x bf16 reload (Qwen3-MoE)", "qwen3moe", "fp8_reload_vs_bf16_reload", 0.9),
     ("block-fp8 reload >= 0.9 x bf16 reload (Qwen3-MoE)", "qwen3moe", "block_fp8_reload_vs_bf16_reload", 0.9),
     ("bf16 reload >= 0.85 x pinned H2D (Qwen3-MoE)", "qwen3moe", "bf16_reload_vs_pinned_h2d", 0.85),
     ("update >= 0.5 x D2D (Qwen3-MoE)", "qwen3moe", "update_vs_d2d", 0.5),
     ("first load, fresh process >= 0.75 x pinned H2D (Qwen3-MoE)", "qwen3moe", "fresh_process_load_vs_pinned_h2d", 0.75),
+    ("fp8 reload >= 0.9 x bf16 reload (DeepSeek-V3 layout)", "v3", "fp8_reload_vs_bf16_reload", 0.9),
+    ("block-fp8 reload >= 0.9 x bf16 reload (DeepSeek-V3 layout)", "v3", "block_fp8_reload_vs_bf16_reload", 0.9),
+    ("bf16 reload >= 0.85 x pinned H2D (DeepSeek-V3 layout)", "v3", "bf16_reload_vs_pinned_h2d", 0.85),
 ]
 
 
