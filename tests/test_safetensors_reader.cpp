@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include "formats/checkpoint_files.h"
+#include "formats/header_cache.h"
 #include "formats/safetensors_file.h"
 #include "loadkit/error.h"
 #include "test_support.h"
@@ -313,6 +314,74 @@ TEST_F(IndexTest, MissingDirectoryFails) {
     EXPECT_EQ(e.kind(), ErrorKind::Input);
     EXPECT_NE(std::string(e.what()).find("nope"), std::string::npos);
   }
+}
+
+// A header validated before is not parsed again (formats/header_cache.h): the same text against
+// the same data length gives the tensors the test wrote, and the file's own bytes are read; any
+// other length or text is validated as ever.
+
+/// `n` F32 tensors "t0".."t{n-1}" of shape [2, 3] in a row, with `tag` in the metadata.
+json header_of(int n, const std::string& tag) {
+  json h;
+  h["__metadata__"] = {{"tag", tag}};
+  for (int i = 0; i < n; ++i)
+    h["t" + std::to_string(i)] = {{"dtype", "F32"}, {"shape", {2, 3}}, {"data_offsets", {24 * i, 24 * (i + 1)}}};
+  return h;
+}
+
+TEST_F(ReaderTest, AHeaderSeenAgainIsNotParsedAgainYetItsFileIsItsOwn) {
+  const json h = header_of(40, "seen again");
+  const fs::path first = tmp_ / "first.safetensors", second = tmp_ / "second.safetensors";
+  write_bytes(first, safetensors_bytes(h.dump(), std::string(40 * 24, '\x01')));
+  write_bytes(second, safetensors_bytes(h.dump(), std::string(40 * 24, '\x02')));
+  SafetensorsFile::open(first.string());
+  const uint64_t hits = safetensors::validated_header_hits();
+  auto file = SafetensorsFile::open(second.string());
+  EXPECT_EQ(safetensors::validated_header_hits(), hits + 1);
+  ASSERT_EQ(file->tensors().size(), 40u);
+  for (int i = 0; i < 40; ++i) {  // as header_of() wrote them
+    const safetensors::TensorInfo* t = file->find("t" + std::to_string(i));
+    ASSERT_NE(t, nullptr) << i;
+    EXPECT_EQ(t->dtype, safetensors::DType::F32);
+    EXPECT_EQ(t->shape, (std::vector<int64_t>{2, 3}));
+    EXPECT_EQ(t->begin, static_cast<uint64_t>(24 * i));
+    EXPECT_EQ(&file->tensors()[static_cast<size_t>(i)], file->find(file->tensors()[static_cast<size_t>(i)].name));
+  }
+  EXPECT_EQ(file->metadata().at("tag"), "seen again");
+  EXPECT_EQ(file->path(), second.string());
+  std::string bytes(24, '\0');
+  file->read(*file->find("t7"), bytes.data());
+  EXPECT_EQ(bytes, std::string(24, '\x02'));  // the second file's data, not the first's
+}
+
+TEST_F(ReaderTest, AHeaderSeenAgainOverAnotherDataLengthIsValidatedAgain) {
+  const json h = header_of(30, "other lengths");
+  write_bytes(tmp_ / "good.safetensors", safetensors_bytes(h.dump(), std::string(30 * 24, '\x01')));
+  SafetensorsFile::open((tmp_ / "good.safetensors").string());
+  const uint64_t hits = safetensors::validated_header_hits();
+  expect_rejected(write(safetensors_bytes(h.dump(), std::string(30 * 24 + 8, '\x01'))),
+                  {"tensors cover 720 bytes but the data section holds 728 bytes"});
+  expect_rejected(write(safetensors_bytes(h.dump(), std::string(30 * 24 - 8, '\x01'))),
+                  {"tensor 't29'", "data ends at byte 720 but the data section holds only 712 bytes"});
+  EXPECT_EQ(safetensors::validated_header_hits(), hits);
+}
+
+TEST_F(ReaderTest, AHeaderOneByteAwayIsParsedAgain) {
+  json h = header_of(20, "one byte");
+  SafetensorsFile::open(write(h, std::string(20 * 24, '\x01')).string());
+  h["t3"]["shape"] = {3, 2};  // the same length of text, another shape
+  const uint64_t hits = safetensors::validated_header_hits();
+  auto file = SafetensorsFile::open(write(h, std::string(20 * 24, '\x01')).string());
+  EXPECT_EQ(safetensors::validated_header_hits(), hits);
+  EXPECT_EQ(file->find("t3")->shape, (std::vector<int64_t>{3, 2}));
+  EXPECT_EQ(file->find("t4")->shape, (std::vector<int64_t>{2, 3}));
+}
+
+TEST_F(ReaderTest, HeadersKeptStayBounded) {
+  for (size_t i = 0; i < safetensors::kEntries + 10; ++i)
+    SafetensorsFile::open(write(header_of(2, "bounded " + std::to_string(i)), std::string(48, '\x01')).string());
+  EXPECT_LE(safetensors::validated_headers_kept(), safetensors::kEntries);
+  EXPECT_GE(safetensors::validated_headers_kept(), safetensors::kEntries / 2);  // kept, not dropped at once
 }
 
 }  // namespace

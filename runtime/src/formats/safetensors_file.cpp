@@ -9,6 +9,7 @@
 
 #include "formats/change_hook.h"
 #include "formats/regular_file.h"
+#include "formats/header_cache.h"
 #include "formats/safetensors_header.h"
 #include "loadkit/error.h"
 
@@ -126,10 +127,13 @@ void SafetensorsFile::check_header_length(uint64_t header_len) {
 void SafetensorsFile::validate(std::string_view header_text) {
   const std::string& origin = path_;
   const uint64_t data_len = size_ - data_start_;
+  if ((header_ = find_validated(header_text, data_len))) return;  // this text and length validated before
+  auto validated = std::make_shared<ValidatedHeader>();
+  std::vector<TensorInfo>& tensors = validated->tensors;
 
   // Each entry is checked as the one pass over the JSON reaches its end (safetensors_header.h):
   // the first problem named is the first in the header.
-  read_header(header_text, origin, metadata_, [&](const HeaderEntry& entry) {
+  read_header(header_text, origin, validated->metadata, [&](const HeaderEntry& entry) {
     const std::string& name = entry.name;
     auto where = [&] { return cat("tensor '", name, "': "); };
     if (name.empty()) bad(origin, "a tensor has an empty name");
@@ -171,16 +175,16 @@ void SafetensorsFile::validate(std::string_view header_text) {
     if (info.end > data_len)
       bad(origin, where() + cat("data ends at byte ", info.end, " but the data section holds only ", data_len,
                                 " bytes (file truncated?)"));
-    tensors_.push_back(std::move(info));
+    tensors.push_back(std::move(info));
   });
 
-  std::sort(tensors_.begin(), tensors_.end(), [](const TensorInfo& a, const TensorInfo& b) {
+  std::sort(tensors.begin(), tensors.end(), [](const TensorInfo& a, const TensorInfo& b) {
     if (a.begin != b.begin) return a.begin < b.begin;
     return a.end != b.end ? a.end < b.end : a.name < b.name;  // empty tensors at one offset: by name
   });
   uint64_t expected = 0;
   const TensorInfo* previous = nullptr;
-  for (const TensorInfo& t : tensors_) {
+  for (const TensorInfo& t : tensors) {
     if (t.begin < expected)
       bad(origin, cat("tensor '", t.name, "': data_offsets [", t.begin, ", ", t.end, "] overlap tensor '",
                       previous->name, "' [", previous->begin, ", ", previous->end, "]"));
@@ -191,12 +195,14 @@ void SafetensorsFile::validate(std::string_view header_text) {
   }
   if (expected != data_len)
     bad(origin, cat("tensors cover ", expected, " bytes but the data section holds ", data_len, " bytes"));
-  for (size_t i = 0; i < tensors_.size(); ++i) by_name_.emplace(tensors_[i].name, i);
+  for (size_t i = 0; i < tensors.size(); ++i) validated->by_name.emplace(tensors[i].name, i);
+  header_ = validated;
+  keep_validated(header_text, data_len, std::move(validated));
 }
 
 const TensorInfo* SafetensorsFile::find(std::string_view name) const {
-  auto it = by_name_.find(name);
-  return it == by_name_.end() ? nullptr : &tensors_[it->second];
+  auto it = header_->by_name.find(name);
+  return it == header_->by_name.end() ? nullptr : &header_->tensors[it->second];
 }
 
 std::string SafetensorsFile::try_read(const TensorInfo& info, uint64_t offset, void* dst, uint64_t n) const noexcept {

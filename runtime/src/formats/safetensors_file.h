@@ -7,7 +7,9 @@
 /// `__metadata__` a string map, every dtype known, shapes non-negative without
 /// numel/byte overflow, `data_offsets` ordered, exactly `numel × itemsize`
 /// long, contiguous (no gap, no overlap) and covering the data section to its
-/// end. Every error names the file and, where there is one, the tensor.
+/// end. Every error names the file and, where there is one, the tensor. A
+/// header byte-identical to one that validated against a data section of the
+/// same length is taken as validated (formats/header_cache.h).
 ///
 /// Data is read with `pread` on the descriptor that was validated, never
 /// through a mapping. Why: a checkpoint can change while it is read (`cp` or
@@ -65,6 +67,14 @@ struct TensorInfo {
   uint64_t bytes() const { return end - begin; }
 };
 
+/// What validating a header yields (a pure function of its text and the data section's length;
+/// formats/header_cache.h keeps it for a header seen again).
+struct ValidatedHeader {
+  std::vector<TensorInfo> tensors;  ///< in data order (ascending offsets)
+  std::map<std::string, size_t, std::less<>> by_name;
+  std::map<std::string, std::string> metadata;
+};
+
 /// Largest header we accept (the reference implementation's limit).
 constexpr uint64_t kMaxHeaderBytes = 100u * 1024 * 1024;
 
@@ -82,9 +92,9 @@ class SafetensorsFile {
   const std::string& path() const { return path_; }
   uint64_t file_size() const { return size_; }
   /// Tensors in data order (ascending offsets).
-  const std::vector<TensorInfo>& tensors() const { return tensors_; }
+  const std::vector<TensorInfo>& tensors() const { return header_->tensors; }
   const TensorInfo* find(std::string_view name) const;
-  const std::map<std::string, std::string>& metadata() const { return metadata_; }
+  const std::map<std::string, std::string>& metadata() const { return header_->metadata; }
   /// Offset of `info`'s first byte from the start of the file.
   uint64_t file_offset(const TensorInfo& info) const { return data_start_ + info.begin; }
 
@@ -120,9 +130,7 @@ class SafetensorsFile {
   FileIdentity identity_;
   uint64_t size_ = 0;
   uint64_t data_start_ = 0;
-  std::vector<TensorInfo> tensors_;
-  std::map<std::string, size_t, std::less<>> by_name_;
-  std::map<std::string, std::string> metadata_;
+  std::shared_ptr<const ValidatedHeader> header_;  ///< shared with header_cache.h
   mutable std::atomic<uint64_t> checks_{0};  ///< check_unchanged() calls that passed (the test hook counts them)
   bool change_hook_ = false;  ///< the test hook was asked for when the file was opened (change_hook.h)
 };
