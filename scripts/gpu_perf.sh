@@ -151,6 +151,12 @@ ab() {
   run_rows b
   git apply -R "$patch" 2>>"$OUT/logs/ab-apply.log" || patch -R -p1 <"$patch" >>"$OUT/logs/ab-apply.log" 2>&1 ||
     { summary "ab: the patch does not come off again: no second A run"; status=1; return; }
+  # The device tool stops a call at 10 minutes: the second A run (a build and the rows again, ~2-3
+  # minutes) only when the call is young enough for it (AB_AGAIN_BY_S since the script started).
+  if [ $(( $(date +%s) - STARTED )) -gt "${AB_AGAIN_BY_S:-390}" ]; then
+    summary "ab: no second A run: $(( $(date +%s) - STARTED )) s into the call (AB_AGAIN_BY_S=${AB_AGAIN_BY_S:-390})"
+    return
+  fi
   build a-again
   run_rows a-again
 }
