@@ -31,7 +31,7 @@ class CliBadInput : public ::testing::Test {
 // The staged path's knobs are read by every load (its read-ahead window): a value out of range is a
 // usage error naming the variable, never a wrapped shift or a thread count the process cannot start.
 TEST_F(CliBadInput, StagingKnobOutOfRangeIsExit2NamingIt) {
-  for (const char* value : {"0", "-1", "abc", "17592186044416", "99999999999999999999999"}) {
+  for (const char* value : {"0", "-1", "-18446744073709551615", " 5", "abc", "17592186044416", "99999999999999999999999"}) {
     SCOPED_TRACE(value);
     expect_failure(run_cli({"load", "--model", model.string(), "--plugin-dir", plugin_dir()},
                            {{"LOADKIT_STAGING_WINDOW_MB", value}}),

@@ -95,49 +95,26 @@ void reset_peak(const c10::Device& device) {
 }
 
 namespace {
+/// The caching allocator's aggregate statistic on `device`: the blocks allocated or the bytes
+/// requested, now or at the peak (0 off CUDA).
+uint64_t allocator_stat(const c10::Device& device, bool requested, bool peak) {
 #if LOADKIT_CUDA
-c10::CachingAllocator::Stat allocated(const c10::Device& device) {
-  auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
-  return stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)];
-}
-c10::CachingAllocator::Stat requested(const c10::Device& device) {
-  auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
-  return stats.requested_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)];
-}
+  if (device.is_cuda()) {
+    const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
+    const auto& s = (requested ? stats.requested_bytes
+                               : stats.allocated_bytes)[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)];
+    return static_cast<uint64_t>(peak ? s.peak : s.current);
+  }
 #endif
+  (void)device, (void)requested, (void)peak;
+  return 0;
+}
 }  // namespace
 
-uint64_t requested_bytes(const c10::Device& device) {
-#if LOADKIT_CUDA
-  if (device.is_cuda()) return static_cast<uint64_t>(requested(device).current);
-#endif
-  (void)device;
-  return 0;
-}
-
-uint64_t peak_requested_bytes(const c10::Device& device) {
-#if LOADKIT_CUDA
-  if (device.is_cuda()) return static_cast<uint64_t>(requested(device).peak);
-#endif
-  (void)device;
-  return 0;
-}
-
-uint64_t allocated_bytes(const c10::Device& device) {
-#if LOADKIT_CUDA
-  if (device.is_cuda()) return static_cast<uint64_t>(allocated(device).current);
-#endif
-  (void)device;
-  return 0;
-}
-
-uint64_t peak_allocated_bytes(const c10::Device& device) {
-#if LOADKIT_CUDA
-  if (device.is_cuda()) return static_cast<uint64_t>(allocated(device).peak);
-#endif
-  (void)device;
-  return 0;
-}
+uint64_t allocated_bytes(const c10::Device& device) { return allocator_stat(device, false, false); }
+uint64_t peak_allocated_bytes(const c10::Device& device) { return allocator_stat(device, false, true); }
+uint64_t requested_bytes(const c10::Device& device) { return allocator_stat(device, true, false); }
+uint64_t peak_requested_bytes(const c10::Device& device) { return allocator_stat(device, true, true); }
 
 namespace {
 /// A "Key:   N kB" line of /proc/meminfo, in bytes; nullopt if absent.

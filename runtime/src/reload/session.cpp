@@ -368,9 +368,7 @@ bool Session::apply_planned(const std::vector<NamedWeight>& chunk, const Loader&
 
 void Session::record_reload_writes(ReloadPlan& plan, size_t first, const ModuleRecord& mod, size_t i) {
   // Issued at once, as the loader would have: a reload frees each tensor at the stream's next().
-  PlanWrite::Into into;
-  into.module = static_cast<uint32_t>(&mod - modules_.data());
-  into.param = static_cast<uint32_t>(i);
+  const PlanWrite::Into into = into_param(mod, i);
   for (size_t k = first; k < writes_.size(); ++k) {
     const WeightWrite& w = writes_[k];
     PlanWrite pw;
@@ -427,9 +425,7 @@ int64_t Session::apply_one(ModuleRecord& mod, size_t i, Parameter& param, const 
       WriteRecorder recorder(writes_);
       n = rec.loader(param, loaded, shard);  // against the meta load format: views, nothing written
     }
-    PlanWrite::Into into;
-    into.module = static_cast<uint32_t>(&mod - modules_.data());
-    into.param = static_cast<uint32_t>(i);
+    const PlanWrite::Into into = into_param(mod, i);
     for (size_t k = first; k < writes_.size(); ++k)
       planning_->note_write_into(writes_[k], *chunk_, tensor_, into, rec.original->data);
     writes_.resize(first);

@@ -120,6 +120,13 @@ class Session {
   /// Recording a reload: the writes the loader of parameter `i` of `mod` left in writes_ from
   /// `first` on, noted in `plan` (into a rebuilt module's load format: relative to it) and issued.
   void record_reload_writes(ReloadPlan& plan, size_t first, const ModuleRecord& mod, size_t i);
+  /// Where a write into parameter `i` of `mod` (one of modules_) is recorded relative to.
+  PlanWrite::Into into_param(const ModuleRecord& mod, size_t i) const {
+    PlanWrite::Into into;
+    into.module = static_cast<uint32_t>(&mod - modules_.data());
+    into.param = static_cast<uint32_t>(i);
+    return into;
+  }
   /// `n` more elements of parameter `i` of `mod` written: running sums, and a plain module done.
   void note_applied(ModuleRecord& mod, size_t i, int64_t n);
   /// The per-module step (module_step.h), the kernel tensors journaled first.

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <chrono>
 #include <cstdlib>
@@ -42,7 +43,8 @@ uint64_t env_number(const char* name, uint64_t fallback, uint64_t max) {
   char* end = nullptr;
   errno = 0;
   const unsigned long long value = std::strtoull(text, &end, 10);
-  if (*end != '\0' || errno != 0 || value == 0 || value > max || text[0] == '-')
+  // Digits only: strtoull would take leading blanks and a sign ("-18446744073709551615" is 1).
+  if (!std::isdigit(static_cast<unsigned char>(text[0])) || *end != '\0' || errno != 0 || value == 0 || value > max)
     fail(ErrorKind::Usage, name, "='", printable(text), "' is not an integer from 1 to ", max);
   return value;
 }
