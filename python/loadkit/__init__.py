@@ -260,7 +260,8 @@ class Model:
         references to its tensors until its last weight has arrived (at the latest finish_update()):
         do not modify the tensors you passed (no optimizer step) before finish_update() returns.
         Modules that are not transformed are written before update() returns. loadkit keeps every
-        tensor passed during a streaming update referenced until finish_update() returns.
+        tensor passed during a streaming update referenced until finish_update() returns, except
+        those of a chunk refused with InputError, which it lets go before raising.
 
         Weights not given keep their values (a partial update is allowed), except that a transformed
         module given only part of its weights is an InputError at finish_update(), and left unchanged.

@@ -172,7 +172,20 @@ class Engine {
         for (const auto& item : chunk) held_.push_back(item.second);
         SessionEnd end{m, held_, released};
         if (m.updating()) {
-          m.update(weights);
+          const size_t first = held_.size() - chunk.size();
+          try {
+            m.update(weights);
+          } catch (...) {
+            // Still updating: the chunk was refused whole by validation, so nothing of it was
+            // applied or kept, and its tensors are the caller's again now, not at finish_update().
+            // (A failure past validation ends the session, and SessionEnd lets go of every chunk.)
+            if (m.updating()) {
+              released.insert(released.end(), std::make_move_iterator(held_.begin() + first),
+                              std::make_move_iterator(held_.end()));
+              held_.erase(held_.begin() + first, held_.end());
+            }
+            throw;
+          }
           return std::nullopt;
         }
         m.begin_update();
