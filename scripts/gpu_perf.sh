@@ -59,7 +59,7 @@ build() {  # [log name suffix]
 
 tests() {  # [log name suffix]
   local start=$(date +%s) sfx=${1:+-$1}
-  local regex=${TEST_REGEX:-'QuantKernels|QuantScratch|StagedMoE|StagedLoad|ReloadGpu|WeightSyncGpu\.Fsdp|Reload\..*_cuda|(fp8|int8)_cuda|UpdatePlanGpu|PinnedPool'}
+  local regex=${TEST_REGEX:-'QuantKernels|QuantScratch|StagedMoE|StagedLoad|ReloadGpu|WeightSyncGpu\.Fsdp|Reload\..*_cuda|(fp8|int8)_cuda|UpdatePlanGpu|PinnedPool|SteadyState.*cuda|python.steady_state_cuda'}
   # shellcheck disable=SC2086
   (cd build-gpu && ctest -R "$regex" ${TEST_EXCLUDE:+-E "$TEST_EXCLUDE"} -j "${CTEST_JOBS:-4}" --output-on-failure \
     --timeout 400) >"$OUT/logs/ctest$sfx.log" 2>&1 || status=1
