@@ -3,7 +3,8 @@
 // leave a *.tmp), an address-space limit smaller than a checkpoint (it is
 // never mapped: its headers are read; a load needs its tensors: exit 1), and a
 // tensor-parallel size this machine cannot run (refused before any rank
-// starts). Every run has a deadline; a signal fails the test.
+// starts), and standard output into a pipe its reader has closed (SIGPIPE would end the CLI
+// without a word). Every run has a deadline; a signal fails the test.
 
 #include <gtest/gtest.h>
 #include <sched.h>
@@ -11,6 +12,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <csignal>
 #include <cstring>
 
 #include "test_support.h"
@@ -60,6 +62,33 @@ TEST(FileSizeLimit, SaveShardedPastItFailsWithOneLineNamingThePartAndLeavesNoTem
   expect_failure(r, 1, {(tmp / "sharded" / "model-rank-0-part-0.safetensors").string(), "File too large"});
   for (const auto& name : files_under(tmp / "sharded"))
     EXPECT_FALSE(name.ends_with(".tmp")) << name << " was left behind";
+}
+
+// A reader that stops early (`loadkit inspect … | head -1`): the CLI is not ended by SIGPIPE. Its
+// write fails, and a command that would have succeeded says so in one line, exit 1: exit 0 would
+// claim output that was never written.
+ChildSetup stdout_into_a_pipe_nobody_reads() {
+  return with_deadline(kDeadlineSeconds, [] {
+    int fds[2];
+    if (pipe(fds) != 0 || dup2(fds[1], 1) < 0) {
+      dprintf(2, "cannot make the pipe: %s\n", std::strerror(errno));
+      _exit(kChildSetupFailed);
+    }
+    close(fds[0]);
+    close(fds[1]);
+  });
+}
+
+TEST(ClosedStdout, AReaderThatStoppedIsExit1NamingStandardOutputNotSigpipe) {
+  const Fixture& f = fixture("llama_fp32_gqa_sharded");
+  for (const std::vector<std::string>& args :
+       {std::vector<std::string>{"inspect", "--model", f.dir}, {"plugins", "list", "--plugin-dir", plugin_dir()},
+        {"load", "--model", f.dir, "--plugin-dir", plugin_dir()}}) {
+    SCOPED_TRACE(args[0]);
+    const auto r = run_cli(args, {}, stdout_into_a_pipe_nobody_reads());
+    ASSERT_NE(r.code, 128 + SIGPIPE) << "killed by SIGPIPE";
+    expect_failure(r, 1, {"standard output", "write failed"});
+  }
 }
 
 // Checkpoints are read with pread, never mapped (runtime/src/formats/safetensors_file.h): a file

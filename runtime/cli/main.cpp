@@ -1,6 +1,8 @@
 // loadkit command line: dispatch and the one place that turns errors into exit codes.
 
+#include <cerrno>
 #include <csignal>
+#include <cstring>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -31,6 +33,17 @@ int report(const loadkit::Failure& failure) {
   return loadkit::exit_code(failure.kind);
 }
 
+/// Exit 0 promises that everything the command printed was written: a failed write to standard
+/// output (a closed pipe, a full disk) is an Other error, as coreutils word it.
+void check_stdout() {
+  errno = 0;
+  std::cout.flush();
+  if (std::cout) return;
+  const int error = errno;
+  loadkit::fail(loadkit::ErrorKind::Other, "standard output: write failed",
+                error != 0 ? std::string(": ") + std::strerror(error) : std::string(), "; what was printed is incomplete");
+}
+
 int dispatch(const std::vector<std::string>& argv) {
   using namespace loadkit;
   if (argv.empty() || argv[0] == "--help" || argv[0] == "-h" || argv[0] == "help") {
@@ -59,9 +72,17 @@ int main(int argc, char** argv) {
   // a *.tmp left behind. Ignored, the write fails with EFBIG instead, and the writer reports it
   // as one line naming the file and removes its temporary (formats/safetensors_writer.cpp).
   std::signal(SIGXFSZ, SIG_IGN);
+  // A reader that stops early (`loadkit inspect … | head -1`) ends a process that writes on with
+  // SIGPIPE, as would a write to the socket of a rank that has died, from any library that does
+  // not pass MSG_NOSIGNAL. Ignored, such a write fails with EPIPE instead: a socket's failure is
+  // the error of the step that wrote to it, and standard output is checked before a command that
+  // succeeded says so (below).
+  std::signal(SIGPIPE, SIG_IGN);
   loadkit::device::reproducible_cpu_math();
   try {
-    return dispatch(std::vector<std::string>(argv + 1, argv + argc));
+    const int code = dispatch(std::vector<std::string>(argv + 1, argv + argc));
+    if (code == 0) check_stdout();
+    return code;
   } catch (...) {
     return report(loadkit::current_failure());
   }
