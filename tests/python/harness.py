@@ -65,6 +65,35 @@ def run_child(script, timeout, env=None, python=None):
         return Child(proc.returncode, stdout, stderr, True)
 
 
+def run_ranks(script, world, timeout):
+    """Runs `script` (dedented) in `world` fresh interpreters at once, each a rank as torchrun
+    starts it (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT on a free port); at
+    `timeout` seconds every rank still running is killed and reported as hung. Children in rank
+    order."""
+    import socket
+    import time
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, errors="backslashreplace"))
+    deadline = time.monotonic() + timeout
+    children = []
+    for proc in procs:
+        try:
+            stdout, stderr = proc.communicate(timeout=max(0.0, deadline - time.monotonic()))
+            children.append(Child(proc.returncode, stdout, stderr, False))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+            children.append(Child(proc.returncode, stdout, stderr, True))
+    return children
+
+
 def main(suites):
     """ctest entry: `script.py --device cpu|cuda [name patterns]` runs suites[device]."""
     parser = argparse.ArgumentParser()

@@ -94,6 +94,23 @@ struct ProcessGroup::Impl {
   c10::intrusive_ptr<c10d::Store> exchange_store;  ///< a prefix of its own: no clash with the backend's keys
   c10::intrusive_ptr<c10d::Store> root_store;      ///< the RankGroup's: where a failed rank publishes why
   uint64_t exchanges = 0;
+  /// The oldest exchange round whose key this member has not deleted yet.
+  uint64_t undeleted_from = 0;
+
+  /// The store keeps every key until it is deleted, and a long-lived process exchanges at every
+  /// sync and every fan-out round: without this, the store's host (rank 0, or torchrun's agent)
+  /// grew by every payload ever exchanged, manifests of every tensor name included. Called once
+  /// every member's key of `round` has arrived: every member has then left the rounds before it,
+  /// the only ones where their keys are read, so this member's own keys of those rounds can go. A
+  /// round left early (a decisive payload) deletes nothing; the next round that every member
+  /// reaches deletes its keys too.
+  void forget_rounds_before(uint64_t round) {
+    try {
+      for (; undeleted_from < round; ++undeleted_from) exchange_store->deleteKey(cat(undeleted_from, "/", rank));
+    } catch (const std::exception&) {
+      // The exchange itself succeeded; a store that has gone since says so at the next one.
+    }
+  }
 
   ~Impl() {
     // NCCL wants an orderly shutdown (it warns and may hang in its watchdog otherwise).
@@ -188,11 +205,11 @@ std::vector<std::string> ProcessGroup::exchange(const std::string& payload,
     fail(ErrorKind::Other, s.label("exchange"), " on rank ", s.rank, ": the store is unreachable: ", failure_message(e));
   };
   std::vector<std::optional<std::string>> seen(s.size);
+  size_t arrived = 0;
   try {
     s.exchange_store->set(key(s.rank), std::vector<uint8_t>(payload.begin(), payload.end()));
     // Poll rather than block on every key: a decisive payload is noticed at once, whoever sent it.
     const auto deadline = Clock::now() + s.timeout;
-    size_t arrived = 0;
     uint64_t polls = 0;
     bool decided = false;
     while (arrived < seen.size() && !decided) {
@@ -226,10 +243,12 @@ std::vector<std::string> ProcessGroup::exchange(const std::string& payload,
   } catch (const std::exception& e) {
     unreachable(e);
   }
+  if (arrived == seen.size()) s.forget_rounds_before(round);
   std::vector<std::string> out;
   for (auto& v : seen) out.push_back(v ? std::move(*v) : std::string());
   return out;
 }
+
 
 std::shared_ptr<TensorParallelGroup> ProcessGroup::tensor_parallel() {
   // A local class: it may name the private Impl, and keeps it alive.
