@@ -46,6 +46,9 @@ constexpr int64_t kHeapSlack = 64 << 10;
 /// Mapped regions: glibc maps a new heap or a large chunk now and then; 2 more were seen over the
 /// first 40 cycles, none over the next. A region kept per cycle is 40.
 constexpr int64_t kMappingSlack = 4;
+/// Threads: a library may start one the first time it needs it after the warm-up (the Python
+/// test saw Gloo do so once); none did here. A thread kept per cycle is 40.
+constexpr int64_t kThreadSlack = 2;
 
 // ------------------------------------------------------------------ what the process holds
 
@@ -221,7 +224,8 @@ TEST_P(SteadyState, ReloadsAndUpdatesGoodAndFailedHoldNothingMore) {
                    "\nafter ", 2 * kCycles, ": ", describe(end)));
 
   EXPECT_EQ(end.fds, start.fds);
-  EXPECT_EQ(end.threads, start.threads);
+  EXPECT_LE(middle.threads - start.threads, kThreadSlack);
+  EXPECT_LE(end.threads - middle.threads, kThreadSlack);
   EXPECT_LE(middle.mappings - start.mappings, kMappingSlack) << "mapped regions grow";
   EXPECT_LE(end.mappings - middle.mappings, kMappingSlack) << "mapped regions grow";
   EXPECT_LE(middle.heap_in_use - start.heap_in_use, kHeapSlack);
@@ -327,7 +331,8 @@ TEST(SteadyStateTensorParallel, FannedOutReloadsGoodAndFailedHoldNothingMore) {
   SCOPED_TRACE(cat("\nafter the warm-up: ", describe(start), "\nafter ", kTensorParallelCycles, " cycles: ",
                    describe(middle), "\nafter ", 2 * kTensorParallelCycles, ": ", describe(end)));
   EXPECT_EQ(end.fds, start.fds);
-  EXPECT_EQ(end.threads, start.threads);
+  EXPECT_LE(middle.threads - start.threads, kThreadSlack);
+  EXPECT_LE(end.threads - middle.threads, kThreadSlack);
   EXPECT_LE(middle.mappings - start.mappings, kMappingSlack);
   EXPECT_LE(end.mappings - middle.mappings, kMappingSlack);
   EXPECT_LE(middle.heap_in_use - start.heap_in_use, kHeapSlack);
