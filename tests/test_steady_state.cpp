@@ -38,7 +38,8 @@ namespace {
 constexpr int kWarmup = 3;
 constexpr int kCycles = 40;
 /// Heap in use may differ between two quiet points by what glibc's per-thread caches hold (at most
-/// 7 chunks of each small size per thread) and by torch's lazily grown tables: measured on the CPU,
+/// 7 chunks of each small size per thread; ctest turns them off for this binary, see
+/// tests/CMakeLists.txt) and by torch's lazily grown tables: measured on the CPU with them on,
 /// up to 6 KiB over the first 40 cycles after the warm-up and 1 KiB over the next. 64 KiB over 40
 /// cycles is a leak of 1.6 KiB a cycle (a cycle reloads 3 times and updates 3 times): 7 bytes for
 /// each of the 241 tensors a reload of the block-fp8 model reads.
@@ -258,10 +259,14 @@ TEST(SteadyStateTensorParallel, FannedOutReloadsGoodAndFailedHoldNothingMore) {
   // Gloo's buffers grow over the first cycles (measured: 1.3 MiB over 40 cycles after a warm-up of
   // 3, then 1.6 KiB over the next 40).
   constexpr int kTensorParallelWarmup = 40;
-  // A cycle is cheap (3 reloads of 30 small tensors: ~15 ms) and leaks little if the group does,
-  // so the halves are long: measured 10-20 KiB of heap over 200 cycles, and 170-185 KiB with the
-  // store that kept every exchange's keys (runtime/src/distributed/process_group.cpp).
+  // A cycle is cheap (3 reloads of 30 small tensors: ~15 ms), so the halves are long. What Gloo
+  // holds at a quiet point varies more than one process alone: on a busy machine, with glibc's
+  // per-thread caches off (tests/CMakeLists.txt), heap moved by up to 47 KiB from one half to the
+  // next; with them on, by up to 170 KiB. 256 KiB over 200 cycles is 1.3 KiB a cycle. (The store
+  // that kept every exchange's keys grew 0.9 KiB a cycle here: Exchange.* in
+  // test_process_group.cpp counts its keys instead.)
   constexpr int kTensorParallelCycles = 200;
+  constexpr int64_t kTensorParallelHeapSlack = 256 << 10;
   setenv("LOADKIT_TP_TIMEOUT", "60", 1);  // a bug here fails the test, not the suite's clock
   const Fixture& a = fixture("llama_fp32_gqa_sharded");
   const Fixture& b = fixture(a.reload_target);
@@ -335,8 +340,8 @@ TEST(SteadyStateTensorParallel, FannedOutReloadsGoodAndFailedHoldNothingMore) {
   EXPECT_LE(end.threads - middle.threads, kThreadSlack);
   EXPECT_LE(middle.mappings - start.mappings, kMappingSlack);
   EXPECT_LE(end.mappings - middle.mappings, kMappingSlack);
-  EXPECT_LE(middle.heap_in_use - start.heap_in_use, kHeapSlack);
-  EXPECT_LE(end.heap_in_use - middle.heap_in_use, kHeapSlack);
+  EXPECT_LE(middle.heap_in_use - start.heap_in_use, kTensorParallelHeapSlack);
+  EXPECT_LE(end.heap_in_use - middle.heap_in_use, kTensorParallelHeapSlack);
 }
 
 }  // namespace

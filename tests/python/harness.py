@@ -65,11 +65,11 @@ def run_child(script, timeout, env=None, python=None):
         return Child(proc.returncode, stdout, stderr, True)
 
 
-def run_ranks(script, world, timeout):
+def run_ranks(script, world, timeout, env=None):
     """Runs `script` (dedented) in `world` fresh interpreters at once, each a rank as torchrun
     starts it (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT on a free port); at
-    `timeout` seconds every rank still running is killed and reported as hung. Children in rank
-    order."""
+    `timeout` seconds every rank still running is killed and reported as hung. `env`: the
+    environment (default: this one) the rank variables are added to. Children in rank order."""
     import socket
     import time
     with socket.socket() as s:
@@ -77,9 +77,9 @@ def run_ranks(script, world, timeout):
         port = s.getsockname()[1]
     procs = []
     for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], env=env, text=True,
+        rank_env = dict(os.environ if env is None else env, RANK=str(rank), WORLD_SIZE=str(world),
+                        LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], env=rank_env, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, errors="backslashreplace"))
     deadline = time.monotonic() + timeout
     children = []

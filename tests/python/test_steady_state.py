@@ -14,6 +14,7 @@ failing on both. After a warm-up the cycle runs twice CYCLES times; a leak grows
     objects (the garbage collector's count), heap in use over every arena (glibc's malloc_info)
     and threads grow by no more than their slack below, each measured here.
   - The model still equals a fresh load of the checkpoint each cycle ends on (logits).
+A server that swaps models opens, runs and closes one every cycle, and fails to open another.
 """
 import os
 import shutil
@@ -39,6 +40,9 @@ OBJECT_SLACK = 25
 # have grown (50 cycles: 1.5 MiB over the first 25, 0.14 MiB over the next). 256 KiB over 25
 # cycles is 10 KiB a cycle; the store that kept every exchange's payload grew rank 0 by 19 KiB.
 HEAP_SLACK = 256 << 10
+# The children run with glibc's per-thread caches off: what they hold varies from one quiet point
+# to the next and would only add noise to the heap in use.
+QUIET_HEAP = dict(os.environ, GLIBC_TUNABLES="glibc.malloc.tcache_count=0")
 FSDP_WARMUP = 50
 # Threads: Gloo may start one more the first time a message size needs it (seen once, 8 -> 9 on
 # rank 0 over the first half, never again); a thread kept per cycle would be 25.
@@ -186,7 +190,8 @@ class SteadyState(unittest.TestCase):
         result = harness.run_child(
             f"A = {a['dir']!r}\nB = {b['dir']!r}\nUPDATE = {FIXTURES[update]['dir']!r}\n"
             f"TRUNCATED = {truncated!r}\nDEVICE = {self.device!r}\nQUANT = {quant!r}\n"
-            f"TOKENS = {a['tokens']!r}\nCYCLES = {CYCLES}\nWARMUP = 3\n" + MEASURE + CYCLE, DEADLINE_S)
+            f"TOKENS = {a['tokens']!r}\nCYCLES = {CYCLES}\nWARMUP = 3\n" + MEASURE + CYCLE,
+            DEADLINE_S, env=QUIET_HEAP)
         self.assertIsNone(result.verdict(), result.verdict())
         expect_steady(self, result.last_json())
 
@@ -202,6 +207,41 @@ class SteadyState(unittest.TestCase):
 
     def test_moe_block_fp8_quantized_on_sync(self):
         self.run_cycles("deepseek_v3_blockfp8", "deepseek_v3_blockfp8_b", "deepseek_v3_blockfp8_bf16src", "auto")
+
+    def test_models_loaded_and_closed(self):
+        a = FIXTURES["deepseek_v3_blockfp8"]
+        result = harness.run_child(
+            f"A = {a['dir']!r}\nDEVICE = {self.device!r}\nQUANT = 'auto'\nTOKENS = {a['tokens']!r}\n"
+            f"CYCLES = {CYCLES}\nWARMUP = 3\n" + MEASURE + OPEN_CLOSE_CYCLE,
+            DEADLINE_S, env=QUIET_HEAP)
+        self.assertIsNone(result.verdict(), result.verdict())
+        expect_steady(self, result.last_json())
+
+
+OPEN_CLOSE_CYCLE = r"""
+import loadkit
+
+loadkit.set_log_level("error")
+
+def cycle():
+    # A server that swaps models: one loaded, run and closed (its plugins unloaded), and one that
+    # fails to load.
+    with loadkit.Model(A, device=DEVICE, quantization=QUANT) as model:
+        model.logits(TOKENS)
+    try:
+        loadkit.Model(A + "/missing", device=DEVICE)
+    except loadkit.InputError:
+        pass
+    else:
+        raise AssertionError("a missing directory loaded")
+
+with loadkit.Model(A, device=DEVICE, quantization=QUANT) as first:
+    before = first.logits(TOKENS)
+marks = run(cycle, DEVICE)
+with loadkit.Model(A, device=DEVICE, quantization=QUANT) as last:
+    same = torch.equal(last.logits(TOKENS), before)
+print(json.dumps({"marks": marks, "freed": {}, "same_logits": same}))
+"""
 
 
 FSDP_CYCLE = r"""
@@ -269,7 +309,7 @@ class FsdpSyncSteadyState(unittest.TestCase):
         a, b = FIXTURES["llama_bf16_gqa_tied"], FIXTURES["llama_bf16_gqa_tied_b"]
         script = (f"A = {a['dir']!r}\nB = {b['dir']!r}\nDEVICE = {self.device!r}\nQUANT = 'none'\n"
                   f"TOKENS = {a['tokens']!r}\nCYCLES = {CYCLES}\nWARMUP = {FSDP_WARMUP}\n" + MEASURE + FSDP_CYCLE)
-        for rank, result in enumerate(harness.run_ranks(script, self.ranks, DEADLINE_S)):
+        for rank, result in enumerate(harness.run_ranks(script, self.ranks, DEADLINE_S, env=QUIET_HEAP)):
             self.assertIsNone(result.verdict(), f"rank {rank}: {result.verdict()}")
             expect_steady(self, result.last_json(), f"rank {rank}: ")
 
