@@ -34,7 +34,7 @@ int report(const loadkit::Failure& failure) {
 }
 
 /// Exit 0 promises that everything the command printed was written: a failed write to standard
-/// output (a closed pipe, a full disk) is an Other error, as coreutils word it.
+/// output (a closed pipe, a full disk) is an Other error, as coreutils treat it.
 void check_stdout() {
   errno = 0;
   std::cout.flush();
