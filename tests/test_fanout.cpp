@@ -147,12 +147,8 @@ std::vector<RankResult> run_ranks(int n, const std::string& device, const std::s
     threads.emplace_back([&, rank] {
       RankResult& result = out[rank];
       try {
-        RankEnv env;
-        env.rank = env.local_rank = rank;
-        env.world_size = n;
-        env.master_port = port;
         const std::string dev = device == "cpu" ? device : "cuda:" + std::to_string(rank);
-        auto group = RankGroup::join(env, dev);
+        auto group = join_local_rank(rank, n, port, dev);
         LoadOptions o;
         o.model_dir = rank == 1 && !rank1_model.empty() ? rank1_model : model;
         o.device = dev;

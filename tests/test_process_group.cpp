@@ -14,6 +14,7 @@
 #include "device_skip.h"
 #include "loadkit/error.h"
 #include "loadkit/runtime/distributed.h"
+#include "model_checks.h"
 #include "test_support.h"
 
 namespace loadkit::test {
@@ -48,11 +49,7 @@ TEST(Exchange, TheStoreHoldsOneRoundOfKeysHoweverManyRoundsRan) {
   for (int rank = 0; rank < kRanks; ++rank)
     ranks.emplace_back([&, rank] {
       try {
-        RankEnv env;
-        env.rank = env.local_rank = rank;
-        env.world_size = kRanks;
-        env.master_port = port;
-        auto group = RankGroup::join(env, "cpu");
+        auto group = join_local_rank(rank, kRanks, port);
         exchange_rounds(*group->world(), 20);
         meet.arrive_and_wait();
         meet.arrive_and_wait();

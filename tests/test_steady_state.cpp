@@ -119,6 +119,16 @@ std::string describe(const Footprint& f) {
 
 // ------------------------------------------------------------------ the cycle
 
+/// `fn` fails with an Input error (GoogleTest's assertions may be made from any thread here).
+void expect_input_error(const char* what, const std::function<void()>& fn) {
+  try {
+    fn();
+    ADD_FAILURE() << what << ": no error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::Input) << what << ": " << e.what();
+  }
+}
+
 /// The last safetensors file of a checkpoint directory, by name.
 fs::path a_safetensors_file(const fs::path& dir) {
   fs::path last;
@@ -194,15 +204,6 @@ class SteadyState : public ::testing::TestWithParam<Param> {
     for (const auto& w : weights) EXPECT_EQ(w.tensor.use_count(), 1) << after << " still holds " << w.name;
   }
 
-  void expect_input_error(const char* what, const std::function<void()>& fn) {
-    try {
-      fn();
-      ADD_FAILURE() << what << ": no error";
-    } catch (const Error& e) {
-      EXPECT_EQ(e.kind(), ErrorKind::Input) << e.what();
-    }
-  }
-
   std::string device;
   const Fixture* a = nullptr;
   const Fixture* b = nullptr;
@@ -258,71 +259,41 @@ INSTANTIATE_TEST_SUITE_P(
 /// exchange (1.3 MiB per half in the broadcast test); the other tests above bound mappings.
 constexpr int64_t kMultiRankHeapSlack = 512 << 10;
 
-// Two ranks (threads of this process, Gloo) that read the checkpoint once for the group and fan
-// it out (runtime/src/fanout/), reloading every cycle, one reload failing on both: the group's
-// store, its broadcasts and the fan-out's rounds hold nothing more either. This thread measures
-// the process while the ranks wait between phases.
-TEST(SteadyStateTensorParallel, FannedOutReloadsGoodAndFailedHoldNothingMore) {
-  SKIP_WITHOUT_TP_BACKEND("cpu");
-  constexpr int kRanks = 2;
-  // Gloo's buffers grow over the first cycles (measured: 1.3 MiB over 40 cycles after a warm-up of
-  // 3, then 1.6 KiB over the next 40).
-  constexpr int kTensorParallelWarmup = 40;
-  // A cycle is cheap (3 reloads of 30 small tensors: ~15 ms), so the halves are long. (The store
-  // that kept every exchange's keys grew 0.9 KiB a cycle here, under the noise: Exchange.* in
-  // test_process_group.cpp counts its keys instead.)
-  constexpr int kTensorParallelCycles = 200;
-  constexpr int64_t kTensorParallelHeapSlack = kMultiRankHeapSlack;
+/// What one rank does: `cycle` once a cycle, and `equals_fresh_load` at the end (whether its model
+/// equals a fresh load of what each cycle ends on; true for a rank without a model).
+struct RankCycle {
+  std::function<void()> cycle;
+  std::function<bool()> equals_fresh_load = [] { return true; };
+};
+using RankSetup = std::function<RankCycle(int rank, RankGroup& group)>;
+
+/// `ranks` threads of this process join one group (Gloo) and run `setup`'s cycle `warmup` times,
+/// then twice `cycles` times; this thread measures the process while they wait after each phase.
+/// Every rank succeeds and ends equal to a fresh load; descriptors stay, threads and heap grow
+/// within their slack.
+void expect_ranks_steady(int ranks, int warmup, int cycles, const RankSetup& setup) {
   setenv("LOADKIT_TP_TIMEOUT", "60", 1);  // a bug here fails the test, not the suite's clock
-  const Fixture& a = fixture("llama_fp32_gqa_sharded");
-  const Fixture& b = fixture(a.reload_target);
-  TempDir tmp;
-  const fs::path truncated = copy_fixture(b, tmp / "truncated");
-  const fs::path cut = a_safetensors_file(truncated);
-  fs::resize_file(cut, fs::file_size(cut) - 7);
   const int port = free_port();
-  std::barrier meet(kRanks + 1);  // after the warm-up, then after each half: measured, then go on
-  std::vector<std::string> errors(kRanks);
-  std::vector<bool> fresh(kRanks, false);
-  std::vector<std::thread> ranks;
-  for (int rank = 0; rank < kRanks; ++rank)
-    ranks.emplace_back([&, rank] {
+  std::barrier meet(ranks + 1);  // after the warm-up, then after each half: measured, then go on
+  std::vector<std::string> errors(ranks);
+  std::vector<bool> fresh(ranks, false);
+  std::vector<std::thread> threads;
+  for (int rank = 0; rank < ranks; ++rank)
+    threads.emplace_back([&, rank] {
       bool met = false;
       try {
-        RankEnv env;
-        env.rank = env.local_rank = rank;
-        env.world_size = kRanks;
-        env.master_port = port;
-        auto group = RankGroup::join(env, "cpu");
-        LoadOptions o;
-        o.model_dir = a.dir;
-        o.device = "cpu";
-        o.tp_size = kRanks;
-        o.tp_rank = rank;
-        o.tp_group = group->tp_group();
-        o.rank_group = group->world();
-        auto model = LoadedModel::load(o, build_registry());
-        auto cycle = [&] {
-          model->reload(b.dir);
-          try {
-            model->reload(truncated.string());
-            errors[rank] += "a reload of a truncated file succeeded; ";
-          } catch (const Error& e) {
-            if (e.kind() != ErrorKind::Input) errors[rank] += cat("not an Input error: ", e.what(), "; ");
-          }
-          model->reload(a.dir);
-        };
+        auto group = join_local_rank(rank, ranks, port);
+        const RankCycle mine = setup(rank, *group);
         for (int phase = 0; phase < 3; ++phase) {
-          for (int i = 0; i < (phase == 0 ? kTensorParallelWarmup : kTensorParallelCycles); ++i) cycle();
+          for (int i = 0; i < (phase == 0 ? warmup : cycles); ++i) mine.cycle();
           met = true;
           meet.arrive_and_wait();
           meet.arrive_and_wait();
           met = false;
         }
-        fresh[rank] = identical(kernel_state(*model),
-                                kernel_state(*load_model(a.dir, "cpu", "auto", "auto", "auto", kRanks, rank)));
+        fresh[rank] = mine.equals_fresh_load();
       } catch (const std::exception& e) {
-        errors[rank] += e.what();
+        errors[rank] = e.what();
       }
       if (!met) meet.arrive_and_drop();
     });
@@ -332,32 +303,66 @@ TEST(SteadyStateTensorParallel, FannedOutReloadsGoodAndFailedHoldNothingMore) {
     marks.push_back(footprint("cpu"));
     meet.arrive_and_wait();
   }
-  for (auto& t : ranks) t.join();
+  for (auto& t : threads) t.join();
   unsetenv("LOADKIT_TP_TIMEOUT");
-  for (int r = 0; r < kRanks; ++r) {
+  for (int r = 0; r < ranks; ++r) {
     EXPECT_EQ(errors[r], "") << "rank " << r;
     EXPECT_TRUE(fresh[r]) << "rank " << r << " differs from a fresh load of its shard";
   }
   const auto &start = marks[0], &middle = marks[1], &end = marks[2];
-  SCOPED_TRACE(cat("\nafter the warm-up: ", describe(start), "\nafter ", kTensorParallelCycles, " cycles: ",
-                   describe(middle), "\nafter ", 2 * kTensorParallelCycles, ": ", describe(end)));
+  SCOPED_TRACE(cat("\nafter the warm-up: ", describe(start), "\nafter ", cycles, " cycles: ", describe(middle),
+                   "\nafter ", 2 * cycles, ": ", describe(end)));
   EXPECT_EQ(end.fds, start.fds);
   EXPECT_LE(middle.threads - start.threads, kThreadSlack);
   EXPECT_LE(end.threads - middle.threads, kThreadSlack);
-  EXPECT_LE(middle.heap_in_use - start.heap_in_use, kTensorParallelHeapSlack);
-  EXPECT_LE(end.heap_in_use - middle.heap_in_use, kTensorParallelHeapSlack);
+  EXPECT_LE(middle.heap_in_use - start.heap_in_use, kMultiRankHeapSlack);
+  EXPECT_LE(end.heap_in_use - middle.heap_in_use, kMultiRankHeapSlack);
+}
+
+// Two ranks that read the checkpoint once for the group and fan it out (runtime/src/fanout/),
+// reloading every cycle, one reload failing on both: the group's store, its broadcasts and the
+// fan-out's rounds hold nothing more either.
+TEST(SteadyStateTensorParallel, FannedOutReloadsGoodAndFailedHoldNothingMore) {
+  SKIP_WITHOUT_TP_BACKEND("cpu");
+  constexpr int kRanks = 2;
+  // Gloo's buffers grow over the first cycles (measured: 1.3 MiB over 40 cycles after a warm-up of
+  // 3, then 1.6 KiB over the next 40). A cycle is cheap (3 reloads of 30 small tensors: ~15 ms),
+  // so the halves are long. (The store that kept every exchange's keys grew 0.9 KiB a cycle here,
+  // under the noise: Exchange.* in test_process_group.cpp counts its keys instead.)
+  constexpr int kWarmup = 40, kCycles = 200;
+  const Fixture& a = fixture("llama_fp32_gqa_sharded");
+  const Fixture& b = fixture(a.reload_target);
+  TempDir tmp;
+  const fs::path truncated = copy_fixture(b, tmp / "truncated");
+  const fs::path cut = a_safetensors_file(truncated);
+  fs::resize_file(cut, fs::file_size(cut) - 7);
+  expect_ranks_steady(kRanks, kWarmup, kCycles, [&](int rank, RankGroup& group) {
+    LoadOptions o;
+    o.model_dir = a.dir;
+    o.device = "cpu";
+    o.tp_size = kRanks;
+    o.tp_rank = rank;
+    o.tp_group = group.tp_group();
+    o.rank_group = group.world();
+    std::shared_ptr<LoadedModel> model = LoadedModel::load(o, build_registry());
+    return RankCycle{[&, model] {
+                       model->reload(b.dir);
+                       expect_input_error("a reload of a truncated file", [&] { model->reload(truncated.string()); });
+                       model->reload(a.dir);
+                     },
+                     [&, model, rank] {
+                       return identical(kernel_state(*model), kernel_state(*load_model(a.dir, "cpu", "auto", "auto",
+                                                                                     "auto", kRanks, rank)));
+                     }};
+  });
 }
 
 // Weight sync by broadcast: rank 0 sends a trainer's tensors to two receivers serving at TP 2, every
 // cycle, one sync failing on every rank (a tensor no receiver's model has, refused when the
-// manifest is validated). Ranks are threads of this process (Gloo); buckets of 256 KiB, so a sync
-// is several of them.
+// manifest is validated). Buckets of 256 KiB, so a sync is several of them.
 TEST(SteadyStateBroadcast, SyncsGoodAndFailedHoldNothingMore) {
   SKIP_WITHOUT_TP_BACKEND("cpu");
-  constexpr int kRanks = 3;
-  constexpr int kWarmupSyncs = 40, kSyncCycles = 100;  // Gloo's buffers grow over the first cycles
-  constexpr int64_t kBroadcastHeapSlack = kMultiRankHeapSlack;
-  setenv("LOADKIT_TP_TIMEOUT", "60", 1);
+  constexpr int kWarmup = 40, kCycles = 100;  // Gloo's buffers grow over the first cycles
   const Fixture& a = fixture("llama_fp32_gqa_sharded");
   const Fixture& b = fixture(a.reload_target);
   const auto as_weights = [](const std::string& dir) {
@@ -370,81 +375,34 @@ TEST(SteadyStateBroadcast, SyncsGoodAndFailedHoldNothingMore) {
   unknown.push_back({"model.layers.0.mlp.nowhere.weight", at::zeros({4, 4}), "trainer"});
   BroadcastOptions options;
   options.bucket_bytes = 256 << 10;
-  const int port = free_port();
-  std::barrier meet(kRanks + 1);
-  std::vector<std::string> errors(kRanks);
-  std::vector<bool> fresh(kRanks, true);
-  std::vector<std::thread> ranks;
-  for (int rank = 0; rank < kRanks; ++rank)
-    ranks.emplace_back([&, rank] {
-      bool met = false;
-      try {
-        RankEnv env;
-        env.rank = env.local_rank = rank;
-        env.world_size = kRanks;
-        env.master_port = port;
-        auto group = RankGroup::join(env, "cpu");
-        auto sync = group->new_group("sync", {0, 1, 2});
-        std::unique_ptr<LoadedModel> model;
-        if (rank > 0) {
-          auto receivers = group->new_group("receivers", {1, 2});
-          LoadOptions o;
-          o.model_dir = a.dir;
-          o.device = "cpu";
-          o.tp_size = receivers->size();
-          o.tp_rank = receivers->rank();
-          o.tp_group = receivers->tensor_parallel();
-          model = LoadedModel::load(o, build_registry());
-        }
-        auto one_sync = [&](const std::vector<NamedWeight>& weights) {
-          if (rank == 0) return (void)send_weights(*sync, weights, options);
-          receive_weights(*model, *sync, options);
-        };
-        auto cycle = [&] {
-          one_sync(weights_b);
-          try {
-            one_sync(unknown);
-            errors[rank] += "a sync of an unknown tensor succeeded; ";
-          } catch (const Error& e) {
-            if (e.kind() != ErrorKind::Input) errors[rank] += cat("not an Input error: ", e.what(), "; ");
-          }
-          one_sync(weights_a);
-        };
-        for (int phase = 0; phase < 3; ++phase) {
-          for (int i = 0; i < (phase == 0 ? kWarmupSyncs : kSyncCycles); ++i) cycle();
-          met = true;
-          meet.arrive_and_wait();
-          meet.arrive_and_wait();
-          met = false;
-        }
-        if (model)
-          fresh[rank] = identical(kernel_state(*model),
-                                  kernel_state(*load_model(a.dir, "cpu", "auto", "auto", "auto", 2, rank - 1)));
-      } catch (const std::exception& e) {
-        errors[rank] += e.what();
-      }
-      if (!met) meet.arrive_and_drop();
-    });
-  std::vector<Footprint> marks;
-  for (int phase = 0; phase < 3; ++phase) {
-    meet.arrive_and_wait();
-    marks.push_back(footprint("cpu"));
-    meet.arrive_and_wait();
-  }
-  for (auto& t : ranks) t.join();
-  unsetenv("LOADKIT_TP_TIMEOUT");
-  for (int r = 0; r < kRanks; ++r) {
-    EXPECT_EQ(errors[r], "") << "rank " << r;
-    EXPECT_TRUE(fresh[r]) << "receiver " << r << " differs from a fresh load of its shard";
-  }
-  const auto &start = marks[0], &middle = marks[1], &end = marks[2];
-  SCOPED_TRACE(cat("\nafter the warm-up: ", describe(start), "\nafter ", kSyncCycles, " cycles: ", describe(middle),
-                   "\nafter ", 2 * kSyncCycles, ": ", describe(end)));
-  EXPECT_EQ(end.fds, start.fds);
-  EXPECT_LE(middle.threads - start.threads, kThreadSlack);
-  EXPECT_LE(end.threads - middle.threads, kThreadSlack);
-  EXPECT_LE(middle.heap_in_use - start.heap_in_use, kBroadcastHeapSlack);
-  EXPECT_LE(end.heap_in_use - middle.heap_in_use, kBroadcastHeapSlack);
+  expect_ranks_steady(3, kWarmup, kCycles, [&](int rank, RankGroup& group) {
+    std::shared_ptr<ProcessGroup> sync = group.new_group("sync", {0, 1, 2});
+    std::shared_ptr<LoadedModel> model;
+    if (rank > 0) {
+      auto receivers = group.new_group("receivers", {1, 2});
+      LoadOptions o;
+      o.model_dir = a.dir;
+      o.device = "cpu";
+      o.tp_size = receivers->size();
+      o.tp_rank = receivers->rank();
+      o.tp_group = receivers->tensor_parallel();
+      model = LoadedModel::load(o, build_registry());
+    }
+    auto one_sync = [&, sync, model](const std::vector<NamedWeight>& weights) {
+      if (!model) return (void)send_weights(*sync, weights, options);
+      receive_weights(*model, *sync, options);
+    };
+    RankCycle mine{[&, one_sync] {
+      one_sync(weights_b);
+      expect_input_error("a sync of an unknown tensor", [&] { one_sync(unknown); });
+      one_sync(weights_a);
+    }};
+    if (model)
+      mine.equals_fresh_load = [&, model, rank] {
+        return identical(kernel_state(*model), kernel_state(*load_model(a.dir, "cpu", "auto", "auto", "auto", 2, rank - 1)));
+      };
+    return mine;
+  });
 }
 
 }  // namespace

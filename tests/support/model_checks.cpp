@@ -9,6 +9,7 @@
 
 #include "loadkit/causal_lm.h"
 #include "loadkit/error.h"
+#include "loadkit/runtime/distributed.h"
 #include "loadkit/runtime/engine.h"
 #include "loadkit/runtime/registry.h"
 #include "device.h"
@@ -25,6 +26,14 @@ const bool kReproducibleCpuMath = (device::reproducible_cpu_math(), true);
 Registry& build_registry() {
   static Registry r({plugin_dir()});
   return r;
+}
+
+std::unique_ptr<RankGroup> join_local_rank(int rank, int world, int port, const std::string& device) {
+  RankEnv env;
+  env.rank = env.local_rank = rank;
+  env.world_size = world;
+  env.master_port = port;
+  return RankGroup::join(env, device);
 }
 
 std::unique_ptr<LoadedModel> load_model(const std::string& dir, const std::string& device, const std::string& quant,

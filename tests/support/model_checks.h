@@ -16,6 +16,7 @@
 
 namespace loadkit {
 class LoadedModel;
+class RankGroup;
 class Registry;
 }  // namespace loadkit
 
@@ -29,6 +30,10 @@ Registry& build_registry();
 std::unique_ptr<LoadedModel> load_model(const std::string& dir, const std::string& device = "cpu",
                                         const std::string& quant = "auto", const std::string& dtype = "auto",
                                         const std::string& format = "auto", int tp_size = 1, int tp_rank = 0);
+
+/// Joins rank `rank` of `world` ranks that are threads of this process (a store on the loopback at
+/// `port`, hosted by rank 0) on `device`.
+std::unique_ptr<RankGroup> join_local_rank(int rank, int world, int port, const std::string& device = "cpu");
 
 /// transformers' float32 logits stored with the fixture.
 at::Tensor reference_logits(const Fixture& f);
