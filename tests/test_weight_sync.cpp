@@ -326,6 +326,7 @@ TEST_P(WeightSyncBroadcast, TwoReceiversAtTpTwoEqualFreshLoadsAndTransformers) {
 
 INSTANTIATE_TEST_SUITE_P(Gloo, WeightSyncBroadcast, ::testing::Values("none", "fp8"));
 
+// The receivers run with SIGPIPE at its default and write to the dead sender's store: exit 1, not a signal.
 TEST(WeightSyncBroadcastFailure, SenderKilledMidUpdateLeavesEveryReceiverAsBefore) {
   SKIP_WITHOUT_TP_BACKEND("cpu");
   const Fixture& a = fixture("llama_fp32_gqa_sharded");

@@ -15,6 +15,8 @@
 // DIR/rank<R>.safetensors (+ DIR/logits.safetensors from rank 1), after a
 // failure DIR/after<R>.safetensors. --die-after-bucket K: the sender SIGKILLs
 // itself once every receiver has applied bucket K (0-based; DIR/applied<R> says so).
+// SIGPIPE is at its default here, as in a C++ host that never touched it: the receivers then
+// write to the dead sender's store socket, and that must fail as an error, not end them.
 // Errors: "loadkit: error: <line>" on stderr and the exit code of its kind.
 
 #include <ATen/ATen.h>
@@ -193,6 +195,7 @@ int run(int argc, char** argv) {
 }  // namespace loadkit::test
 
 int main(int argc, char** argv) {
+  ::signal(SIGPIPE, SIG_DFL);  // whatever the test runner left (see the header comment)
   try {
     return loadkit::test::run(argc, argv);
   } catch (const loadkit::Error& e) {
