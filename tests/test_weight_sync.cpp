@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <map>
 
 #include "loadkit/causal_lm.h"
@@ -171,6 +172,45 @@ TEST(WeightSyncInMemory, ValidateUpdateOnMetaTensorsNamesTheBadTensor) {
   expect_identical(kernel_state(*model), before);
 }
 
+// torch refuses these only at the copy, after other tensors of the chunk were written: each is
+// refused on arrival instead (runtime/src/caller_tensor.h), the chunk rejected whole and the
+// update still open, so the trainer can send the chunk again as it should have been.
+TEST(WeightSyncInMemory, ATensorWithoutPlainDataRejectsItsChunkWholeNamingIt) {
+  const Fixture& a = fixture("llama_fp32_gqa_sharded");
+  const Fixture& b = fixture(a.reload_target);
+  const std::vector<std::pair<std::string, std::function<at::Tensor(const at::Tensor&)>>> kinds = {
+      {"meta tensor", [](const at::Tensor& t) { return at::empty_like(t, t.options().device(at::kMeta)); }},
+      {"layout Sparse", [](const at::Tensor& t) { return t.to_sparse(); }},
+      {"quantized tensor (QInt8)", [](const at::Tensor& t) { return at::quantize_per_tensor(t, 0.1, 0, at::kQInt8); }},
+      {"undefined", [](const at::Tensor&) { return at::Tensor(); }},
+  };
+  auto model = load_model(a.dir, "cpu", "fp8");
+  const auto before = kernel_state(*model);
+  const auto good = weights_of(b.dir);
+  const std::string last = good.back().name;  // the bad one comes after every other tensor
+  for (const auto& [what, make] : kinds) {
+    SCOPED_TRACE(what);
+    auto chunk = good;
+    chunk.back().tensor = make(chunk.back().tensor);
+    model->begin_update();
+    try {
+      model->update(chunk);
+      ADD_FAILURE() << "a chunk with a " << what << " was applied";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::Input);
+      EXPECT_NE(std::string(e.what()).find("trainer: tensor '" + last + "' is "), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
+    }
+    EXPECT_TRUE(model->updating());
+    if (&what == &kinds.back().first) break;  // the last one goes on below
+    model->rollback_update();  // no journal: ends the update, and nothing was written to undo
+    expect_identical(kernel_state(*model), before);
+  }
+  model->update(good);
+  model->finish_update();
+  expect_identical(kernel_state(*model), kernel_state(*load_model(b.dir, "cpu", "fp8")));
+}
+
 TEST(WeightSyncInMemory, JournalRollbackRestoresEveryByteInPlace) {
   const Fixture& a = fixture("llama_fp32_gqa_sharded");
   const Fixture& b = fixture(a.reload_target);
@@ -287,6 +327,22 @@ TEST(WeightSyncFsdpLists, ListThatDiffersOnOneRankStopsEveryRankNamingTheTensor)
   for (int r = 0; r < 3; ++r) {
     SCOPED_TRACE("rank " + std::to_string(r));
     expect_failure(ranks[r], 3, {"model.layers.1.mlp.down_proj.weight", "trainer rank 1", "differ"});
+    EXPECT_FALSE(fs::exists(tmp / ("rank" + std::to_string(r) + ".safetensors")));
+  }
+}
+
+TEST(WeightSyncFsdpLists, ShardWithoutPlainDataOnOneRankStopsEveryRankBeforeAnyWrite) {
+  SKIP_WITHOUT_TP_BACKEND("cpu");
+  const Fixture& f = fixture("llama_fp32_tp_mqa");
+  TempDir tmp;
+  const fs::path next = write_next_step(f, tmp / "next", 12);
+  bool timed_out = false;
+  const auto ranks = run_ranks(driver(), driver_args("fsdp", f.dir, next, tmp.path(), {"--sparse-rank", "2"}), 3,
+                               seconds(60), timed_out);
+  ASSERT_FALSE(timed_out) << "a rank hung";
+  for (int r = 0; r < 3; ++r) {
+    SCOPED_TRACE("rank " + std::to_string(r));
+    expect_failure(ranks[r], 3, {"model.layers.1.mlp.down_proj.weight", "layout Sparse", "to_dense()"});
     EXPECT_FALSE(fs::exists(tmp / ("rank" + std::to_string(r) + ".safetensors")));
   }
 }

@@ -306,6 +306,42 @@ class Errors(DeviceCase):
         fresh = loadkit.Model(self.saved(hf), device=self.device)
         self.assertTrue(torch.equal(model.logits(self.tokens(self.name)), fresh.logits(self.tokens(self.name))))
 
+    def test_tensors_without_plain_data_are_input_errors_naming_them_and_change_nothing(self):
+        # torch would refuse each only at its copy, after the tensors before it were written.
+        model = self.load(self.name)
+        before = model.logits(self.tokens(self.name))
+        hf = self.trained(self.name)
+        state = {k: v.detach() for k, v in hf.named_parameters()}
+        name = "model.norm.weight"
+        kinds = {
+            "a meta tensor": lambda t: torch.empty_like(t, device="meta"),
+            "layout Sparse": lambda t: t.to_sparse(),
+            "a quantized tensor": lambda t: torch.quantize_per_tensor(t.float().cpu(), 0.1, 0, torch.qint8),
+            "a nested tensor": lambda t: torch.nested.nested_tensor([t, t]),
+            "a wrapper tensor": lambda t: torch._to_functional_tensor(t.clone()),
+        }
+        for what, make in kinds.items():
+            with self.subTest(what):
+                bad = dict(state)
+                bad.pop(name)
+                bad[name] = make(state[name])  # last: every other tensor comes before it
+                with self.assertRaises(loadkit.InputError) as caught:
+                    model.update(bad)
+                message = self.assertOneLine(caught.exception)
+                self.assertIn(f"'{name}' is ", message)
+                self.assertIn(what, message)
+                self.assertFalse(model.updating)
+                self.assertTrue(torch.equal(model.logits(self.tokens(self.name)), before))
+        model.begin_update()  # streamed: the chunk is rejected whole and the update goes on
+        with self.assertRaises(loadkit.InputError):
+            model.update({"model.embed_tokens.weight": state["model.embed_tokens.weight"],
+                          name: state[name].to_sparse()})
+        self.assertTrue(model.updating)
+        model.update(state)
+        model.finish_update()
+        fresh = loadkit.Model(self.saved(hf), device=self.device)
+        self.assertTrue(torch.equal(model.logits(self.tokens(self.name)), fresh.logits(self.tokens(self.name))))
+
     def test_missing_directory_is_an_input_error_naming_it(self):
         with self.assertRaises(loadkit.InputError) as caught:
             loadkit.Model("/nonexistent/checkpoint")

@@ -2,6 +2,7 @@
 // way torchrun starts ranks (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT):
 //
 //   sync_driver fsdp      --model A --weights B --out DIR [--tp N] [--quantization Q] [--corrupt-rank R]
+//                         [--sparse-rank R]
 //   sync_driver broadcast --model A --weights B --out DIR [--bucket-bytes N] [--quantization Q]
 //                         [--tokens 1,2,3] [--die-after-bucket K]
 //
@@ -92,12 +93,15 @@ int fsdp(const Args& args, const RankEnv& env, RankGroup& group, const std::stri
   auto trainers = group.world();
   auto model = load(args, device, tp, tp > 1 ? env.rank : 0, tp > 1 ? trainers->tensor_parallel() : nullptr);
   const int corrupt = std::stoi(get(args, "corrupt-rank", "-1"));
+  const int sparse = std::stoi(get(args, "sparse-rank", "-1"));
   std::vector<LocalShard> shards;
   for (auto& [name, full] : weights_of(args)) {
     const ShardRows rows = fsdp_shard_rows(full.size(0), env.world_size, env.rank);
     at::Tensor local = full.narrow(0, rows.begin, rows.count).clone().to(device);
     // This rank's list differs from the others' in one tensor's dtype.
     if (env.rank == corrupt && name == "model.layers.1.mlp.down_proj.weight") local = local.to(at::kBFloat16);
+    // This rank's shard of it is a sparse tensor: same list, but no plain data to gather.
+    if (env.rank == sparse && name == "model.layers.1.mlp.down_proj.weight") local = local.to_sparse();
     shards.push_back({name, local, full.sizes().vec()});
   }
   const LoadReport& report = sync_fsdp_shards(*model, *trainers, shards);

@@ -1,5 +1,6 @@
 #include "reload/reload_engine.h"
 
+#include "caller_tensor.h"
 #include "loadkit/auto_weights_loader.h"
 #include "loadkit/error.h"
 #include "loadkit/model_context.h"
@@ -77,6 +78,7 @@ void ReloadEngine::begin_update(Rollback rollback) { session_->begin(Phase::Upda
 
 void ReloadEngine::update(const std::vector<NamedWeight>& chunk, const Loader& load_weights, Borrowed borrowed) {
   if (session_->phase() != Phase::Updating) fail(ErrorKind::Usage, "update() without begin_update()");
+  for (const auto& w : chunk) require_plain_data(w.tensor, w.origin, w.name);  // rejected whole, as by validation
   // A chunk like one applied before goes by its plan (update_plan.h); any other, or one the
   // plan's count checks doubt, is validated whole through the loaders, its plan recorded.
   try {

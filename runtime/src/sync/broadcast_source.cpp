@@ -12,6 +12,7 @@
 #include <unordered_map>
 #include <unordered_set>
 
+#include "caller_tensor.h"
 #include "loadkit/error.h"
 #include "loadkit/runtime/distributed.h"
 #include "loadkit/runtime/log.h"
@@ -60,7 +61,7 @@ Layout plan(const std::vector<NamedWeight>& weights, uint64_t bucket_bytes) {
   uint64_t offset = 0;
   for (const auto& w : weights) {
     if (!names.insert(w.name).second) fail(ErrorKind::Input, "weight sync: tensor '", w.name, "' is given twice");
-    if (!w.tensor.defined()) fail(ErrorKind::Input, "weight sync: tensor '", w.name, "' is undefined");
+    require_plain_data(w.tensor, "weight sync", w.name);
     sync::ManifestEntry e{w.name, w.tensor.scalar_type(), w.tensor.sizes().vec(), 0};
     const uint64_t bytes = e.bytes();
     uint64_t start = align_up(offset, kAlign);

@@ -9,6 +9,7 @@
 #include <unordered_map>
 #include <unordered_set>
 
+#include "caller_tensor.h"
 #include "loadkit/error.h"
 #include "loadkit/module.h"
 #include "loadkit/runtime/distributed.h"
@@ -57,6 +58,7 @@ void check_shards(const std::vector<LocalShard>& shards, int world, int rank) {
   for (const auto& s : shards) {
     if (!names.insert(s.name).second) fail(ErrorKind::Input, kOrigin, ": tensor '", s.name, "' is given twice");
     if (!s.local.defined()) fail(ErrorKind::Input, kOrigin, ": tensor '", s.name, "' has no local shard");
+    require_plain_data(s.local, kOrigin, s.name);
     if (s.full_shape.empty())
       fail(ErrorKind::Input, kOrigin, ": tensor '", s.name, "' is 0-d: a dim-0 shard needs at least one dimension");
     const ShardRows rows = fsdp_shard_rows(s.full_shape[0], world, rank);
