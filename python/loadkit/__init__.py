@@ -203,7 +203,11 @@ class Model:
             UsageError: no tokens, or a token outside the vocabulary.
         """
         if isinstance(tokens, torch.Tensor):
-            if tokens.dim() != 1 or tokens.is_floating_point() or tokens.is_complex():
+            if tokens.layout != torch.strided or tokens.is_meta or tokens.is_quantized or tokens.is_nested:
+                kind = "meta" if tokens.is_meta else "quantized" if tokens.is_quantized else \
+                    "nested" if tokens.is_nested else str(tokens.layout).removeprefix("torch.")
+                raise TypeError(f"logits(): want a 1-D integer tensor with data, got a {kind} tensor")
+            if tokens.dim() != 1 or tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
                 raise TypeError(f"logits(): want a 1-D integer tensor, got {tokens.dim()}-D {tokens.dtype}")
             tokens = tokens.tolist()
         return self._engine.logits([operator.index(t) for t in tokens])
@@ -355,7 +359,12 @@ def _shard(item: Any, rank: int, size: int) -> tuple[bytes, torch.Tensor, list[i
         name, local, full_shape = item
         return _name(name, "sync_fsdp_shards()"), local, [int(d) for d in full_shape]
     name, tensor = item
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"sync_fsdp_shards(): '{name}' is a {type(tensor).__name__}, not a torch.Tensor")
     placements = getattr(tensor, "placements", None)
+    if placements is None and (tensor.dim() == 0 or tensor.layout != torch.strided or tensor.is_nested):
+        # No rows to take: passed whole, every rank refuses it together, naming it.
+        return _name(name, "sync_fsdp_shards()"), tensor, []
     if placements is None:
         # Whole on every rank: this rank's rows as FSDP2 would shard them (ceil(rows / size) each,
         # the last ones shorter or empty).

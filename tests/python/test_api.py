@@ -110,6 +110,22 @@ with loadkit.RankGroup.join("cpu") as group, loadkit.Model(PATH) as model:
     else:
         raise AssertionError("an unknown tensor was accepted")
     assert torch.equal(model.logits(TOKENS), before)
+    # A shard with no plain data, a 0-d plain tensor: refused by the ranks together, naming it.
+    name = "model.norm.weight"
+    for odd, what in [((name, state[name].to_sparse()), "layout Sparse"), ((name, torch.tensor(1.0)), "0-d")]:
+        try:
+            model.sync_fsdp_shards(group, [t for t in triples if t[0] != name] + [odd])
+        except loadkit.InputError as e:
+            assert name in str(e) and what in str(e), e
+        else:
+            raise AssertionError(f"a {what} shard was accepted")
+        assert torch.equal(model.logits(TOKENS), before)
+    try:
+        model.sync_fsdp_shards(group, [(name, [1.0, 2.0])])
+    except TypeError as e:
+        assert name in str(e), e
+    else:
+        raise AssertionError("a list was taken for a tensor")
 print("ok")
 """)
         self.assertEqual(out, "ok")

@@ -390,6 +390,12 @@ class Errors(DeviceCase):
         self.assertIn("model.norm.weight", str(caught.exception))
         with self.assertRaises(TypeError):
             model.logits(torch.ones(3))
+        for tokens in (torch.tensor([1, 2]).to_sparse(), torch.ones(2, dtype=torch.long, device="meta"),
+                       torch.tensor([True, False])):
+            with self.subTest(tokens=tokens.layout if tokens.is_sparse else tokens.device if tokens.is_meta else tokens.dtype):
+                with self.assertRaises(TypeError) as caught:
+                    model.logits(tokens)
+                self.assertIn("1-D integer tensor", str(caught.exception))
 
 
 # --------------------------------------------------------------------------------------- installed
