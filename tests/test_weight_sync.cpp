@@ -407,6 +407,26 @@ TEST(WeightSyncBroadcastFailure, SenderKilledMidUpdateLeavesEveryReceiverAsBefor
   }
 }
 
+TEST(WeightSyncBroadcastFailure, SenderTensorWithoutPlainDataStopsEveryRankBeforeAnyWrite) {
+  SKIP_WITHOUT_TP_BACKEND("cpu");
+  const Fixture& a = fixture("llama_fp32_gqa_sharded");
+  const Fixture& b = fixture(a.reload_target);
+  TempDir tmp;
+  bool timed_out = false;
+  const auto ranks = run_ranks(
+      driver(), driver_args("broadcast", a.dir, b.dir, tmp.path(), {"--sparse-tensor", "model.layers.1.mlp.up_proj.weight"}),
+      3, seconds(60), timed_out);
+  ASSERT_FALSE(timed_out);
+  for (int r = 0; r < 3; ++r) {
+    SCOPED_TRACE("rank " + std::to_string(r));
+    expect_failure(ranks[r], 3, {"'model.layers.1.mlp.up_proj.weight'", "layout Sparse"});
+  }
+  for (int r = 1; r < 3; ++r) {
+    const std::string me = std::to_string(r);
+    expect_identical(read_state(tmp / ("after" + me + ".safetensors")), read_state(tmp / ("before" + me + ".safetensors")));
+  }
+}
+
 TEST(WeightSyncBroadcastFailure, ManifestThatDoesNotFitStopsEveryRankBeforeAnyWrite) {
   SKIP_WITHOUT_TP_BACKEND("cpu");
   const Fixture& a = fixture("llama_fp32_gqa_sharded");    // vocab 1000, intermediate 200

@@ -4,7 +4,7 @@
 //   sync_driver fsdp      --model A --weights B --out DIR [--tp N] [--quantization Q] [--corrupt-rank R]
 //                         [--sparse-rank R]
 //   sync_driver broadcast --model A --weights B --out DIR [--bucket-bytes N] [--quantization Q]
-//                         [--tokens 1,2,3] [--die-after-bucket K]
+//                         [--tokens 1,2,3] [--die-after-bucket K] [--sparse-tensor NAME]
 //
 // common: --plugin-dir D --device cpu|cuda (cuda: cuda:LOCAL_RANK)
 //
@@ -16,6 +16,7 @@
 // DIR/rank<R>.safetensors (+ DIR/logits.safetensors from rank 1), after a
 // failure DIR/after<R>.safetensors. --die-after-bucket K: the sender SIGKILLs
 // itself once every receiver has applied bucket K (0-based; DIR/applied<R> says so).
+// --sparse-tensor NAME: the sender passes that tensor as a sparse one (no plain data to send).
 // SIGPIPE is at its default here, as in a C++ host that never touched it: the receivers then
 // write to the dead sender's store socket, and that must fail as an error, not end them.
 // Errors: "loadkit: error: <line>" on stderr and the exit code of its kind.
@@ -123,7 +124,9 @@ int broadcast(const Args& args, const RankEnv& env, RankGroup& group, const std:
 
   if (env.rank == 0) {
     std::vector<NamedWeight> weights;
-    for (auto& [name, t] : weights_of(args)) weights.push_back({name, t.to(device), "trainer"});
+    const std::string sparse = get(args, "sparse-tensor", "-");
+    for (auto& [name, t] : weights_of(args))
+      weights.push_back({name, name == sparse ? t.to(device).to_sparse() : t.to(device), "trainer"});
     options.on_bucket = [&](int k, int) {
       if (k != die_after) return;
       // Once every receiver has applied bucket k (a file each: the store dies with us).

@@ -96,6 +96,10 @@ struct ProcessGroup::Impl {
   uint64_t exchanges = 0;
   /// The oldest exchange round whose key this member has not deleted yet.
   uint64_t undeleted_from = 0;
+  /// This process hosts the store (rank 0 where no launcher's agent does): see acknowledge_decided.
+  bool hosts_store = false;
+  /// Rounds decided early whose acknowledgement key this member set and has not deleted yet.
+  std::vector<uint64_t> acknowledged;
 
   /// The store keeps every key until it is deleted, and a long-lived process exchanges at every
   /// sync and every fan-out round: without this, the store's host (rank 0, or torchrun's agent)
@@ -107,8 +111,35 @@ struct ProcessGroup::Impl {
   void forget_rounds_before(uint64_t round) {
     try {
       for (; undeleted_from < round; ++undeleted_from) exchange_store->deleteKey(cat(undeleted_from, "/", rank));
+      for (uint64_t r : acknowledged)
+        if (r < round) exchange_store->deleteKey(ack_key(r, rank));
+      std::erase_if(acknowledged, [&](uint64_t r) { return r < round; });
     } catch (const std::exception&) {
       // The exchange itself succeeded; a store that has gone since says so at the next one.
+    }
+  }
+
+  static std::string ack_key(uint64_t round, int member) { return cat(round, "/ack/", member); }
+
+  /// A round decided early (a member failed) is read by every member from the store, and this
+  /// process may host it: a failure that ends this process right after would take the store, and
+  /// the reason with it, before the others read it — they would report "the store is unreachable"
+  /// instead (WeightSyncBroadcastFailure.SenderTensorWithoutPlainData…, where the failing sender
+  /// is rank 0). So every other member acknowledges a decided round, and the host leaves it once
+  /// each has, or after kLinger (a member still busy in its own step, or dead).
+  void acknowledge_decided(uint64_t round) {
+    static constexpr auto kLinger = std::chrono::seconds(10);
+    if (!hosts_store) {
+      exchange_store->set(ack_key(round, rank), std::vector<uint8_t>{1});
+      acknowledged.push_back(round);
+      return;
+    }
+    const auto until = Clock::now() + std::min<std::chrono::milliseconds>(timeout, kLinger);
+    for (int r = 0; r < size; ++r) {
+      if (r == rank) continue;
+      while (!exchange_store->check({ack_key(round, r)}) && Clock::now() < until)
+        std::this_thread::sleep_for(std::chrono::milliseconds(2));
+      if (exchange_store->check({ack_key(round, r)})) exchange_store->deleteKey(ack_key(round, r));
     }
   }
 
@@ -238,6 +269,7 @@ std::vector<std::string> ProcessGroup::exchange(const std::string& payload,
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(2));
     }
+    if (decided) s.acknowledge_decided(round);
   } catch (const Error&) {
     throw;
   } catch (const std::exception& e) {
@@ -336,6 +368,7 @@ struct RankGroup::Impl {
   c10::Device device = c10::Device(c10::kCPU);
   std::chrono::milliseconds timeout{};
   c10::intrusive_ptr<c10d::Store> store;
+  bool hosts_store = false;
   std::shared_ptr<ProcessGroup> world;
   std::shared_ptr<TensorParallelGroup> tp;
 
@@ -351,6 +384,7 @@ struct RankGroup::Impl {
     g->timeout = timeout;
     g->exchange_store = c10::make_intrusive<c10d::PrefixStore>(prefix + "/exchange", store);
     g->root_store = store;
+    g->hosts_store = hosts_store;
     g->backend = make_backend(c10::make_intrusive<c10d::PrefixStore>(prefix, store), g->rank, g->size, device, timeout);
     return std::shared_ptr<ProcessGroup>(new ProcessGroup(std::move(g)));
   }
@@ -384,6 +418,7 @@ std::unique_ptr<RankGroup> RankGroup::join(const RankEnv& env, const std::string
     options.waitWorkers = false;
     options.timeout = impl->timeout;
     impl->store = c10::make_intrusive<c10d::TCPStore>(env.master_addr, options);
+    impl->hosts_store = options.isServer;
     if (dev.is_cuda()) {
 #if LOADKIT_NCCL
       const auto index = dev.has_index() ? dev.index() : static_cast<c10::DeviceIndex>(env.local_rank);
