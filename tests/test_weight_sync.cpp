@@ -427,6 +427,29 @@ TEST(WeightSyncBroadcastFailure, SenderTensorWithoutPlainDataStopsEveryRankBefor
   }
 }
 
+// The sender is rank 0 and hosts the store; its process ends the moment send_weights() returns.
+// Every receiver must still finish reading the last agreement: before the store's host waited for
+// every member to acknowledge each round, 11 of 40 receiver runs found the store gone there and
+// rolled back an update every rank had accepted.
+TEST(WeightSyncBroadcastFailure, SenderThatExitsAsSoonAsItReturnsLeavesEveryReceiverUpdated) {
+  SKIP_WITHOUT_TP_BACKEND("cpu");
+  const Fixture& a = fixture("llama_fp32_gqa_sharded");
+  const Fixture& b = fixture(a.reload_target);
+  for (int run = 0; run < 10; ++run) {
+    SCOPED_TRACE("run " + std::to_string(run));
+    TempDir tmp;
+    bool timed_out = false;
+    const auto ranks = run_ranks(driver(), driver_args("broadcast", a.dir, b.dir, tmp.path(), {"--exit-when-sent", "1"}),
+                                 3, seconds(60), timed_out);
+    ASSERT_FALSE(timed_out);
+    EXPECT_EQ(ranks[0].code, 0) << ranks[0].err;
+    for (int r = 1; r < 3; ++r) {
+      EXPECT_EQ(ranks[r].code, 0) << "receiver rank " << r << ": " << ranks[r].err;
+      EXPECT_TRUE(fs::exists(tmp / ("rank" + std::to_string(r) + ".safetensors")));
+    }
+  }
+}
+
 TEST(WeightSyncBroadcastFailure, ManifestThatDoesNotFitStopsEveryRankBeforeAnyWrite) {
   SKIP_WITHOUT_TP_BACKEND("cpu");
   const Fixture& a = fixture("llama_fp32_gqa_sharded");    // vocab 1000, intermediate 200

@@ -4,7 +4,7 @@
 //   sync_driver fsdp      --model A --weights B --out DIR [--tp N] [--quantization Q] [--corrupt-rank R]
 //                         [--sparse-rank R]
 //   sync_driver broadcast --model A --weights B --out DIR [--bucket-bytes N] [--quantization Q]
-//                         [--tokens 1,2,3] [--die-after-bucket K] [--sparse-tensor NAME]
+//                         [--tokens 1,2,3] [--die-after-bucket K] [--sparse-tensor NAME] [--exit-when-sent 1]
 //
 // common: --plugin-dir D --device cpu|cuda (cuda: cuda:LOCAL_RANK)
 //
@@ -17,6 +17,8 @@
 // failure DIR/after<R>.safetensors. --die-after-bucket K: the sender SIGKILLs
 // itself once every receiver has applied bucket K (0-based; DIR/applied<R> says so).
 // --sparse-tensor NAME: the sender passes that tensor as a sparse one (no plain data to send).
+// --exit-when-sent 1: the sender's process ends as soon as send_weights() returns (a trainer
+// whose script ends there), taking the store it hosts as rank 0 with it; no raw broadcast.
 // SIGPIPE is at its default here, as in a C++ host that never touched it: the receivers then
 // write to the dead sender's store socket, and that must fail as an error, not end them.
 // Errors: "loadkit: error: <line>" on stderr and the exit code of its kind.
@@ -121,6 +123,7 @@ int broadcast(const Args& args, const RankEnv& env, RankGroup& group, const std:
   options.bucket_bytes = std::stoull(get(args, "bucket-bytes", std::to_string(256ull << 20)));
   const int die_after = std::stoi(get(args, "die-after-bucket", "-1"));
   const std::string out = get(args, "out");
+  const bool exit_when_sent = get(args, "exit-when-sent", "0") == "1";
 
   if (env.rank == 0) {
     std::vector<NamedWeight> weights;
@@ -135,6 +138,10 @@ int broadcast(const Args& args, const RankEnv& env, RankGroup& group, const std:
       ::raise(SIGKILL);
     };
     const BroadcastReport report = send_weights(*sync, weights, options);
+    if (exit_when_sent) {
+      std::cout.flush();
+      ::_exit(0);
+    }
     std::cout << "[ MEASURE  ] broadcast " << sync->device().str() << ": " << report.bytes << " bytes in "
               << report.buckets << " buckets of " << options.bucket_bytes << " to " << receivers.size()
               << " receivers: " << report.transfer_seconds << " s = " << report.gb_per_s() * 1e3 << " MB/s"
@@ -168,6 +175,7 @@ int broadcast(const Args& args, const RankEnv& env, RankGroup& group, const std:
     throw;
   }
   dump(*model, out + "/rank" + me + ".safetensors");
+  if (exit_when_sent) return 0;
   at::Tensor raw = at::empty({0}, at::TensorOptions().dtype(at::kByte).device(sync->device()));
   {
     // The sender's raw-bandwidth broadcast (sized by the sender: ours matches its report).

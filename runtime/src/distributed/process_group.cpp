@@ -96,10 +96,11 @@ struct ProcessGroup::Impl {
   uint64_t exchanges = 0;
   /// The oldest exchange round whose key this member has not deleted yet.
   uint64_t undeleted_from = 0;
-  /// This process hosts the store (rank 0 where no launcher's agent does): see acknowledge_decided.
-  bool hosts_store = false;
-  /// Rounds decided early whose acknowledgement key this member set and has not deleted yet.
-  std::vector<uint64_t> acknowledged;
+  /// The member whose process hosts the store (global rank 0 where no launcher's agent hosts it),
+  /// or -1: then every exchange round is acknowledged (acknowledge).
+  int store_host = -1;
+
+  static std::string ack_key(uint64_t round, int member) { return cat(round, "/ack/", member); }
 
   /// The store keeps every key until it is deleted, and a long-lived process exchanges at every
   /// sync and every fan-out round: without this, the store's host (rank 0, or torchrun's agent)
@@ -110,37 +111,35 @@ struct ProcessGroup::Impl {
   /// reaches deletes its keys too.
   void forget_rounds_before(uint64_t round) {
     try {
-      for (; undeleted_from < round; ++undeleted_from) exchange_store->deleteKey(cat(undeleted_from, "/", rank));
-      for (uint64_t r : acknowledged)
-        if (r < round) exchange_store->deleteKey(ack_key(r, rank));
-      std::erase_if(acknowledged, [&](uint64_t r) { return r < round; });
+      for (; undeleted_from < round; ++undeleted_from) {
+        exchange_store->deleteKey(cat(undeleted_from, "/", rank));
+        if (store_host >= 0 && rank != store_host) exchange_store->deleteKey(ack_key(undeleted_from, rank));
+      }
     } catch (const std::exception&) {
       // The exchange itself succeeded; a store that has gone since says so at the next one.
     }
   }
 
-  static std::string ack_key(uint64_t round, int member) { return cat(round, "/ack/", member); }
-
-  /// A round decided early (a member failed) is read by every member from the store, and this
-  /// process may host it: a failure that ends this process right after would take the store, and
-  /// the reason with it, before the others read it — they would report "the store is unreachable"
-  /// instead (WeightSyncBroadcastFailure.SenderTensorWithoutPlainData…, where the failing sender
-  /// is rank 0). So every other member acknowledges a decided round, and the host leaves it once
-  /// each has, or after kLinger (a member still busy in its own step, or dead).
-  void acknowledge_decided(uint64_t round) {
+  /// Where a member hosts the store, it must not leave a round before every other member has read
+  /// it: a host that leaves and exits takes the store with it. Measured before this existed, with a
+  /// broadcast sender that was rank 0 and exited as soon as send_weights() returned: in 11 of 40
+  /// receiver runs, the receiver was still reading the last agreement, found the store gone and
+  /// rolled back an update that every rank had accepted; and a failing rank 0 took its error with
+  /// it (the receivers said "the store is unreachable"). So every other member acknowledges each
+  /// round once it has read it, and the host leaves a round once all have, or after kLinger (a
+  /// member dead since it wrote, or one still busy in its own step when a failure decided the round).
+  void acknowledge(uint64_t round) {
     static constexpr auto kLinger = std::chrono::seconds(10);
-    if (!hosts_store) {
+    if (rank != store_host) {
       exchange_store->set(ack_key(round, rank), std::vector<uint8_t>{1});
-      acknowledged.push_back(round);
       return;
     }
+    std::vector<std::string> acks;
+    for (int r = 0; r < size; ++r)
+      if (r != rank) acks.push_back(ack_key(round, r));
     const auto until = Clock::now() + std::min<std::chrono::milliseconds>(timeout, kLinger);
-    for (int r = 0; r < size; ++r) {
-      if (r == rank) continue;
-      while (!exchange_store->check({ack_key(round, r)}) && Clock::now() < until)
-        std::this_thread::sleep_for(std::chrono::milliseconds(2));
-      if (exchange_store->check({ack_key(round, r)})) exchange_store->deleteKey(ack_key(round, r));
-    }
+    while (!acks.empty() && !exchange_store->check(acks) && Clock::now() < until)
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
   }
 
   ~Impl() {
@@ -269,7 +268,7 @@ std::vector<std::string> ProcessGroup::exchange(const std::string& payload,
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(2));
     }
-    if (decided) s.acknowledge_decided(round);
+    if (s.store_host >= 0) s.acknowledge(round);
   } catch (const Error&) {
     throw;
   } catch (const std::exception& e) {
@@ -368,7 +367,7 @@ struct RankGroup::Impl {
   c10::Device device = c10::Device(c10::kCPU);
   std::chrono::milliseconds timeout{};
   c10::intrusive_ptr<c10d::Store> store;
-  bool hosts_store = false;
+  bool rank0_hosts_store = false;  ///< no launcher's agent hosts it
   std::shared_ptr<ProcessGroup> world;
   std::shared_ptr<TensorParallelGroup> tp;
 
@@ -384,7 +383,8 @@ struct RankGroup::Impl {
     g->timeout = timeout;
     g->exchange_store = c10::make_intrusive<c10d::PrefixStore>(prefix + "/exchange", store);
     g->root_store = store;
-    g->hosts_store = hosts_store;
+    if (auto host = std::find(ranks.begin(), ranks.end(), 0); rank0_hosts_store && host != ranks.end())
+      g->store_host = static_cast<int>(host - ranks.begin());
     g->backend = make_backend(c10::make_intrusive<c10d::PrefixStore>(prefix, store), g->rank, g->size, device, timeout);
     return std::shared_ptr<ProcessGroup>(new ProcessGroup(std::move(g)));
   }
@@ -418,7 +418,7 @@ std::unique_ptr<RankGroup> RankGroup::join(const RankEnv& env, const std::string
     options.waitWorkers = false;
     options.timeout = impl->timeout;
     impl->store = c10::make_intrusive<c10d::TCPStore>(env.master_addr, options);
-    impl->hosts_store = options.isServer;
+    impl->rank0_hosts_store = !env.agent_store;
     if (dev.is_cuda()) {
 #if LOADKIT_NCCL
       const auto index = dev.has_index() ? dev.index() : static_cast<c10::DeviceIndex>(env.local_rank);
