@@ -97,7 +97,8 @@ struct ProcessGroup::Impl {
   /// The oldest exchange round whose key this member has not deleted yet.
   uint64_t undeleted_from = 0;
   /// The member whose process hosts the store (global rank 0 where no launcher's agent hosts it),
-  /// or -1: then every exchange round is acknowledged (acknowledge).
+  /// or -1 (a launcher's agent hosts it, or its host is not a member). Where there is one, every
+  /// exchange round is acknowledged (acknowledge).
   int store_host = -1;
 
   static std::string ack_key(uint64_t round, int member) { return cat(round, "/ack/", member); }
