@@ -314,37 +314,33 @@ INSTANTIATE_TEST_SUITE_P(Gloo, WeightSyncFsdp, ::testing::ValuesIn(kFsdpCases), 
          std::to_string(info.param.tp) + "_" + info.param.quant;
 });
 
-TEST(WeightSyncFsdpLists, ListThatDiffersOnOneRankStopsEveryRankNamingTheTensor) {
-  SKIP_WITHOUT_TP_BACKEND("cpu");
+/// Three FSDP ranks sync the next training step of llama_fp32_tp_mqa, the driver told `flags` (a
+/// rank that sends a bad list or shard): every rank stops with exit 3 naming `fragments`, and none
+/// wrote the state a finished sync writes.
+void expect_fsdp_stopped_on_every_rank(const std::vector<std::string>& flags, const std::vector<std::string>& fragments) {
   const Fixture& f = fixture("llama_fp32_tp_mqa");
   TempDir tmp;
   const fs::path next = write_next_step(f, tmp / "next", 12);
   bool timed_out = false;
-  const auto ranks =
-      run_ranks(driver(), driver_args("fsdp", f.dir, next, tmp.path(), {"--corrupt-rank", "1"}), 3, seconds(60),
-                timed_out);
+  const auto ranks = run_ranks(driver(), driver_args("fsdp", f.dir, next, tmp.path(), flags), 3, seconds(60), timed_out);
   ASSERT_FALSE(timed_out) << "a rank hung";
   for (int r = 0; r < 3; ++r) {
     SCOPED_TRACE("rank " + std::to_string(r));
-    expect_failure(ranks[r], 3, {"model.layers.1.mlp.down_proj.weight", "trainer rank 1", "differ"});
+    expect_failure(ranks[r], 3, fragments);
     EXPECT_FALSE(fs::exists(tmp / ("rank" + std::to_string(r) + ".safetensors")));
   }
 }
 
+TEST(WeightSyncFsdpLists, ListThatDiffersOnOneRankStopsEveryRankNamingTheTensor) {
+  SKIP_WITHOUT_TP_BACKEND("cpu");
+  expect_fsdp_stopped_on_every_rank({"--corrupt-rank", "1"},
+                                    {"model.layers.1.mlp.down_proj.weight", "trainer rank 1", "differ"});
+}
+
 TEST(WeightSyncFsdpLists, ShardWithoutPlainDataOnOneRankStopsEveryRankBeforeAnyWrite) {
   SKIP_WITHOUT_TP_BACKEND("cpu");
-  const Fixture& f = fixture("llama_fp32_tp_mqa");
-  TempDir tmp;
-  const fs::path next = write_next_step(f, tmp / "next", 12);
-  bool timed_out = false;
-  const auto ranks = run_ranks(driver(), driver_args("fsdp", f.dir, next, tmp.path(), {"--sparse-rank", "2"}), 3,
-                               seconds(60), timed_out);
-  ASSERT_FALSE(timed_out) << "a rank hung";
-  for (int r = 0; r < 3; ++r) {
-    SCOPED_TRACE("rank " + std::to_string(r));
-    expect_failure(ranks[r], 3, {"model.layers.1.mlp.down_proj.weight", "layout Sparse", "to_dense()"});
-    EXPECT_FALSE(fs::exists(tmp / ("rank" + std::to_string(r) + ".safetensors")));
-  }
+  expect_fsdp_stopped_on_every_rank({"--sparse-rank", "2"},
+                                    {"model.layers.1.mlp.down_proj.weight", "layout Sparse", "to_dense()"});
 }
 
 // ------------------------------------------------------------ broadcast
@@ -407,26 +403,6 @@ TEST(WeightSyncBroadcastFailure, SenderKilledMidUpdateLeavesEveryReceiverAsBefor
   }
 }
 
-TEST(WeightSyncBroadcastFailure, SenderTensorWithoutPlainDataStopsEveryRankBeforeAnyWrite) {
-  SKIP_WITHOUT_TP_BACKEND("cpu");
-  const Fixture& a = fixture("llama_fp32_gqa_sharded");
-  const Fixture& b = fixture(a.reload_target);
-  TempDir tmp;
-  bool timed_out = false;
-  const auto ranks = run_ranks(
-      driver(), driver_args("broadcast", a.dir, b.dir, tmp.path(), {"--sparse-tensor", "model.layers.1.mlp.up_proj.weight"}),
-      3, seconds(60), timed_out);
-  ASSERT_FALSE(timed_out);
-  for (int r = 0; r < 3; ++r) {
-    SCOPED_TRACE("rank " + std::to_string(r));
-    expect_failure(ranks[r], 3, {"'model.layers.1.mlp.up_proj.weight'", "layout Sparse"});
-  }
-  for (int r = 1; r < 3; ++r) {
-    const std::string me = std::to_string(r);
-    expect_identical(read_state(tmp / ("after" + me + ".safetensors")), read_state(tmp / ("before" + me + ".safetensors")));
-  }
-}
-
 // The sender is rank 0 and hosts the store; its process ends the moment send_weights() returns.
 // Every receiver must still finish reading the last agreement: before the store's host waited for
 // every member to acknowledge each round, 11 of 40 receiver runs found the store gone there and
@@ -450,24 +426,41 @@ TEST(WeightSyncBroadcastFailure, SenderThatExitsAsSoonAsItReturnsLeavesEveryRece
   }
 }
 
-TEST(WeightSyncBroadcastFailure, ManifestThatDoesNotFitStopsEveryRankBeforeAnyWrite) {
-  SKIP_WITHOUT_TP_BACKEND("cpu");
-  const Fixture& a = fixture("llama_fp32_gqa_sharded");    // vocab 1000, intermediate 200
-  const Fixture& other = fixture("llama_fp32_tp_mqa");     // vocab 950, intermediate 192
+/// Rank 0 sends `weights` to two receivers holding `model` at TP 2, the driver told `flags`: the
+/// manifest is refused and every rank stops with exit 3 naming `fragments`; each receiver's
+/// kernel state after equals its state before.
+void expect_broadcast_refused_everywhere(const std::string& model, const std::string& weights,
+                                         const std::vector<std::string>& flags,
+                                         const std::vector<std::string>& fragments) {
   TempDir tmp;
   bool timed_out = false;
-  const auto ranks = run_ranks(driver(), driver_args("broadcast", a.dir, other.dir, tmp.path()), 3, seconds(60),
+  const auto ranks = run_ranks(driver(), driver_args("broadcast", model, weights, tmp.path(), flags), 3, seconds(60),
                                timed_out);
   ASSERT_FALSE(timed_out);
   for (int r = 0; r < 3; ++r) {
     SCOPED_TRACE("rank " + std::to_string(r));
-    // The first receiver heard from names it (both refuse it the same way).
-    expect_failure(ranks[r], 3, {"receiver rank ", "'lm_head.weight'", "does not fit"});
+    expect_failure(ranks[r], 3, fragments);
   }
   for (int r = 1; r < 3; ++r) {
     const std::string me = std::to_string(r);
     expect_identical(read_state(tmp / ("after" + me + ".safetensors")), read_state(tmp / ("before" + me + ".safetensors")));
   }
+}
+
+TEST(WeightSyncBroadcastFailure, SenderTensorWithoutPlainDataStopsEveryRankBeforeAnyWrite) {
+  SKIP_WITHOUT_TP_BACKEND("cpu");
+  const Fixture& a = fixture("llama_fp32_gqa_sharded");
+  expect_broadcast_refused_everywhere(a.dir, fixture(a.reload_target).dir,
+                                      {"--sparse-tensor", "model.layers.1.mlp.up_proj.weight"},
+                                      {"'model.layers.1.mlp.up_proj.weight'", "layout Sparse"});
+}
+
+TEST(WeightSyncBroadcastFailure, ManifestThatDoesNotFitStopsEveryRankBeforeAnyWrite) {
+  SKIP_WITHOUT_TP_BACKEND("cpu");
+  // llama_fp32_gqa_sharded: vocab 1000, intermediate 200; llama_fp32_tp_mqa: vocab 950, intermediate 192.
+  // The first receiver heard from names it (both refuse it the same way).
+  expect_broadcast_refused_everywhere(fixture("llama_fp32_gqa_sharded").dir, fixture("llama_fp32_tp_mqa").dir, {},
+                                      {"receiver rank ", "'lm_head.weight'", "does not fit"});
 }
 
 // ------------------------------------------------------------ GPU machine
